@@ -1,0 +1,3 @@
+"""jacdistill: knowledge distillation with Jacobian matching, as a Hydra experiment runner."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""`jacdistill <command> [overrides]`: picks the command and hands the rest of argv to its Hydra app.
+
+Kept free of torch imports so that `jacdistill --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module holding the Hydra app `main`, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("jacdistill_cli.commands.train", "distil a student from a teacher (trains and caches the teacher if needed)"),
+    "teacher": ("jacdistill_cli.commands.teacher", "train a teacher with cross-entropy and save its checkpoint"),
+    "check": ("jacdistill_cli.commands.check", "prove each Jacobian method right: reference error, gradient flow, finite differences"),
+    "bench": ("jacdistill_cli.commands.bench", "time one step of each Jacobian method against plain distillation"),
+}
+
+USAGE = """usage: jacdistill <command> [key=value ...] [-m] [--cfg job] [--help]
+
+Knowledge distillation with Jacobian matching. Each command is a Hydra application with its
+own config (conf/<command>.yaml): every Hydra override, -m/--multirun, --cfg and --help work.
+
+commands:
+{commands}
+
+examples:
+  jacdistill train
+  jacdistill train loss=kl jacobian=exact alpha=0.3
+  jacdistill train -m alpha=0,0.1,0.3 jacobian=top1,exact
+  jacdistill train --help          # the config groups and their options
+"""
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items())
+    return USAGE.format(commands=lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"jacdistill {version('jacdistill')}")
+        return 0
+    command = args[0]
+    if command not in COMMANDS:
+        print(f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    # Hydra reads sys.argv itself; it sees only this command's overrides.
+    sys.argv = [f"jacdistill {command}", *args[1:]]
+    module.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""One clear line for bad input: the error type every command turns into a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+
+class UsageError(Exception):
+    """Bad input from the user: a setting, a path or a file. Printed as one line, exit status 2."""
+
+
+def describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def setting_error(key: str, value: Any, allowed: str) -> UsageError:
+    return UsageError(f"{key}={describe(value)} is not allowed: {allowed}")
+
+
+def one_line_errors(command: str) -> Callable:
+    """Turn a UsageError raised by a command into one line on stderr and exit status 2.
+
+    SystemExit passes through Hydra's own error handler, so no traceback is printed.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except UsageError as err:
+                print(f"jacdistill {command}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return run
+
+    return wrap

@@ -1,0 +1,79 @@
+"""What every command needs from its surroundings: Hydra's run directory, the device, seeding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from jacdistill_cli.errors import UsageError
+
+MAX_DIRNAME = 120
+
+
+def job_dirname(override_dirname: str, job_num: Any) -> str:
+    """A sweep job's directory name: its overrides (`alpha=0.3,jacobian=exact`), made safe for a file name.
+
+    Long names are cut and given a short hash so that they stay unique; a job with no
+    overrides is named by its number.
+    """
+    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", str(override_dirname)).strip("._")
+    if not name:
+        return str(job_num)
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:MAX_DIRNAME - 9]}~{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("jd_job_dir"):
+        OmegaConf.register_new_resolver("jd_job_dir", job_dirname)
+
+
+def run_directory() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir).resolve()
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra saves the config as composed (.hydra/config.yaml); this is the one with values filled in."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+
+def select_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("trainer.device='cuda' is not allowed: torch sees no CUDA GPU on this machine; "
+                         "use trainer.device=auto or trainer.device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cache_directory(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(str(cfg.cache_dir)))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

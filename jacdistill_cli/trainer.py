@@ -1,0 +1,106 @@
+"""The training loop: objective, backward, step, evaluate. Reads top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jacdistill_cli.data import DataBundle, batches
+from jacdistill_cli.jacobian import class_gradients
+from jacdistill_cli.logger import RunLogger
+
+log = logging.getLogger("jacdistill")
+
+
+def make_optimizer(params, optim: Any, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam or SGD from the `optim` node, with a per-epoch cosine or constant schedule."""
+    if optim.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=bool(optim.nesterov),
+                                    weight_decay=optim.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.get("schedule", "cosine") == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    return optimizer, schedule
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs)
+
+
+def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: int, device: torch.device) -> dict[str, float]:
+    """accuracy; with a teacher also agreement (same argmax) and jacobian_cosine (mean cosine of the
+    two networks' input-gradients of the teacher's top class), over the whole split."""
+    was_training = student.training
+    student.eval()
+    totals = {"accuracy": 0.0, "agreement": 0.0, "jacobian_cosine": 0.0}
+    count = 0
+    for inputs, labels in batches(split, batch_size, False, None, device):
+        if teacher is None:
+            totals["accuracy"] += (_predict(student, inputs).argmax(1) == labels).sum().item()
+        else:
+            student_inputs = inputs.detach().requires_grad_(True)
+            teacher_inputs = inputs.detach().requires_grad_(True)
+            with torch.enable_grad():
+                student_logits = student(student_inputs)
+                teacher_logits = teacher(teacher_inputs)
+                top = teacher_logits.argmax(1)
+                student_grads = class_gradients(student_logits, student_inputs, top, create_graph=False)
+                teacher_grads = class_gradients(teacher_logits, teacher_inputs, top, create_graph=False)
+            predicted = student_logits.detach().argmax(1)
+            totals["accuracy"] += (predicted == labels).sum().item()
+            totals["agreement"] += (predicted == top).sum().item()
+            totals["jacobian_cosine"] += F.cosine_similarity(
+                student_grads.flatten(1), teacher_grads.flatten(1), dim=1, eps=1e-12).sum().item()
+        count += len(labels)
+    student.train(was_training)
+    metrics = {k: v / max(count, 1) for k, v in totals.items()}
+    if teacher is None:
+        metrics = {"accuracy": metrics["accuracy"]}
+    return metrics
+
+
+def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data: DataBundle, *, epochs: int,
+        batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
+        generator: torch.Generator, num_workers: int = 0, prefix: str = "") -> dict[str, float]:
+    """Train `student` on data.train; log every loss term per step and val metrics per epoch under
+    `prefix`. Returns the last epoch's val metrics with steps, train_seconds, samples_per_second."""
+    optimizer, schedule = make_optimizer(student.parameters(), optim, epochs)
+    step, samples, train_seconds = 0, 0, 0.0
+    val: dict[str, float] = {}
+    for epoch in range(1, epochs + 1):
+        student.train()
+        started = time.perf_counter()
+        running: dict[str, float] = {}
+        for inputs, labels in batches(data.train, batch_size, True, generator, device, num_workers):
+            _, terms = objective(student, teacher, inputs, labels)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            step += 1
+            samples += len(labels)
+            values = {name: term.item() for name, term in terms.items()}
+            if not math.isfinite(values["total"]):
+                raise FloatingPointError(f"loss/total is {values['total']} at step {step}: training diverged")
+            logger.scalars({f"{prefix}loss/{name}": v for name, v in values.items()}, step)
+            for name, v in values.items():
+                running[name] = running.get(name, 0.0) + v
+        schedule.step()
+        train_seconds += time.perf_counter() - started
+        val = evaluate(student, teacher, data.val, eval_batch_size, device)
+        logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
+        batches_this_epoch = max(1, math.ceil(len(data.train) / batch_size))
+        summary = "  ".join(f"{name} {v / batches_this_epoch:.4f}" for name, v in running.items())
+        metrics = "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
+        log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}  {metrics}")
+    return {**val, "steps": step, "epochs": epochs, "train_seconds": train_seconds,
+            "samples_per_second": samples / max(train_seconds, 1e-9)}

@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated teacher cache, and running the real console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Small, fast settings for end-to-end runs of the console script on digits.
+FAST = ["trainer.epochs=1", "teacher.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory) -> Path:
+    """One teacher cache for the whole session, so each teacher config is trained once."""
+    return tmp_path_factory.mktemp("teacher-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(teacher_cache, monkeypatch):
+    monkeypatch.setenv("JACDISTILL_CACHE", str(teacher_cache))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `jacdistill` console script and capture its output."""
+    script = Path(sys.executable).with_name("jacdistill")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "jacdistill_cli"]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

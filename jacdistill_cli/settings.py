@@ -69,7 +69,17 @@ def validate_trainer(cfg: DictConfig) -> None:
     choice(cfg, "trainer.device", DEVICES)
 
 
+def existing_file(cfg: DictConfig, key: str) -> None:
+    """An optional path setting: unset, or an existing file."""
+    import os
+
+    raw = value(cfg, key)
+    if raw is not None and not os.path.isfile(os.path.expanduser(str(raw))):
+        raise setting_error(key, str(raw), "no such file")
+
+
 def validate_teacher_training(cfg: DictConfig) -> None:
+    existing_file(cfg, "teacher.checkpoint")
     integer(cfg, "teacher.epochs", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "teacher.batch_size", low=1, allowed="it must be an integer >= 1")
     real(cfg, "teacher.lr", low=0, low_open=True, allowed="it must be a number > 0")

@@ -1,0 +1,161 @@
+"""End to end: the installed console script trains, logs every loss term, sweeps, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST
+
+STEP_TAGS = ("loss/distill", "loss/jacobian", "loss/total")
+EPOCH_TAGS = ("val/accuracy", "val/agreement", "val/jacobian_cosine")
+METRIC_KEYS = ("test_accuracy", "val_accuracy", "teacher_test_accuracy", "agreement", "jacobian_cosine",
+               "train_seconds", "samples_per_second", "epochs", "steps")
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series in the event files directly inside run_dir."""
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events, f"no event file directly in {run_dir}"
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_train_logs_every_term_and_writes_its_run_directory(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("train", "hard_weight=0.5", "trainer.epochs=2", "teacher.epochs=2", f"hydra.run.dir={run_dir}",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"run directory: {run_dir}" in result.stdout + result.stderr
+
+    series = scalars(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = metrics["steps"]
+    for tag in (*STEP_TAGS, "loss/hard"):
+        assert len(series[tag]) == steps, tag
+        assert all(math.isfinite(v) for v in series[tag]), tag
+    for tag in EPOCH_TAGS:
+        assert len(series[tag]) == 2, tag
+        assert all(math.isfinite(v) for v in series[tag]), tag
+    assert series["loss/jacobian"] != series["loss/distill"]
+    # The logged total is the objective's weighted sum of its terms (alpha=0.5 by default).
+    for distill, jac, hard, total in zip(series["loss/distill"], series["loss/jacobian"], series["loss/hard"],
+                                         series["loss/total"]):
+        assert total == pytest.approx(0.5 * distill + 0.5 * jac + 0.5 * hard, rel=1e-5)
+
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+    assert metrics["epochs"] == 2 and steps == 2 * math.ceil(1079 / 64)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["samples_per_second"] > 0
+    assert (run_dir / "student.pt").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_exact_jacobian_run_completes(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("train", "loss=kl", "jacobian=exact", "alpha=0.3", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    series = scalars(run_dir)
+    assert all(math.isfinite(v) and v > 0 for v in series["loss/jacobian"])
+    assert json.loads((run_dir / "metrics.json").read_text())["teacher_source"] in ("cache", "trained")
+
+
+def test_two_job_multirun_gives_two_job_directories(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("train", "-m", "alpha=0,0.3", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name.split(",")[0] for p in jobs] == ["alpha=0", "alpha=0.3"]
+    for job in jobs:
+        assert (job / "metrics.json").is_file()
+        assert len(scalars(job)["loss/total"]) == json.loads((job / "metrics.json").read_text())["steps"]
+    # alpha=0 trains on distillation alone: its total is its distillation term.
+    zero = scalars(jobs[0])
+    assert zero["loss/total"] == pytest.approx(zero["loss/distill"])
+
+
+def test_teacher_is_trained_once_then_reused_from_the_cache(cli, tmp_path):
+    cache = tmp_path / "cache"
+    env = {"JACDISTILL_CACHE": str(cache)}
+    first = cli("train", "seed=7", *FAST, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path, env=env)
+    second = cli("train", "seed=7", *FAST, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, env=env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (a["teacher_source"], b["teacher_source"]) == ("trained", "cache")
+    assert len(list((cache / "teachers").glob("*.pt"))) == 1
+    # Same config and seed, same numbers on the CPU.
+    assert a["test_accuracy"] == b["test_accuracy"] and a["teacher_test_accuracy"] == b["teacher_test_accuracy"]
+    # The cache key covers the teacher's settings: another teacher config is another file.
+    third = cli("train", "seed=7", "trainer.epochs=1", "teacher.epochs=3", f"hydra.run.dir={tmp_path / 'c'}",
+                cwd=tmp_path, env=env)
+    assert third.returncode == 0, third.stderr
+    assert len(list((cache / "teachers").glob("*.pt"))) == 2
+
+
+def test_teacher_command_checkpoint_is_used_by_train(cli, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    made = cli("teacher", "teacher.epochs=2", f"hydra.run.dir={teacher_dir}", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    checkpoint = teacher_dir / "teacher.pt"
+    assert checkpoint.is_file()
+    run_dir = tmp_path / "run"
+    used = cli("train", "trainer.epochs=1", f"teacher.checkpoint={checkpoint}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert used.returncode == 0, used.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["teacher_source"] == "checkpoint"
+    assert metrics["teacher_test_accuracy"] == pytest.approx(
+        json.loads((teacher_dir / "metrics.json").read_text())["test_accuracy"])
+
+
+BAD_INPUTS = [
+    ("alpha=1.5", "alpha=1.5", "[0, 1]"),
+    ("alpha=-0.1", "alpha=-0.1", "[0, 1]"),
+    ("temperature=0", "temperature=0", "> 0"),
+    ("hard_weight=-1", "hard_weight=-1", ">= 0"),
+    ("trainer.epochs=0", "trainer.epochs=0", ">= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0", ">= 1"),
+    ("alpha=abc", "alpha='abc'", "[0, 1]"),
+    ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint='/nonexistent/teacher.pt'", "no such file"),
+]
+
+
+@pytest.mark.parametrize("override,names,allowed", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_writes_nothing_outside_the_run(cli, tmp_path, override, names, allowed):
+    cache = tmp_path / "cache"
+    run_dir = tmp_path / "run"
+    result = cli("train", override, f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"JACDISTILL_CACHE": str(cache)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("jacdistill train: error: ") and names in lines[0] and allowed in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not cache.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not list(run_dir.glob("events.out.tfevents.*")) and not (run_dir / "metrics.json").exists()
+
+
+def test_cuda_without_a_gpu_is_refused(cli, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = cli("train", "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "jacdistill train: error: trainer.device='cuda' is not allowed: torch sees no CUDA GPU on this machine; "
+        "use trainer.device=auto or trainer.device=cpu"]
+
+
+def test_unknown_group_option_lists_the_available_ones(cli, tmp_path):
+    result = cli("train", "jacobian=bogus", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'jacobian/bogus'" in result.stderr
+    for option in ("exact", "none", "top1"):
+        assert option in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,643 @@
+"""Feature matching: intermediate features captured by forward hooks and compared between
+student and teacher, and the input-gradient of a feature summary (`jacobian.of=features`).
+
+A feature is the output of a module named by its path in `named_modules()`. It is a map
+[batch, channels, *spatial] or a vector [batch, units]; a vector is treated as one channel over
+`units` positions. Methods (config group `features/`):
+
+- `attention` (Zagoruyko & Komodakis 2017): a(F) = normalize(flatten(mean over channels of F^2)),
+  per sample; term = mean over pairs of mean over the batch of ||a_s - a_t||_2 (squared with
+  `features.squared=true`). When the spatial sizes differ, the student's channel mean of F^2 is
+  resized to the teacher's size (linear/bilinear/trilinear) before it is normalised.
+- `hint` (FitNets, Romero et al. 2015): a regressor (1x1 convolution for maps of the same rank,
+  otherwise a linear map of the flattened feature) maps the student's feature to the teacher's
+  shape; term = mean over pairs of the mean squared error. The regressor is trained with the
+  student and saved in the student's checkpoint.
+
+Hooks: the student's features stay in the autograd graph (so the term trains the student), the
+teacher's are detached. Each hook keeps only the first output of its module inside a capture,
+and every handle is removed when the capture ends, so no tensor survives from one step to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from jacdistill_cli.errors import UsageError, setting_error
+from jacdistill_cli.jacobian import batchnorm_statistics, matching_distance
+
+FEATURE_METHODS = ("none", "attention", "hint")
+JACOBIAN_OF = ("logits", "features")
+# The feature Jacobian is one input-gradient per sample and pair: the analogue of top1.
+FEATURE_JACOBIAN_METHODS = ("top1",)
+INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+# A linear hint regressor between a map and a vector grows with both sizes; beyond this it is refused.
+MAX_REGRESSOR_PARAMETERS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def jacobian_of(cfg: DictConfig) -> str:
+    return OmegaConf.select(cfg, "jacobian.of", default="logits")
+
+
+def parse_pairs(raw: Any, key: str = "features.pairs") -> list[tuple[str, str]] | None:
+    """`null` (the architecture pair's defaults) or a non-empty list of [teacher path, student path].
+
+    Integers are accepted as paths ("0" in an nn.Sequential); floats are refused, since a path such
+    as 1.10 would already have been read as the number 1.1.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, (DictConfig,)) or isinstance(raw, (str, bytes)):
+        raise setting_error(key, raw, "it must be null or a list of [teacher module path, student module path]")
+    items = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw
+    if not isinstance(items, (list, tuple)) or not items:
+        raise setting_error(key, raw, "it must be null or a non-empty list of [teacher module path, student module path]")
+    pairs = []
+    for index, item in enumerate(items):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise setting_error(f"{key}[{index}]", item, "each pair must be [teacher module path, student module path]")
+        paths = []
+        for path in item:
+            if isinstance(path, bool) or isinstance(path, float) or not isinstance(path, (str, int)):
+                raise setting_error(f"{key}[{index}]", item,
+                                    "module paths must be names from named_modules(); quote paths that look "
+                                    "like numbers, e.g. ['1.10','2']")
+            paths.append(str(path))
+        pairs.append((paths[0], paths[1]))
+    return pairs
+
+
+def validate_features(cfg: DictConfig) -> None:
+    """Check the `features` node and `jacobian.of`; raises UsageError naming the key and value."""
+    from jacdistill_cli import settings
+
+    of = jacobian_of(cfg)
+    if of not in JACOBIAN_OF:
+        raise setting_error("jacobian.of", of, f"it must be one of {', '.join(JACOBIAN_OF)}")
+    if OmegaConf.select(cfg, "features") is None:
+        if of == "features":
+            raise setting_error("jacobian.of", of, "it needs a features group (features=attention or hint)")
+        return
+    name = settings.choice(cfg, "features.name", FEATURE_METHODS)
+    if name != "none":
+        settings.real(cfg, "features.weight", low=0, allowed="it must be a number >= 0")
+        parse_pairs(OmegaConf.select(cfg, "features.pairs"))
+    if name == "attention":
+        settings.flag(cfg, "features.squared")
+    if of == "features":
+        if name == "none":
+            raise setting_error("jacobian.of", of, "it takes the Jacobian of the matched features: choose "
+                                "features=attention or features=hint (features.weight=0 to match their Jacobians only)")
+        method = cfg.jacobian.name
+        if method not in FEATURE_JACOBIAN_METHODS:
+            raise setting_error("jacobian.of", of, f"with jacobian={method}: the feature Jacobian is one "
+                                "input-gradient per sample and pair, as jacobian=top1 is for the logits; "
+                                "use jacobian=top1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules by path, and hooks
+
+
+def module_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def module_at(model: nn.Module, path: str, role: str, key: str) -> nn.Module:
+    """The submodule at `path`, or a UsageError naming the nearest valid paths (one line)."""
+    modules = dict(model.named_modules())
+    if path and path in modules:
+        return modules[path]
+    nearest = difflib.get_close_matches(path, module_names(model), n=6, cutoff=0.0)
+    listed = ", ".join(repr(n) for n in nearest) or "(the model has no submodules)"
+    raise UsageError(f"{key}={path!r} is not allowed: the {role} has no module {path!r}; "
+                     f"nearest valid names: {listed}")
+
+
+def student_feature(output: Tensor) -> Tensor:
+    """What the student's hook keeps: the output itself, inside the graph (so the term trains
+    the student). `.detach()` or a copy here is the mistake `check` catches."""
+    return output
+
+
+def teacher_feature(output: Tensor) -> Tensor:
+    """What the teacher's hook keeps: a detached feature (the teacher is a constant)."""
+    return output.detach()
+
+
+def keep_graph(output: Tensor) -> Tensor:
+    """For input-gradients of the teacher's features: the graph to the input is needed briefly."""
+    return output
+
+
+class CaptureComplete(Exception):
+    """Raised by the last hook of a capture with `stop_when_complete`: the rest of the forward
+    pass is not needed."""
+
+
+class FeatureCapture:
+    """Context manager: forward hooks that record the first output of each named module.
+
+    `targets`: (model, path, keep) triples; `keep(output)` decides what is recorded (see
+    `student_feature`, `teacher_feature`). `features[i]` is the recorded output for targets[i]
+    (None until its module runs). On exit every hook handle is removed; the records stay readable
+    until `clear` (callers clear them once the term is built), so nothing outlives a step.
+    With `stop_when_complete`, the hook that records the last missing feature raises
+    `CaptureComplete`, which the context swallows when it reaches the `with` statement.
+    """
+
+    def __init__(self, targets: Iterable[tuple[nn.Module, str, Callable[[Tensor], Tensor]]],
+                 stop_when_complete: bool = False):
+        self.targets = list(targets)
+        self.stop_when_complete = stop_when_complete
+        self.features: list[Tensor | None] = [None] * len(self.targets)
+        self.handles: list[Any] = []
+
+    def _hook(self, index: int, path: str, keep: Callable[[Tensor], Tensor]):
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            if self.features[index] is not None:
+                return  # later calls (a second pass of the same model) are not the matched feature
+            if not isinstance(output, Tensor):
+                raise UsageError(f"features.pairs: module {path!r} returns {type(output).__name__}, not a tensor; "
+                                 "choose a module whose output is a tensor")
+            self.features[index] = keep(output)
+            if self.stop_when_complete and all(f is not None for f in self.features):
+                raise CaptureComplete
+
+        return record
+
+    def __enter__(self) -> "FeatureCapture":
+        try:
+            for index, (model, path, keep) in enumerate(self.targets):
+                module = model.get_submodule(path)
+                self.handles.append(module.register_forward_hook(self._hook(index, path, keep)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Remove every hook. The records stay readable until `clear` (or until the capture is freed)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def clear(self) -> None:
+        self.features = [None] * len(self.targets)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self.close()
+        if kind is not None and kind is not CaptureComplete:
+            self.clear()
+        return kind is CaptureComplete
+
+
+def capture_student(model: nn.Module, path: str) -> tuple[nn.Module, str, Callable[[Tensor], Tensor]]:
+    # A lambda so that `student_feature` is looked up when the hook runs, not when it is made.
+    return model, path, lambda output: student_feature(output)
+
+
+def capture_teacher(model: nn.Module, path: str) -> tuple[nn.Module, str, Callable[[Tensor], Tensor]]:
+    return model, path, lambda output: teacher_feature(output)
+
+
+def total_hooks(model: nn.Module) -> int:
+    """Forward hooks registered on the model and all its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes, and the architecture pair's default pairs
+
+
+def as_map(feature: Tensor) -> Tensor:
+    """[batch, channels, *spatial] as it is; [batch, units] as [batch, 1, units]."""
+    if feature.dim() == 2:
+        return feature.unsqueeze(1)
+    if feature.dim() < 2:
+        raise UsageError(f"features.pairs: a feature of shape {list(feature.shape)} has no per-sample values")
+    return feature
+
+
+def probe_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> list[tuple[str, tuple[int, ...], nn.Module]]:
+    """(path, per-sample output shape, module) of every submodule with a tensor output, in the
+    order their forward passes end (children before their parents), from one eval-mode pass on
+    zeros [2, *input_shape]. The model's train/eval flags and BatchNorm statistics are unchanged."""
+    records: list[tuple[str, tuple[int, ...], nn.Module]] = []
+    seen: set[str] = set()
+    handles = []
+
+    def hook(path: str):
+        def record(module, inputs, output):
+            if path not in seen and isinstance(output, Tensor):
+                seen.add(path)
+                records.append((path, tuple(output.shape[1:]), module))
+        return record
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for path, module in model.named_modules():
+            if path:
+                handles.append(module.register_forward_hook(hook(path)))
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return records
+
+
+def is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == nn.modules.activation.__name__
+
+
+def stage_ends(records: list[tuple[str, tuple[int, ...], nn.Module]]) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+    """The default feature points of a model, shallow to deep: (maps, vectors).
+
+    maps: the last module (in the order forward passes end) of each run of maps of one spatial
+    size, i.e. the end of each stage before the resolution changes; maps of one position (after
+    global pooling) carry no spatial attention and are left out.
+    vectors: the outputs of activation modules (ReLU, ...) that are vectors.
+    """
+    maps: list[tuple[str, tuple]] = []
+    current_size = None
+    for path, shape, _ in records:
+        if len(shape) < 2:
+            continue
+        spatial = shape[1:]
+        if math.prod(spatial) <= 1:
+            current_size = None
+            continue
+        if spatial == current_size:
+            maps[-1] = (path, shape)
+        else:
+            maps = [m for m in maps if m[1][1:] != spatial]  # one stage end per resolution: the last
+            maps.append((path, shape))
+            current_size = spatial
+    vectors = [(path, shape) for path, shape, module in records if len(shape) == 1 and is_activation(module)]
+    return maps, vectors
+
+
+def default_pairs(teacher_records, student_records) -> list[tuple[str, str]]:
+    """The architecture pair's default pairs (teacher path, student path).
+
+    Both models have spatial maps: the stage ends of equal spatial size (the stage ends of the
+    student whose resolution the teacher also has), or the deepest stage ends when no size is
+    shared. Otherwise (an MLP on either side): the deepest activation vector of each model.
+    """
+    teacher_maps, teacher_vectors = stage_ends(teacher_records)
+    student_maps, student_vectors = stage_ends(student_records)
+    if teacher_maps and student_maps:
+        by_size = {shape[1:]: path for path, shape in teacher_maps}
+        pairs = [(by_size[shape[1:]], path) for path, shape in student_maps if shape[1:] in by_size]
+        return pairs or [(teacher_maps[-1][0], student_maps[-1][0])]
+    if teacher_vectors and student_vectors:
+        return [(teacher_vectors[-1][0], student_vectors[-1][0])]
+    raise UsageError("features.pairs=null is not allowed: this teacher and student have no default feature "
+                     "pairs (no maps or activation vectors in common); give features.pairs=[[TEACHER_PATH,STUDENT_PATH]]")
+
+
+@dataclass(frozen=True)
+class FeaturePair:
+    teacher_path: str
+    student_path: str
+    teacher_shape: tuple[int, ...]   # per sample: [channels, *spatial] or [units]
+    student_shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return (f"teacher {self.teacher_path!r} {list(self.teacher_shape)} <- "
+                f"student {self.student_path!r} {list(self.student_shape)}")
+
+
+def resolve_pairs(raw_pairs: Any, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
+                  device: torch.device | str = "cpu") -> list[FeaturePair]:
+    """The configured pairs (or the defaults for `null`), checked against both models, with the
+    per-sample shapes of their features. Raises UsageError for a path a model does not have."""
+    pairs = parse_pairs(raw_pairs)
+    dtype = next(student.parameters()).dtype if any(True for _ in student.parameters()) else torch.float32
+    teacher_records = probe_outputs(teacher, input_shape, device, dtype)
+    student_records = probe_outputs(student, input_shape, device, dtype)
+    if pairs is None:
+        pairs = default_pairs(teacher_records, student_records)
+    else:
+        for index, (teacher_path, student_path) in enumerate(pairs):
+            module_at(teacher, teacher_path, "teacher", f"features.pairs[{index}][0]")
+            module_at(student, student_path, "student", f"features.pairs[{index}][1]")
+    teacher_shapes = {path: shape for path, shape, _ in teacher_records}
+    student_shapes = {path: shape for path, shape, _ in student_records}
+    resolved = []
+    for index, (teacher_path, student_path) in enumerate(pairs):
+        for role, path, shapes, position in (("teacher", teacher_path, teacher_shapes, 0),
+                                             ("student", student_path, student_shapes, 1)):
+            if path not in shapes:
+                raise UsageError(f"features.pairs[{index}][{position}]={path!r} is not allowed: the {role}'s "
+                                 "module there does not run in a forward pass or does not return a tensor")
+            if len(shapes[path]) < 1:
+                raise UsageError(f"features.pairs[{index}][{position}]={path!r} is not allowed: its output "
+                                 "has no per-sample values")
+        resolved.append(FeaturePair(teacher_path, student_path, teacher_shapes[teacher_path],
+                                    student_shapes[student_path]))
+    return resolved
+
+
+def validate_paths(cfg: DictConfig, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Stop early (before a teacher is trained) when a configured module path does not exist."""
+    if OmegaConf.select(cfg, "features.name", default="none") == "none":
+        return
+    resolve_pairs(OmegaConf.select(cfg, "features.pairs"), teacher, student, input_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The terms
+
+
+def spatial_energy(feature: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+    """Mean over channels of F^2, resized to `size` when given and different.
+
+    feature [batch, channels, *spatial] or [batch, units] -> [batch, *size or spatial].
+    """
+    energy = as_map(feature).pow(2).mean(dim=1)
+    if size is not None and tuple(energy.shape[1:]) != tuple(size):
+        if len(size) != energy.dim() - 1 or len(size) not in INTERPOLATION:
+            raise UsageError(f"features.pairs: cannot resize a feature with spatial shape {list(energy.shape[1:])} "
+                             f"to {list(size)}; pair features of the same rank")
+        energy = F.interpolate(energy.unsqueeze(1), size=tuple(size), mode=INTERPOLATION[len(size)],
+                               align_corners=False).squeeze(1)
+    return energy
+
+
+def attention_map(feature: Tensor, size: tuple[int, ...] | None = None) -> Tensor:
+    """a(F) = normalize(flatten(mean over channels of F^2)), per sample (l2 norm; a zero map stays
+    zero). feature [batch, channels, *spatial] or [batch, units] -> [batch, positions]."""
+    return F.normalize(spatial_energy(feature, size).flatten(1), dim=1)
+
+
+def spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample [channels, *spatial] -> spatial; [units] -> (units,)."""
+    return tuple(shape[1:]) if len(shape) >= 2 else tuple(shape)
+
+
+def attention_distance(student: Tensor, teacher: Tensor, squared: bool) -> Tensor:
+    """||a(student) - a(teacher)||_2 (or squared) per sample, the student's map resized to the
+    teacher's spatial size. student [batch, *s], teacher [batch, *t] -> [batch]."""
+    size = spatial_shape(tuple(teacher.shape[1:]))
+    return matching_distance(attention_map(student, size), attention_map(teacher), False, squared)
+
+
+class HintRegressor(nn.Module):
+    """Maps a student feature to the teacher's shape: [batch, *student_shape] -> [batch, *teacher_shape].
+
+    Maps of the same rank: a 1x1 convolution (channels), then resizing to the teacher's spatial
+    size if it differs. Anything else: a linear map of the flattened feature."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        self.student_shape = tuple(student_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        rank = len(teacher_shape) - 1
+        self.convolutional = len(student_shape) == len(teacher_shape) and 1 <= rank <= 3
+        if self.convolutional:
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
+            self.map = conv(student_shape[0], teacher_shape[0], kernel_size=1)
+        else:
+            size = math.prod(student_shape) * math.prod(teacher_shape)
+            if size > MAX_REGRESSOR_PARAMETERS:
+                raise UsageError(f"features.pairs: a linear hint regressor from {list(student_shape)} to "
+                                 f"{list(teacher_shape)} would have {size} weights; pair maps with maps "
+                                 "(a 1x1 convolution) or vectors with vectors")
+            self.map = nn.Linear(math.prod(student_shape), math.prod(teacher_shape))
+
+    def forward(self, feature: Tensor) -> Tensor:
+        if self.convolutional:
+            mapped = self.map(feature)
+            spatial = self.teacher_shape[1:]
+            if tuple(mapped.shape[2:]) != spatial:
+                mapped = F.interpolate(mapped, size=spatial, mode=INTERPOLATION[len(spatial)], align_corners=False)
+            return mapped
+        return self.map(feature.flatten(1)).view(feature.shape[0], *self.teacher_shape)
+
+
+class FeatureMatching(nn.Module):
+    """The feature term for a list of pairs; holds the hint regressors (its parameters).
+
+    `term(student_features, teacher_features)` -> scalar: mean over pairs of the per-pair term
+    (attention: mean over the batch of the attention distance; hint: mean squared error).
+    """
+
+    def __init__(self, method: str, pairs: list[FeaturePair], weight: float, squared: bool = False):
+        super().__init__()
+        if method not in FEATURE_METHODS or method == "none":
+            raise ValueError(f"feature method must be attention or hint, got {method!r}")
+        self.method = method
+        self.pairs = list(pairs)
+        self.weight = float(weight)
+        self.squared = bool(squared)
+        self.regressors = nn.ModuleList(
+            [HintRegressor(p.student_shape, p.teacher_shape) for p in pairs] if method == "hint" else [])
+
+    def pair_terms(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
+        """[pairs]: each pair's term."""
+        terms = []
+        for index, (student, teacher) in enumerate(zip(student_features, teacher_features)):
+            if self.method == "attention":
+                terms.append(attention_distance(student, teacher, self.squared).mean())
+            else:
+                terms.append(F.mse_loss(self.regressors[index](student), teacher))
+        return torch.stack(terms)
+
+    def term(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
+        return self.pair_terms(student_features, teacher_features).mean()
+
+    def capture(self, student: nn.Module, teacher: nn.Module) -> FeatureCapture:
+        """Hooks on both models: features[:n] are the student's, features[n:] the teacher's."""
+        return FeatureCapture([capture_student(student, p.student_path) for p in self.pairs]
+                              + [capture_teacher(teacher, p.teacher_path) for p in self.pairs])
+
+    def checkpoint_entry(self) -> dict[str, Any]:
+        """What the student's checkpoint keeps: plain containers and tensors (weights_only-safe)."""
+        return {"method": self.method, "pairs": [[p.teacher_path, p.student_path] for p in self.pairs],
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+
+def split_features(capture: FeatureCapture, count: int, role: str = "") -> tuple[list[Tensor], list[Tensor]]:
+    missing = [i for i, f in enumerate(capture.features) if f is None]
+    if missing:
+        model, path, _ = capture.targets[missing[0]]
+        raise RuntimeError(f"feature {path!r} was not computed: the module did not run in the forward pass")
+    return capture.features[:count], capture.features[count:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Jacobians of features
+
+
+def attention_summary(feature: Tensor, locations: Tensor | None, size: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """The attention map's value at one location per sample.
+
+    feature [batch, ...] -> (summary [batch], locations [batch]); without `locations`, each
+    sample's most-attended location is taken (the teacher's side).
+    """
+    attention = attention_map(feature, size)
+    if locations is None:
+        locations = attention.detach().argmax(dim=1)
+    return attention.gather(1, locations.view(-1, 1)).squeeze(1), locations
+
+
+@contextlib.contextmanager
+def batchnorm_buffers_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics as they were after the context: a train-mode pass inside it
+    updates copies. (The buffers are swapped, not restored in place: the step's first pass keeps
+    them for its backward, and an in-place write would invalidate that graph.)"""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    originals = [{name: buffer for name, buffer in m.named_buffers(recurse=False)} for m in norms]
+    for m, buffers in zip(norms, originals):
+        for name, buffer in buffers.items():
+            setattr(m, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, originals):
+            for name, buffer in buffers.items():
+                setattr(m, name, buffer)
+
+
+def feature_input_gradients(model: nn.Module, paths: list[str], inputs: Tensor, keep: Callable[[Tensor], Tensor],
+                            locations: list[Tensor] | None, sizes: list[tuple[int, ...] | None],
+                            create_graph: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """d summary_k[b] / d inputs[b] for each feature path k (see `attention_summary`).
+
+    inputs [batch, *input] -> ([batch, *input] per path, locations [batch] per path). The forward
+    pass stops after the deepest requested module. With `create_graph` the gradients stay in the
+    graph (the student's side); otherwise they are constants.
+    """
+    leaf = inputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        with FeatureCapture([(model, path, keep) for path in paths], stop_when_complete=True) as capture:
+            model(leaf)
+        features = list(capture.features)
+        capture.clear()
+        if any(f is None for f in features):
+            raise RuntimeError("a matched feature was not computed in the forward pass")
+        summaries, found = [], []
+        for index, feature in enumerate(features):
+            summary, where = attention_summary(feature, None if locations is None else locations[index], sizes[index])
+            summaries.append(summary)
+            found.append(where)
+        gradients = []
+        for index, summary in enumerate(summaries):
+            (gradient,) = torch.autograd.grad(summary.sum(), leaf, create_graph=create_graph,
+                                              retain_graph=create_graph or index < len(summaries) - 1)
+            gradients.append(gradient if create_graph else gradient.detach())
+    return gradients, found
+
+
+def feature_jacobian_term(student: nn.Module, teacher: nn.Module, pairs: list[FeaturePair], inputs: Tensor,
+                          settings: Any, create_graph: bool) -> Tensor:
+    """Per-sample distance between the student's and the teacher's input-gradients of the
+    attention map at the teacher's most-attended location, mean over pairs.
+
+    inputs [batch, *input] -> [batch]. `settings` is the `jacobian` node (normalize, squared,
+    batchnorm). The student's BatchNorm in train mode is handled as for the logit Jacobian
+    (`jacobian.batchnorm`); its running statistics are left as they were.
+    """
+    teacher_gradients, locations = feature_input_gradients(
+        teacher, [p.teacher_path for p in pairs], inputs, keep_graph, None, [None] * len(pairs), False)
+    with batchnorm_buffers_kept(student), batchnorm_statistics(student, settings.batchnorm):
+        student_gradients, _ = feature_input_gradients(
+            student, [p.student_path for p in pairs], inputs, lambda output: student_feature(output), locations,
+            [spatial_shape(p.teacher_shape) for p in pairs], create_graph)
+    distances = [matching_distance(s, t, bool(settings.normalize), bool(settings.squared))
+                 for s, t in zip(student_gradients, teacher_gradients)]
+    return torch.stack(distances).mean(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective with features
+
+
+class FeatureObjective:
+    """Wraps a distillation objective: (student, teacher, inputs, labels) -> (logits, terms).
+
+    Hooks are registered around the base objective's call; the first forward pass of each model
+    there gives the matched features (the student's train-mode pass that also gives the logits;
+    a second pass the base may run for its Jacobian, with BatchNorm statistics held, is ignored).
+
+        total = base total + features.weight * features [+ alpha * jacobian, with jacobian.of=features]
+
+    With `jacobian.of=features`, the base is built without a Jacobian term and terms["jacobian"]
+    is the feature Jacobian term (`feature_jacobian_term`).
+    """
+
+    def __init__(self, base: Callable, matching: FeatureMatching, alpha: float,
+                 feature_jacobian: Any | None = None):
+        self.base = base
+        self.matching = matching
+        self.alpha = float(alpha)
+        self.feature_jacobian = feature_jacobian   # the `jacobian` node when jacobian.of=features
+
+    def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        count = len(self.matching.pairs)
+        with self.matching.capture(student, teacher) as capture:
+            logits, terms = self.base(student, teacher, inputs, labels)
+            student_features, teacher_features = split_features(capture, count)
+            features = self.matching.term(student_features, teacher_features)
+        capture.clear()
+        del student_features, teacher_features
+        total = terms.pop("total") + self.matching.weight * features
+        terms["features"] = features
+        if self.feature_jacobian is not None:
+            jacobian = feature_jacobian_term(student, teacher, self.matching.pairs, inputs, self.feature_jacobian,
+                                             create_graph=self.alpha > 0).mean()
+            total = total - self.alpha * terms["jacobian"] + self.alpha * jacobian
+            terms["jacobian"] = jacobian
+        terms["total"] = total
+        return logits, terms
+
+
+def build_feature_matching(cfg: DictConfig, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
+                           device: torch.device | str = "cpu") -> FeatureMatching | None:
+    """The configured feature matching (regressors on `device`), or None for features=none."""
+    node = OmegaConf.select(cfg, "features")
+    if node is None or node.name == "none":
+        return None
+    pairs = resolve_pairs(node.pairs, teacher, student, input_shape, device)
+    matching = FeatureMatching(node.name, pairs, node.weight, bool(node.get("squared", False)))
+    dtype = next(student.parameters()).dtype
+    return matching.to(device=device, dtype=dtype)
+
+
+def build_objective_with_features(cfg: DictConfig, teacher: nn.Module, student: nn.Module,
+                                  input_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                                  generator: torch.Generator | None = None) -> tuple[Callable, FeatureMatching | None]:
+    """The run's objective: the distillation objective, wrapped with feature matching when
+    features != none. Returns (objective, matching or None); the matching's parameters (hint
+    regressors) are to be optimised with the student."""
+    from jacdistill_cli.objective import build_objective
+
+    matching = build_feature_matching(cfg, teacher, student, input_shape, device)
+    if matching is None:
+        return build_objective(cfg, generator), None
+    feature_jacobian = None
+    base_cfg = cfg
+    if jacobian_of(cfg) == "features":
+        feature_jacobian = cfg.jacobian
+        base_cfg = OmegaConf.merge(cfg, {"jacobian": {"name": "none"}})
+    return FeatureObjective(build_objective(base_cfg, generator), matching, cfg.alpha, feature_jacobian), matching

@@ -124,6 +124,9 @@ def validate_objective(cfg: DictConfig) -> None:
     real(cfg, "hard_weight", low=0, allowed="hard_weight must be a number >= 0")
     choice(cfg, "loss.name", DISTILL_LOSSES)
     validate_jacobian(cfg)
+    from jacdistill_cli.features import validate_features
+
+    validate_features(cfg)  # the features group and jacobian.of
 
 
 def validate_train(cfg: DictConfig) -> None:

@@ -14,20 +14,28 @@ from omegaconf import DictConfig, OmegaConf
 from jacdistill_cli.errors import UsageError
 
 MAX_DIRNAME = 120
+# Hydra's own sweeper runs each combination of values once, so its jobs' overrides are unique.
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def job_dirname(override_dirname: str, job_num: Any) -> str:
+def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
     """A sweep job's directory name: its overrides (`alpha=0.3,jacobian=exact`), made safe for a file name.
 
-    Long names are cut and given a short hash so that they stay unique; a job with no
-    overrides is named by its number.
+    TensorBoard names each run of a sweep directory by this name. It stays unique: a name whose
+    characters had to be replaced, or that was cut to MAX_DIRNAME, ends in `~` and a short hash of the
+    overrides; under a sweeper other than Hydra's basic one (Optuna may draw the same values twice)
+    the job number comes first (`007,alpha=0.31`). A job with no overrides is named by its number.
     """
-    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", str(override_dirname)).strip("._")
+    original = str(override_dirname)
+    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", original).strip("._")
     if not name:
         return str(job_num)
-    if len(name) > MAX_DIRNAME:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    if name != original or len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(original.encode()).hexdigest()[:8]
         name = f"{name[:MAX_DIRNAME - 9]}~{digest}"
+    sweeper = OmegaConf.select(_root_, "hydra.sweeper._target_", default=None) if _root_ is not None else None
+    if sweeper not in (None, BASIC_SWEEPER):
+        name = f"{int(job_num):03d},{name}"
     return name
 
 

@@ -65,6 +65,7 @@ def validate_trainer(cfg: DictConfig) -> None:
     integer(cfg, "trainer.epochs", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "trainer.batch_size", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "trainer.eval_batch_size", low=1, allowed="it must be an integer >= 1")
+    integer(cfg, "trainer.eval_every", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "trainer.num_workers", low=0, allowed="it must be an integer >= 0")
     choice(cfg, "trainer.device", DEVICES)
 

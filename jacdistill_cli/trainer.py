@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 from jacdistill_cli.data import DataBundle, batches
 from jacdistill_cli.jacobian import class_gradients
 from jacdistill_cli.logger import RunLogger
+from jacdistill_cli.saliency import saliency_image
 
 log = logging.getLogger("jacdistill")
 
@@ -69,18 +71,35 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: i
     return metrics
 
 
+def interactive() -> bool:
+    """Progress bars only when a person watches: stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
 def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data: DataBundle, *, epochs: int,
         batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
-        generator: torch.Generator, num_workers: int = 0, prefix: str = "") -> dict[str, float]:
-    """Train `student` on data.train; log every loss term per step and val metrics per epoch under
-    `prefix`. Returns the last epoch's val metrics with steps, train_seconds, samples_per_second."""
-    optimizer, schedule = make_optimizer(student.parameters(), optim, epochs)
+        generator: torch.Generator, num_workers: int = 0, prefix: str = "",
+        eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, progress: bool | None = None,
+        objective_parameters: Iterable[nn.Parameter] = ()) -> dict[str, float]:
+    """Train `student` on data.train; log every loss term per step under `prefix`, and every
+    `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
+    `saliency_inputs` [n, *input]. A progress bar with the running loss terms shows each epoch when
+    `progress` (default: stderr is a terminal). Returns the last val metrics with steps, epochs,
+    train_seconds, samples_per_second."""
+    from tqdm import tqdm
+
+    progress = interactive() if progress is None else progress
+    # The objective's own parameters (a hint regressor) are optimised with the student's.
+    optimizer, schedule = make_optimizer([*student.parameters(), *objective_parameters], optim, epochs)
+    batches_per_epoch = max(1, math.ceil(len(data.train) / batch_size))
     step, samples, train_seconds = 0, 0, 0.0
     val: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         student.train()
         started = time.perf_counter()
         running: dict[str, float] = {}
+        bar = tqdm(total=batches_per_epoch, desc=f"{prefix}epoch {epoch}/{epochs}", leave=False,
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for inputs, labels in batches(data.train, batch_size, True, generator, device, num_workers):
             _, terms = objective(student, teacher, inputs, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -94,13 +113,20 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
             logger.scalars({f"{prefix}loss/{name}": v for name, v in values.items()}, step)
             for name, v in values.items():
                 running[name] = running.get(name, 0.0) + v
+            if progress:
+                bar.update()
+                bar.set_postfix({name: f"{v / bar.n:.4f}" for name, v in running.items()}, refresh=False)
+        bar.close()
         schedule.step()
         train_seconds += time.perf_counter() - started
-        val = evaluate(student, teacher, data.val, eval_batch_size, device)
-        logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
-        batches_this_epoch = max(1, math.ceil(len(data.train) / batch_size))
-        summary = "  ".join(f"{name} {v / batches_this_epoch:.4f}" for name, v in running.items())
-        metrics = "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
-        log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}  {metrics}")
+        summary = "  ".join(f"{name} {v / batches_per_epoch:.4f}" for name, v in running.items())
+        if epoch % eval_every == 0 or epoch == epochs:
+            val = evaluate(student, teacher, data.val, eval_batch_size, device)
+            logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
+            if teacher is not None and saliency_inputs is not None:
+                logger.image(f"{prefix}saliency/input_teacher_student",
+                             saliency_image(student, teacher, saliency_inputs), step)
+            summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
+        log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
     return {**val, "steps": step, "epochs": epochs, "train_seconds": train_seconds,
             "samples_per_second": samples / max(train_seconds, 1e-9)}

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("jacdistill_cli.commands.teacher", "train a teacher with cross-entropy and save its checkpoint"),
     "check": ("jacdistill_cli.commands.check", "prove each Jacobian method right: reference error, gradient flow, finite differences"),
     "bench": ("jacdistill_cli.commands.bench", "time one step of each Jacobian method against plain distillation"),
+    "report": ("jacdistill_cli.commands.report", "table, CSV and plot of the final metrics of the runs of a sweep: jacdistill report DIR"),
 }
 
 USAGE = """usage: jacdistill <command> [key=value ...] [-m] [--cfg job] [--help]
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     # Hydra reads sys.argv itself; it sees only this command's overrides.
-    sys.argv = [f"jacdistill {command}", *args[1:]]
+    # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
+    sys.argv = [f"jacdistill {command}", *getattr(module, "translate_argv", list)(args[1:])]
     module.main()
     return 0
 

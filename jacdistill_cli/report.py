@@ -1,0 +1,336 @@
+"""Reports over runs: the final metrics of every `train` run under a directory, grouped by their overrides.
+
+A run is a directory with Hydra's `.hydra/overrides.yaml` whose job is `train`; it finished when its
+`metrics.json` exists. Runs are grouped by their overrides other than `seed`, and each group gets the
+mean and the sample standard deviation over its seeds. Runs that failed (an error in the run's log),
+did not finish, or never started (a job of the sweep's grid without a directory) are listed by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import OmegaConf
+
+from jacdistill_cli.errors import UsageError
+
+SEED_KEY = "seed"
+# Columns of the printed table; the CSV has every numeric metric of metrics.json.
+TABLE_METRICS = ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine")
+# The x-axis of the plot, in order of preference, when `x=auto` and the key varies across groups.
+PREFERRED_X = ("dataset.samples_per_class", "alpha")
+FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
+
+
+@dataclass
+class Run:
+    """One train job: where it is, the overrides it was given, its metrics if it finished."""
+
+    name: str                      # its directory relative to the report's directory ("." for itself)
+    overrides: dict[str, str]      # key -> value, as given on the command line or by the sweeper
+    metrics: dict | None           # metrics.json, or None
+    status: str = FINISHED         # FINISHED | FAILED | UNFINISHED | NOT_STARTED
+    detail: str = ""               # the error line of a failed run
+
+
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
+
+    key: tuple[tuple[str, str], ...]                  # (override key, value) pairs, seed left out
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.status == FINISHED]
+
+    def values(self, metric: str) -> list[float]:
+        found = [r.metrics.get(metric) for r in self.finished]
+        return [float(v) for v in found if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    def mean_std(self, metric: str) -> tuple[float | None, float | None]:
+        """Mean and sample standard deviation (n - 1) over the finished runs; std is None for one run."""
+        values = self.values(metric)
+        if not values:
+            return None, None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass
+class Report:
+    directory: Path
+    runs: list[Run]
+    groups: list[Group]
+    varying: list[str]               # override keys (seed aside) whose value differs between groups
+    constant: dict[str, str]         # override keys with one value in every run
+    metrics: list[str]               # numeric metrics found in metrics.json files, in a stable order
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """`+recipe=kd` -> ("recipe", "kd"); `~key` -> ("~key", "")."""
+    key, _, value = str(text).partition("=")
+    return key.lstrip("+"), value
+
+
+def natural(value: str) -> tuple:
+    """Sort key: numbers by value, before text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def last_error(log_file: Path) -> str:
+    """The last ERROR line of a run's log, without its timestamp prefix, or ""."""
+    if not log_file.is_file():
+        return ""
+    errors = [line for line in log_file.read_text(errors="replace").splitlines() if "][ERROR] - " in line]
+    return errors[-1].split("][ERROR] - ", 1)[1].strip() if errors else ""
+
+
+def job_name(run_dir: Path) -> str | None:
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.name", default=None)
+
+
+def read_run(run_dir: Path, root: Path) -> Run:
+    overrides = dict(parse_override(o) for o in (OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") or []))
+    name = run_dir.relative_to(root).as_posix() if run_dir != root else "."
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            return Run(name, overrides, json.loads(metrics_file.read_text()))
+        except json.JSONDecodeError:
+            return Run(name, overrides, None, UNFINISHED, "metrics.json is not valid JSON")
+    error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
+    if error:
+        return Run(name, overrides, None, FAILED, error)
+    return Run(name, overrides, None, UNFINISHED, "no metrics.json")
+
+
+def run_directories(root: Path) -> list[Path]:
+    """Directories at or below `root` holding a train job (`.hydra/overrides.yaml`, job name train)."""
+    found = [p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"]
+    if (root / ".hydra" / "overrides.yaml").is_file() and root not in found:
+        found.append(root)
+    return sorted((d for d in found if job_name(d) in (None, "train")), key=lambda d: d.as_posix())
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The override lists of every job of a sweep made by Hydra's basic sweeper, from its multirun.yaml:
+    the command line's overrides and the config's hydra.sweeper.params, expanded the way the sweeper
+    does. None when unknown (another sweeper, such as Optuna, chooses its jobs as it goes)."""
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        cfg = OmegaConf.load(multirun)
+        if OmegaConf.select(cfg, "hydra.sweeper._target_", default="") != f"{BasicSweeper.__module__}.BasicSweeper":
+            return None
+        params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+        arguments = [f"{k}={v}" for k, v in params.items()]
+        arguments += list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
+        overrides = OverridesParser.create().parse_overrides(arguments)
+        return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except Exception:  # noqa: BLE001 - an unreadable grid only loses the "not started" rows
+        return None
+
+
+def collect(directory: Path) -> list[Run]:
+    """Every train run at or below `directory`, plus the jobs of its sweeps that never started."""
+    root = Path(directory)
+    dirs = run_directories(root)
+    runs = [read_run(d, root) for d in dirs]
+    sweeps = sorted({p.parent for p in root.rglob("multirun.yaml")} | ({root} if (root / "multirun.yaml").is_file() else set()))
+    for sweep in sweeps:
+        jobs = expected_jobs(sweep)
+        if jobs is None:
+            continue
+        started = [dict(parse_override(o) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml") or [])
+                   for d in dirs if sweep in d.parents]
+        for job in jobs:
+            overrides = dict(parse_override(o) for o in job)
+            if overrides not in started:
+                name = (sweep.relative_to(root) / ",".join(job)).as_posix() if sweep != root else ",".join(job)
+                runs.append(Run(name, overrides, None, NOT_STARTED, "no job directory"))
+    return runs
+
+
+def build_report(directory: Path) -> Report:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"dir={str(directory)!r} is not allowed: it is not a directory; give a run or sweep "
+                         "directory, such as outputs/train/multirun/DATE/TIME")
+    runs = collect(directory)
+    if not runs:
+        raise UsageError(f"dir={str(directory)!r} is not allowed: it holds no train run (no .hydra/overrides.yaml "
+                         "of a `jacdistill train` job at or below it)")
+    keys = sorted({k for r in runs for k in r.overrides if k != SEED_KEY})
+    values = {k: {r.overrides.get(k, "") for r in runs} for k in keys}
+    varying = [k for k in keys if len(values[k]) > 1]
+    constant = {k: next(iter(values[k])) for k in keys if len(values[k]) == 1}
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = tuple((k, run.overrides.get(k, "")) for k in varying)
+        groups.setdefault(key, Group(key)).runs.append(run)
+    ordered = sorted(groups.values(), key=lambda g: [natural(v) for _, v in g.key])
+    metrics = metric_names(r.metrics for r in runs if r.metrics)
+    return Report(directory, runs, ordered, varying, constant, metrics)
+
+
+def metric_names(all_metrics: Iterable[dict]) -> list[str]:
+    names: list[str] = []
+    for metrics in all_metrics:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in names:
+                names.append(name)
+    return [m for m in TABLE_METRICS if m in names] + [m for m in names if m not in TABLE_METRICS]
+
+
+def short(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def markdown(report: Report) -> str:
+    """The table: one row per group, mean ± std over seeds, then the runs that did not finish."""
+    finished = sum(r.status == FINISHED for r in report.runs)
+    lines = [f"Runs under {report.directory}: {finished} of {len(report.runs)} finished, "
+             f"{len(report.groups)} group(s); mean ± std over seeds (sample std, n - 1)."]
+    if report.constant:
+        lines.append("Same in every run: " + " ".join(f"{k}={v}" for k, v in report.constant.items()))
+    lines.append("")
+    metrics = [m for m in TABLE_METRICS if m in report.metrics]
+    any_unfinished = any(len(g.finished) < len(g.runs) for g in report.groups)
+    header = [*report.varying, "runs", *(["not finished"] if any_unfinished else []), *metrics]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for group in report.groups:
+        cells = [value or "(default)" for _, value in group.key]
+        cells.append(str(len(group.finished)))
+        if any_unfinished:
+            cells.append(str(len(group.runs) - len(group.finished)))
+        for metric in metrics:
+            mean, std = group.mean_std(metric)
+            cells.append(short(mean) if std is None else f"{short(mean)} ± {short(std)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    problems = [r for r in report.runs if r.status != FINISHED]
+    if problems:
+        lines += ["", f"{len(problems)} run(s) without results:", ""]
+        lines += [f"- {r.name}: {r.status} ({r.detail})" for r in sorted(problems, key=lambda r: r.name)]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(report: Report, path: Path) -> None:
+    """One row per group: its override values, run counts, then mean and std of every numeric metric."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*report.varying, "runs", "not_finished", "seeds",
+                         *[f"{m}_{s}" for m in report.metrics for s in ("mean", "std")]])
+        for group in report.groups:
+            seeds = " ".join(r.overrides.get(SEED_KEY, "") for r in group.finished)
+            row: list = [value for _, value in group.key]
+            row += [len(group.finished), len(group.runs) - len(group.finished), seeds]
+            for metric in report.metrics:
+                mean, std = group.mean_std(metric)
+                row += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
+            writer.writerow(row)
+
+
+def numeric(values: Iterable[str]) -> bool:
+    try:
+        [float(v) for v in values]
+        return True
+    except ValueError:
+        return False
+
+
+def x_axis(report: Report, choice: str = "auto") -> str | None:
+    """The override key to plot along x: `choice`, or samples_per_class, alpha, another numeric key."""
+    numeric_keys = [k for k in report.varying
+                    if numeric(v for g in report.groups for key, v in g.key if key == k)]
+    if choice != "auto":
+        if choice not in numeric_keys:
+            allowed = ", ".join(["auto", *numeric_keys]) if numeric_keys else "auto (no numeric override varies)"
+            raise UsageError(f"x={choice!r} is not allowed: it must be one of {allowed}")
+        return choice
+    for key in PREFERRED_X:
+        if key in numeric_keys:
+            return key
+    return numeric_keys[0] if numeric_keys else None
+
+
+def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "auto") -> None:
+    """`metric` (mean ± std) against the x key, one line per combination of the other varying keys;
+    horizontal bars per group when no numeric key varies."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no font-cache chatter in the report
+    import matplotlib.pyplot as plt
+
+    key = x_axis(report, x)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    if key is None:
+        labels = [",".join(f"{k}={v}" for k, v in g.key) or "all runs" for g in report.groups]
+        stats = [g.mean_std(metric) for g in report.groups]
+        axes.barh(range(len(labels)), [m if m is not None else 0 for m, _ in stats],
+                  xerr=[s or 0 for _, s in stats], color="tab:blue", alpha=0.8, capsize=3)
+        axes.set_yticks(range(len(labels)), labels, fontsize=8)
+        axes.set_xlabel(metric)
+    else:
+        lines: dict[str, list[tuple[float, float, float]]] = {}
+        for group in report.groups:
+            mean, std = group.mean_std(metric)
+            if mean is None:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in group.key if k != key) or metric
+            x_value = float(dict(group.key)[key])
+            lines.setdefault(label, []).append((x_value, mean, std or 0.0))
+        for label, points in lines.items():
+            points.sort()
+            axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                          marker="o", capsize=3, label=label)
+        xs = [p[0] for points in lines.values() for p in points]
+        if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
+            axes.set_xscale("log")
+            axes.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+        axes.set_xlabel(key)
+        axes.set_ylabel(f"{metric} (mean ± std over seeds)")
+        if lines:
+            axes.legend(fontsize=8)
+    axes.set_title(f"{report.directory.name or report.directory}", fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+OUTPUT_NAMES = ("report.md", "report.csv", "report.png")
+
+
+def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto") -> tuple[Report, str]:
+    """Build the report of `directory` and write report.md, report.csv and report.png into it."""
+    report = build_report(directory)
+    if metric not in report.metrics and any(r.metrics for r in report.runs):
+        raise UsageError(f"metric={metric!r} is not allowed: it must be one of {', '.join(report.metrics)}")
+    x_axis(report, x)  # a bad x stops before anything is written
+    text = markdown(report)
+    directory = Path(directory)
+    (directory / "report.md").write_text(text)
+    write_csv(report, directory / "report.csv")
+    draw(report, directory / "report.png", metric, x)
+    return report, text
+

@@ -232,27 +232,62 @@ def as_map(feature: Tensor) -> Tensor:
     return feature
 
 
-def probe_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> list[tuple[str, tuple[int, ...], nn.Module]]:
-    """(path, per-sample output shape, module) of every submodule with a tensor output, in the
-    order their forward passes end (children before their parents), from one eval-mode pass on
-    zeros [2, *input_shape]. The model's train/eval flags and BatchNorm statistics are unchanged."""
-    records: list[tuple[str, tuple[int, ...], nn.Module]] = []
-    seen: set[str] = set()
+@dataclass
+class ModuleCall:
+    """One submodule's first call in a probe pass."""
+
+    path: str
+    module: nn.Module
+    started: int                   # order in which forward passes began
+    ended: int = -1                # order in which they ended (children before parents)
+    input: Tensor | None = None    # the first tensor argument
+    output: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-sample output shape: [channels, *spatial] or [units]."""
+        return tuple(self.output.shape[1:])
+
+    def is_map(self) -> bool:
+        return self.output is not None and self.output.dim() >= 3
+
+    def changes_resolution(self) -> bool:
+        return (self.is_map() and self.input is not None and self.input.dim() == self.output.dim()
+                and tuple(self.input.shape[2:]) != tuple(self.output.shape[2:]))
+
+
+def probe_calls(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> list[ModuleCall]:
+    """Every submodule that returns a tensor, with its first call's input and output, from one
+    eval-mode pass on zeros [2, *input_shape], in the order their forward passes end. The
+    model's train/eval flags and BatchNorm statistics are unchanged. The tensors are kept (so
+    that identity tells which module's output feeds which module): use for a probe only."""
+    calls: dict[str, ModuleCall] = {}
+    counter = {"started": 0, "ended": 0}
     handles = []
 
-    def hook(path: str):
-        def record(module, inputs, output):
-            if path not in seen and isinstance(output, Tensor):
-                seen.add(path)
-                records.append((path, tuple(output.shape[1:]), module))
+    def before(path: str, module: nn.Module):
+        def record(module, args):
+            if path not in calls:
+                first = next((a for a in args if isinstance(a, Tensor)), None)
+                calls[path] = ModuleCall(path, module, counter["started"], input=first)
+                counter["started"] += 1
+        return record
+
+    def after(path: str):
+        def record(module, args, output):
+            call = calls.get(path)
+            if call is not None and call.ended < 0 and isinstance(output, Tensor):
+                call.output, call.ended = output, counter["ended"]
+                counter["ended"] += 1
         return record
 
     modes = {m: m.training for m in model.modules()}
     try:
         for path, module in model.named_modules():
             if path:
-                handles.append(module.register_forward_hook(hook(path)))
+                handles.append(module.register_forward_pre_hook(before(path, module)))
+                handles.append(module.register_forward_hook(after(path)))
         model.eval()
         with torch.no_grad():
             model(torch.zeros(2, *input_shape, device=device, dtype=dtype))
@@ -261,55 +296,81 @@ def probe_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    return records
+    return sorted((c for c in calls.values() if c.output is not None), key=lambda c: c.ended)
 
 
 def is_activation(module: nn.Module) -> bool:
     return type(module).__module__ == nn.modules.activation.__name__
 
 
-def stage_ends(records: list[tuple[str, tuple[int, ...], nn.Module]]) -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
+def _inside(path: str, ancestor: str) -> bool:
+    return path.startswith(ancestor + ".")
+
+
+def stage_ends(calls: list[ModuleCall]) -> tuple[list[ModuleCall], list[ModuleCall]]:
     """The default feature points of a model, shallow to deep: (maps, vectors).
 
-    maps: the last module (in the order forward passes end) of each run of maps of one spatial
-    size, i.e. the end of each stage before the resolution changes; maps of one position (after
-    global pooling) carry no spatial attention and are left out.
+    maps: the end of each stage, i.e. the module output that feeds each change of resolution
+    (a pooling layer, a strided block), found by tensor identity: for the innermost module that
+    changes the spatial size, the outermost enclosing module that makes only that change (a
+    strided residual block, say) is the transition, and the module whose output is the
+    transition's input is the stage end. One per spatial size (the deepest); the last map of a
+    size not seen yet ends the last stage (pooled by a function, not a module); maps of one
+    position are left out.
     vectors: the outputs of activation modules (ReLU, ...) that are vectors.
     """
-    maps: list[tuple[str, tuple]] = []
-    current_size = None
-    for path, shape, _ in records:
-        if len(shape) < 2:
-            continue
-        spatial = shape[1:]
-        if math.prod(spatial) <= 1:
-            current_size = None
-            continue
-        if spatial == current_size:
-            maps[-1] = (path, shape)
-        else:
-            maps = [m for m in maps if m[1][1:] != spatial]  # one stage end per resolution: the last
-            maps.append((path, shape))
-            current_size = spatial
-    vectors = [(path, shape) for path, shape, module in records if len(shape) == 1 and is_activation(module)]
-    return maps, vectors
+    changes = [c for c in calls if c.changes_resolution()]
+    innermost = [c for c in changes if not any(_inside(o.path, c.path) for o in changes)]
+
+    def resolution_change(call: ModuleCall) -> tuple:
+        return tuple(call.input.shape[2:]), tuple(call.output.shape[2:])
+
+    by_path = {c.path: c for c in calls}
+    ends: list[ModuleCall] = []
+    for change in innermost:
+        transition = change
+        parts = change.path.split(".")
+        for depth in range(len(parts) - 1, 0, -1):
+            ancestor = by_path.get(".".join(parts[:depth]))
+            if ancestor is None or not ancestor.changes_resolution():
+                break
+            inner = [c for c in innermost if _inside(c.path, ancestor.path)]
+            if any(resolution_change(c) != resolution_change(change) for c in inner):
+                break
+            transition = ancestor
+        producers = [c for c in calls if c.output is transition.input and c.ended < change.ended
+                     and not isinstance(c.module, nn.Identity)]
+        if producers:
+            ends.append(max(producers, key=lambda c: c.ended))
+    by_size: dict[tuple, ModuleCall] = {}
+    for call in ends:
+        spatial = call.shape[1:]
+        if call.is_map() and math.prod(spatial) > 1:
+            if spatial not in by_size or call.ended > by_size[spatial].ended:
+                by_size[spatial] = call
+    # The last stage, when no module of its own pools it (functional global pooling).
+    maps = [c for c in calls if c.is_map() and math.prod(c.shape[1:]) > 1 and not isinstance(c.module, nn.Identity)]
+    if maps and maps[-1].shape[1:] not in by_size:
+        by_size[maps[-1].shape[1:]] = maps[-1]
+    vectors = [c for c in calls if c.output.dim() == 2 and is_activation(c.module)]
+    return sorted(by_size.values(), key=lambda c: c.ended), vectors
 
 
-def default_pairs(teacher_records, student_records) -> list[tuple[str, str]]:
+def default_pairs(teacher_calls: list[ModuleCall], student_calls: list[ModuleCall]) -> list[tuple[str, str]]:
     """The architecture pair's default pairs (teacher path, student path).
 
-    Both models have spatial maps: the stage ends of equal spatial size (the stage ends of the
-    student whose resolution the teacher also has), or the deepest stage ends when no size is
-    shared. Otherwise (an MLP on either side): the deepest activation vector of each model.
+    Both models have spatial maps: the stage ends of equal spatial size (each student stage end
+    whose resolution the teacher also has), or the deepest stage ends when no size is shared.
+    Otherwise (an MLP on either side): the deepest activation vector of each model.
     """
-    teacher_maps, teacher_vectors = stage_ends(teacher_records)
-    student_maps, student_vectors = stage_ends(student_records)
+    teacher_maps, teacher_vectors = stage_ends(teacher_calls)
+    student_maps, student_vectors = stage_ends(student_calls)
     if teacher_maps and student_maps:
-        by_size = {shape[1:]: path for path, shape in teacher_maps}
-        pairs = [(by_size[shape[1:]], path) for path, shape in student_maps if shape[1:] in by_size]
-        return pairs or [(teacher_maps[-1][0], student_maps[-1][0])]
+        by_size = {c.shape[1:]: c.path for c in teacher_maps}
+        pairs = [(by_size[c.shape[1:]], c.path) for c in student_maps if c.shape[1:] in by_size]
+        return pairs or [(teacher_maps[-1].path, student_maps[-1].path)]
     if teacher_vectors and student_vectors:
-        return [(teacher_vectors[-1][0], student_vectors[-1][0])]
+        return [(teacher_vectors[-1].path, student_vectors[-1].path)]
     raise UsageError("features.pairs=null is not allowed: this teacher and student have no default feature "
                      "pairs (no maps or activation vectors in common); give features.pairs=[[TEACHER_PATH,STUDENT_PATH]]")
 
@@ -332,16 +393,17 @@ def resolve_pairs(raw_pairs: Any, teacher: nn.Module, student: nn.Module, input_
     per-sample shapes of their features. Raises UsageError for a path a model does not have."""
     pairs = parse_pairs(raw_pairs)
     dtype = next(student.parameters()).dtype if any(True for _ in student.parameters()) else torch.float32
-    teacher_records = probe_outputs(teacher, input_shape, device, dtype)
-    student_records = probe_outputs(student, input_shape, device, dtype)
+    teacher_calls = probe_calls(teacher, input_shape, device, dtype)
+    student_calls = probe_calls(student, input_shape, device, dtype)
     if pairs is None:
-        pairs = default_pairs(teacher_records, student_records)
+        pairs = default_pairs(teacher_calls, student_calls)
     else:
         for index, (teacher_path, student_path) in enumerate(pairs):
             module_at(teacher, teacher_path, "teacher", f"features.pairs[{index}][0]")
             module_at(student, student_path, "student", f"features.pairs[{index}][1]")
-    teacher_shapes = {path: shape for path, shape, _ in teacher_records}
-    student_shapes = {path: shape for path, shape, _ in student_records}
+    teacher_shapes = {c.path: c.shape for c in teacher_calls}
+    student_shapes = {c.path: c.shape for c in student_calls}
+    del teacher_calls, student_calls  # the probe's tensors
     resolved = []
     for index, (teacher_path, student_path) in enumerate(pairs):
         for role, path, shapes, position in (("teacher", teacher_path, teacher_shapes, 0),
@@ -641,3 +703,14 @@ def build_objective_with_features(cfg: DictConfig, teacher: nn.Module, student: 
         feature_jacobian = cfg.jacobian
         base_cfg = OmegaConf.merge(cfg, {"jacobian": {"name": "none"}})
     return FeatureObjective(build_objective(base_cfg, generator), matching, cfg.alpha, feature_jacobian), matching
+
+
+def check_feature_paths(cfg: DictConfig, student: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Before a teacher is trained: the configured module paths exist in the student and in an
+    untrained model of the teacher's architecture (one line naming the nearest valid paths if not)."""
+    if OmegaConf.select(cfg, "features.name", default="none") == "none":
+        return
+    from jacdistill_cli.models import architecture, build_model
+
+    teacher = build_model(architecture(cfg.teacher), input_shape, num_classes, "teacher")
+    validate_paths(cfg, teacher, student, input_shape)

@@ -19,6 +19,7 @@ from typing import Iterable
 from omegaconf import OmegaConf
 
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.runtime import job_dirname
 
 SEED_KEY = "seed"
 # Columns of the printed table; the CSV has every numeric metric of metrics.json.
@@ -159,10 +160,14 @@ def collect(directory: Path) -> list[Run]:
             continue
         started = [dict(parse_override(o) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml") or [])
                    for d in dirs if sweep in d.parents]
+        excluded = set(OmegaConf.select(OmegaConf.load(sweep / "multirun.yaml"),
+                                        "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
         for job in jobs:
             overrides = dict(parse_override(o) for o in job)
             if overrides not in started:
-                name = (sweep.relative_to(root) / ",".join(job)).as_posix() if sweep != root else ",".join(job)
+                # Named as its directory would have been (Hydra's override_dirname: sorted overrides).
+                dirname = job_dirname(",".join(sorted(o for o in job if parse_override(o)[0] not in excluded)), "?")
+                name = (sweep.relative_to(root) / dirname).as_posix()
                 runs.append(Run(name, overrides, None, NOT_STARTED, "no job directory"))
     return runs
 

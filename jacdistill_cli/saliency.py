@@ -15,12 +15,15 @@ from jacdistill_cli.jacobian import class_gradients
 TILE = 48  # pixels per image side in the grid: 8x8 digits are scaled up to be seen
 
 
-def fixed_inputs(split, count: int = 8) -> Tensor:
-    """The first `count` inputs of a split, [count, *input] on the split's device: the same every epoch."""
+def fixed_inputs(split, device: torch.device | None = None, count: int = 8) -> Tensor:
+    """The first `count` inputs of a split (in-memory or a torch Dataset), [count, *input] on `device`
+    (default: where they are): the same images every epoch."""
     count = min(count, len(split))
     if hasattr(split, "inputs"):
-        return split.inputs[:count].detach()
-    return torch.stack([split[i][0] for i in range(count)])
+        inputs = split.inputs[:count].detach()
+    else:
+        inputs = torch.stack([torch.as_tensor(split[i][0]) for i in range(count)])
+    return inputs if device is None else inputs.to(device)
 
 
 def input_gradients(model: nn.Module, inputs: Tensor, classes: Tensor) -> Tensor:

@@ -116,6 +116,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
             if progress:
                 bar.update()
                 bar.set_postfix({name: f"{v / bar.n:.4f}" for name, v in running.items()}, refresh=False)
+        bar.refresh()  # the epoch's final counts and running means, however fast it ran
         bar.close()
         schedule.step()
         train_seconds += time.perf_counter() - started

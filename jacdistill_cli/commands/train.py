@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import one_line_errors
 from jacdistill_cli.runtime import register_resolvers
 
 register_resolvers()
+
+# The scalars that TensorBoard's HPARAMS tab shows for each run (their last values).
+METRIC_TAGS = ["test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy", "val/agreement",
+               "val/jacobian_cosine", "teacher/test_accuracy"]
+# Custom-scalars layout: the loss terms in one chart (a term a run does not log is simply absent).
+CHARTS = {"loss": {"loss terms": ["^loss/distill$", "^loss/jacobian$", "^loss/total$", "^loss/hard$",
+                                  "^loss/features$"]},
+          "validation": {"agreement and accuracy": ["^val/accuracy$", "^val/agreement$", "^val/jacobian_cosine$"]}}
+NOT_HPARAMS = {"cache_dir"}
+
+
+def compact(node: DictConfig) -> str:
+    """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
+    from jacdistill_cli.models import architecture
+
+    settings = architecture(node)
+    name = settings.pop("name", "?")
+    return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The run's hyperparameters, flat, for TensorBoard's HPARAMS tab: every top-level setting (alpha,
+    temperature, hard_weight, seed, ...), the distillation loss, the Jacobian method and each of its
+    settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
+    hparams: dict[str, Any] = {key: value for key, value in cfg.items()
+                               if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
+    hparams["loss"] = cfg.loss.name
+    hparams["jacobian"] = cfg.jacobian.name
+    for key, value in cfg.jacobian.items():
+        if key != "name" and isinstance(value, (int, float, str, bool)):
+            hparams[f"jacobian.{key}"] = value
+    hparams["teacher"] = str(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else compact(cfg.teacher)
+    hparams["student"] = compact(cfg.student)
+    hparams["dataset"] = cfg.dataset.name
+    hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
+    hparams["features"] = OmegaConf.select(cfg, "features.name", default="none")
+    if hparams["features"] != "none":
+        for key, value in cfg.features.items():
+            if key != "name":
+                hparams[f"features.{key}"] = value if isinstance(value, (int, float, str, bool)) else (
+                    "architecture defaults" if value is None else str(OmegaConf.to_container(value)))
+    hparams["optim"] = cfg.optim.name
+    hparams["optim.lr"] = cfg.optim.lr
+    hparams["trainer.epochs"] = cfg.trainer.epochs
+    hparams["trainer.batch_size"] = cfg.trainer.batch_size
+    return hparams
 
 
 @one_line_errors("train")
@@ -26,8 +74,9 @@ def run(cfg: DictConfig) -> float:
     from jacdistill_cli.data import build_data
     from jacdistill_cli.logger import RunLogger
     from jacdistill_cli.models import architecture, build_model, count_parameters
-    from jacdistill_cli.objective import build_objective
+    from jacdistill_cli.features import build_objective_with_features, check_feature_paths
     from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.saliency import fixed_inputs
     from jacdistill_cli.teacher import obtain_teacher
     from jacdistill_cli.trainer import evaluate, fit
 
@@ -41,7 +90,12 @@ def run(cfg: DictConfig) -> float:
     data = build_data(cfg.dataset).to(device)
     spec = architecture(cfg.student)
     student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
+    check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
     logger = RunLogger(run_dir)
+    logger.layout(CHARTS)
+    logger.hparams_start(hparams_of(cfg), METRIC_TAGS)
+    succeeded = False
+    feature_matching = None
     try:
         teacher, teacher_info = obtain_teacher(cfg, data, device, logger)
         logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
@@ -50,11 +104,16 @@ def run(cfg: DictConfig) -> float:
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
         log.info(f"student {spec}: {count_parameters(student)} parameters; teacher: {count_parameters(teacher)}")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        objective = build_objective(cfg, generator)
+        objective, feature_matching = build_objective_with_features(cfg, teacher, student, data.input_shape, device,
+                                                                    generator)
+        if feature_matching is not None:
+            log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
         history = fit(student, teacher, objective, data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=cfg.optim, device=device, logger=logger,
-                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers)
+                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
+                      eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
+                      objective_parameters=feature_matching.parameters() if feature_matching is not None else ())
         test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device)
         metrics = {
             "test_accuracy": test["accuracy"], "agreement": test["agreement"],
@@ -68,11 +127,18 @@ def run(cfg: DictConfig) -> float:
         }
         logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
                         "test/jacobian_cosine": test["jacobian_cosine"]}, history["steps"])
+        succeeded = True
+    except Exception as err:
+        # In the run's train.log, where `jacdistill report` finds why a job of a sweep has no metrics.
+        log.error(f"failed: {type(err).__name__}: {err}")
+        raise
     finally:
+        logger.hparams_end(succeeded)
         logger.close()
-    save_checkpoint(make_checkpoint(student, "student", spec, data, {k: v for k, v in metrics.items()
-                                                                     if isinstance(v, float)}),
-                    run_dir / "student.pt")
+    payload = make_checkpoint(student, "student", spec, data, {k: v for k, v in metrics.items() if isinstance(v, float)})
+    if feature_matching is not None:
+        payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors, trained with the student
+    save_checkpoint(payload, run_dir / "student.pt")
     write_json(run_dir / "metrics.json", metrics)
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})")

@@ -1,0 +1,226 @@
+"""A sweep a researcher can read: a real multirun through the console script (Hydra's joblib launcher),
+read back with TensorBoard's own event readers, then reported with `jacdistill report`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams.api_pb2 import Status
+
+from conftest import FAST, run_cli
+from jacdistill_cli.report import build_report
+from jacdistill_cli.runtime import MAX_DIRNAME, job_dirname
+from jacdistill_cli.saliency import TILE, saliency_grid, saliency_image
+
+ALPHAS, SEEDS = ("0.2", "0.8"), ("0", "1")
+# Hydra's override_dirname: every override of the job, keys sorted.
+RUNS = {f"alpha={a},seed={s},teacher.epochs=2,trainer.epochs=1": (a, s) for a in ALPHAS for s in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, teacher_cache) -> Path:
+    """4 jobs (alpha x seed), 1 epoch each, two at a time in joblib's worker processes."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     f"alpha={','.join(ALPHAS)}", f"seed={','.join(SEEDS)}", *FAST,
+                     f"hydra.sweep.dir={root / 'sweep'}", cwd=root, env={"JACDISTILL_CACHE": str(teacher_cache)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Joblib.Parallel" in result.stdout + result.stderr  # the jobs ran through the joblib launcher
+    return root / "sweep"
+
+
+def accumulator(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_sees_each_job_as_one_run_named_by_its_overrides(sweep):
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(sweep))
+    multiplexer.Reload()
+    # Exactly one run per job, named by its overrides: no extra run for hparams in a subfolder.
+    assert set(multiplexer.Runs()) == set(RUNS)
+    for name in RUNS:
+        assert len(list((sweep / name).glob("events.out.tfevents.*"))) == 1
+        assert not list((sweep / name).glob("*/**/events.out.tfevents.*"))
+
+
+def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
+    for name, (alpha, seed) in RUNS.items():
+        run_dir = sweep / name
+        events = accumulator(run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+        # HParams: the experiment (hparams and metric tags), this run's values, and its status.
+        content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+        experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+        start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+        end = hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG])
+        hparams = {k: (v.number_value if v.WhichOneof("kind") == "number_value" else v.string_value)
+                   for k, v in start.hparams.items()}
+        assert hparams["alpha"] == pytest.approx(float(alpha)) and hparams["seed"] == int(seed)
+        assert (hparams["loss"], hparams["jacobian"], hparams["dataset"]) == ("kl", "top1", "digits")
+        assert hparams["temperature"] == 4 and hparams["hard_weight"] == 0
+        assert hparams["jacobian.normalize"] == "true" and hparams["jacobian.batchnorm"] == "batch"
+        assert hparams["teacher"].startswith("cnn(") and hparams["student"].startswith("mlp(")
+        assert "samples_per_class" not in hparams  # null: the whole training split, left blank
+        declared = {info.name for info in experiment.hparam_infos}
+        assert set(hparams) | {"samples_per_class"} <= declared
+        assert end.status == Status.Value("STATUS_SUCCESS")
+        # Every metric the HPARAMS tab shows is a scalar of this run; its last value is the final metric.
+        metric_tags = [m.name.tag for m in experiment.metric_infos]
+        assert {"test/accuracy", "val/accuracy", "test/agreement", "test/jacobian_cosine"} <= set(metric_tags)
+        for tag in metric_tags:
+            assert tag in scalars, tag
+        assert scalars["test/accuracy"][-1] == pytest.approx(metrics["test_accuracy"])
+        assert scalars["val/accuracy"][-1] == pytest.approx(metrics["val_accuracy"])
+        assert scalars["test/jacobian_cosine"][-1] == pytest.approx(metrics["jacobian_cosine"])
+
+        # Custom scalars: the three loss terms in one chart.
+        (config,) = events.Tensors("custom_scalars__config__")
+        layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+        charts = [chart for category in layout.category for chart in category.chart]
+        loss_chart = [c for c in charts if any(re.search(p, "loss/jacobian") for p in c.multiline.tag)]
+        assert len(loss_chart) == 1
+        for tag in ("loss/distill", "loss/jacobian", "loss/total"):
+            assert tag in scalars and any(re.search(p, tag) for p in loss_chart[0].multiline.tag), tag
+        assert not any(re.search(p, "teacher/loss/total") for p in loss_chart[0].multiline.tag)
+
+        # Saliency: one image per evaluation (1 epoch), 3 rows (input, teacher, student) of 8 images.
+        images = events.Images("saliency/input_teacher_student")
+        assert len(images) == 1 and images[0].step == metrics["steps"]
+        assert (images[0].width, images[0].height) == (8 * (TILE + 2) + 2, 3 * (TILE + 2) + 2)
+        picture = Image.open(io.BytesIO(images[0].encoded_image_string)).convert("L")
+        picture = torch.tensor(np.asarray(picture), dtype=torch.float32)
+        rows = [picture[2 + r * (TILE + 2): 2 + r * (TILE + 2) + TILE] for r in range(3)]
+        assert all(row.std() > 0 for row in rows)
+        assert not torch.equal(rows[1], rows[2])  # teacher and student maps differ after one epoch
+
+
+def test_report_of_the_sweep_gives_the_means_and_stds_of_its_metrics_json(sweep):
+    result = run_cli("report", str(sweep), cwd=sweep)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert [row["alpha"] for row in rows] == list(ALPHAS)
+    for row in rows:
+        runs = [json.loads((sweep / name / "metrics.json").read_text())
+                for name, (alpha, _) in RUNS.items() if alpha == row["alpha"]]
+        assert int(row["runs"]) == 2 and row["not_finished"] == "0" and row["seeds"] == "0 1"
+        for metric in ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine", "train_seconds"):
+            values = [run[metric] for run in runs]
+            assert float(row[f"{metric}_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12)
+            assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
+        mean, std = float(row["test_accuracy_mean"]), float(row["test_accuracy_std"])
+        assert re.search(rf"\| {row['alpha']} \| 2 \| {mean:.4f} ± {std:.4f} \|", result.stdout)
+    assert "Same in every run: teacher.epochs=2 trainer.epochs=1" in result.stdout
+    assert (sweep / "report.md").read_text() in result.stdout
+    png = sweep / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(png).size[0] > 300
+
+
+def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, teacher_cache):
+    copy = tmp_path / "sweeps"
+    shutil.copytree(sweep, copy / "grid")
+    names = sorted(RUNS)
+    (copy / "grid" / names[3] / "metrics.json").unlink()   # alpha=0.8, seed=1: killed before the end
+    shutil.rmtree(copy / "grid" / names[1])                 # alpha=0.2, seed=1: never started
+    # A job that really fails: the loss diverges, the run logs why and leaves no metrics.json.
+    failed = run_cli("train", "-m", "optim.lr=1e30", *FAST, f"hydra.sweep.dir={copy / 'diverged'}",
+                     cwd=tmp_path, env={"JACDISTILL_CACHE": str(teacher_cache)})
+    assert failed.returncode != 0 and "FloatingPointError" in failed.stderr
+
+    report = build_report(copy)
+    status = {run.name: (run.status, run.detail) for run in report.runs}
+    assert status[f"grid/{names[3]}"] == ("did not finish", "no metrics.json")
+    assert status[f"grid/{names[1]}"][0] == "not started"
+    (diverged,) = [name for name in status if name.startswith("diverged/")]
+    assert status[diverged][0] == "failed" and "FloatingPointError" in status[diverged][1]
+    groups = {dict(g.key)["alpha"]: g for g in report.groups if dict(g.key)["alpha"]}
+    assert (len(groups["0.2"].finished), len(groups["0.2"].runs)) == (1, 2)
+    assert (len(groups["0.8"].finished), len(groups["0.8"].runs)) == (1, 2)
+    kept = json.loads((copy / "grid" / names[2] / "metrics.json").read_text())["test_accuracy"]
+    assert groups["0.8"].mean_std("test_accuracy") == (pytest.approx(kept), None)
+
+    result = run_cli("report", str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 run(s) without results" in result.stdout
+    assert re.search(r"diverged/optim\.lr=1e\+30.*: failed \(failed: FloatingPointError", result.stdout)
+    assert f"grid/{names[1]}: not started" in result.stdout
+
+
+def test_job_directory_names_are_readable_unique_and_fit_a_file_name():
+    assert job_dirname("alpha=0.3,jacobian=exact", 0) == "alpha=0.3,jacobian=exact"
+    assert job_dirname("", 7) == "7"
+    # Characters a file name cannot hold are replaced, and a hash keeps such names apart.
+    slash, underscore = job_dirname("teacher.checkpoint=a/b.pt", 0), job_dirname("teacher.checkpoint=a_b.pt", 1)
+    assert "/" not in slash and slash != underscore and slash.startswith("teacher.checkpoint=a_b.pt~")
+    long_a = job_dirname(",".join(f"key{i}=value{i}" for i in range(40)), 0)
+    long_b = job_dirname(",".join(f"key{i}=value{i}" for i in range(41)), 1)
+    assert len(long_a) <= MAX_DIRNAME and len(long_b) <= MAX_DIRNAME and long_a != long_b
+    # A sweeper that may draw the same values twice (Optuna) gets the job number in front.
+    from omegaconf import OmegaConf
+
+    optuna = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.OptunaSweeper"}}})
+    assert job_dirname("alpha=0.31", 12, _root_=optuna) == "012,alpha=0.31"
+
+
+def test_saliency_grid_shows_inputs_and_both_maps_for_one_and_three_channels():
+    torch.manual_seed(0)
+    for channels in (1, 3):
+        inputs = torch.randn(5, channels, 6, 6)
+        teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * 36, 4))
+        student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * 36, 4))
+        grid = saliency_image(student, teacher, inputs)
+        assert grid.shape == (3, 3 * (TILE + 2) + 2, 5 * (TILE + 2) + 2)
+        assert grid.min() >= 0 and grid.max() <= 1
+        # Row 2, column 1: the teacher's |gradient| of its top class for input 0, scaled to [0, 1].
+        top = teacher(inputs).argmax(1)
+        expected = teacher[1].weight[top[0]].detach().view(channels, 6, 6).abs().amax(0)
+        expected = (expected - expected.min()) / (expected.max() - expected.min())
+        tile = grid[0, TILE + 4: 2 * TILE + 4, 2: TILE + 2]
+        scaled = torch.nn.functional.interpolate(expected[None, None], size=(TILE, TILE), mode="nearest")[0, 0]
+        assert torch.allclose(tile, scaled, atol=1e-6)
+    flat = saliency_grid(torch.randn(2, 10), torch.randn(2, 10), torch.randn(2, 10), tile=8)
+    assert flat.shape == (3, 3 * 10 + 2, 2 * 10 + 2)
+
+
+def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path):
+    from omegaconf import OmegaConf
+
+    from jacdistill_cli.data import DataBundle, TensorSplit
+    from jacdistill_cli.logger import RunLogger
+    from jacdistill_cli.objective import cross_entropy_objective
+    from jacdistill_cli.trainer import fit
+
+    split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
+    data = DataBundle("toy", split, split, split, 2, (1, 4, 4))
+    optim = OmegaConf.create({"name": "adam", "lr": 0.01, "weight_decay": 0.0, "schedule": "constant"})
+    for progress in (True, False):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        logger = RunLogger(tmp_path / str(progress))
+        fit(model, None, cross_entropy_objective, data, epochs=2, batch_size=8, eval_batch_size=40,
+            optim=optim, device=torch.device("cpu"), logger=logger, generator=torch.Generator().manual_seed(0),
+            progress=progress)
+        logger.close()
+        err = capsys.readouterr().err
+        if progress:  # tqdm: one bar per epoch, 5 batches of 8, with the running mean of each loss term
+            assert "epoch 2/2" in err and "5/5" in err and "hard=" in err and "total=" in err
+        else:
+            assert "epoch" not in err

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli.jacobian import batchnorm_statistics, matching_distance
+from jacdistill_cli import jacobian as jacobians
+from jacdistill_cli.jacobian import matching_distance
 
 FEATURE_METHODS = ("none", "attention", "hint")
 JACOBIAN_OF = ("logits", "features")
@@ -610,18 +611,33 @@ def feature_input_gradients(model: nn.Module, paths: list[str], inputs: Tensor, 
     return gradients, found
 
 
+def needs_batch_statistics(student: nn.Module, settings: Any) -> bool:
+    return settings.batchnorm == "batch" and jacobians.has_training_batchnorm(student)
+
+
+def record_batch_statistics(student: nn.Module, inputs: Tensor) -> Any:
+    """The statistics a train-mode pass of `student` on `inputs` normalises with (running
+    statistics untouched): for `jacobian.batchnorm=batch` outside an objective's own pass."""
+    with batchnorm_buffers_kept(student), jacobians.recorded_batchnorm_statistics(student) as statistics:
+        student(inputs)
+    return statistics
+
+
 def feature_jacobian_term(student: nn.Module, teacher: nn.Module, pairs: list[FeaturePair], inputs: Tensor,
-                          settings: Any, create_graph: bool) -> Tensor:
+                          settings: Any, create_graph: bool, statistics: Any = None) -> Tensor:
     """Per-sample distance between the student's and the teacher's input-gradients of the
     attention map at the teacher's most-attended location, mean over pairs.
 
     inputs [batch, *input] -> [batch]. `settings` is the `jacobian` node (normalize, squared,
     batchnorm). The student's BatchNorm in train mode is handled as for the logit Jacobian
-    (`jacobian.batchnorm`); its running statistics are left as they were.
+    (`jacobian.batchnorm`; `batch` uses `statistics` recorded by the step's train-mode pass, or
+    records them); its running statistics are left as they were.
     """
     teacher_gradients, locations = feature_input_gradients(
         teacher, [p.teacher_path for p in pairs], inputs, keep_graph, None, [None] * len(pairs), False)
-    with batchnorm_buffers_kept(student), batchnorm_statistics(student, settings.batchnorm):
+    if statistics is None and needs_batch_statistics(student, settings):
+        statistics = record_batch_statistics(student, inputs)
+    with batchnorm_buffers_kept(student), jacobians.per_sample_batchnorm(student, settings.batchnorm, statistics):
         student_gradients, _ = feature_input_gradients(
             student, [p.student_path for p in pairs], inputs, lambda output: student_feature(output), locations,
             [spatial_shape(p.teacher_shape) for p in pairs], create_graph)
@@ -657,7 +673,10 @@ class FeatureObjective:
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         count = len(self.matching.pairs)
-        with self.matching.capture(student, teacher) as capture:
+        record = self.feature_jacobian is not None and needs_batch_statistics(student, self.feature_jacobian)
+        with self.matching.capture(student, teacher) as capture, contextlib.ExitStack() as stack:
+            # jacobian.batchnorm=batch: the feature Jacobian uses the statistics of this train-mode pass.
+            statistics = stack.enter_context(jacobians.recorded_batchnorm_statistics(student)) if record else None
             logits, terms = self.base(student, teacher, inputs, labels)
             student_features, teacher_features = split_features(capture, count)
             features = self.matching.term(student_features, teacher_features)
@@ -667,7 +686,7 @@ class FeatureObjective:
         terms["features"] = features
         if self.feature_jacobian is not None:
             jacobian = feature_jacobian_term(student, teacher, self.matching.pairs, inputs, self.feature_jacobian,
-                                             create_graph=self.alpha > 0).mean()
+                                             create_graph=self.alpha > 0, statistics=statistics).mean()
             total = total - self.alpha * terms["jacobian"] + self.alpha * jacobian
             terms["jacobian"] = jacobian
         terms["total"] = total
@@ -714,3 +733,168 @@ def check_feature_paths(cfg: DictConfig, student: nn.Module, input_shape: tuple[
 
     teacher = build_model(architecture(cfg.teacher), input_shape, num_classes, "teacher")
     validate_paths(cfg, teacher, student, input_shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# `jacdistill check`: does the feature term train the student?
+
+
+@dataclass
+class FeatureGradientCheck:
+    """What the feature term's gradient reaches, and whether it is right.
+
+    expected: the student's parameters that compute its deepest matched feature (those of every
+    module whose forward pass ends no later than that module's); trained: those of them with a
+    non-zero gradient from the feature term; detached_trained: how many student parameters the
+    same term trains when the student's hook detaches its feature (the mistake: 0).
+    directional_derivative / finite_difference: d term / d parameters along a random direction,
+    by autograd and by central differences in float64.
+    """
+
+    method: str
+    deepest: str
+    expected: list[str]
+    trained: list[str]
+    detached_trained: int
+    regressor_trained: int
+    regressor_total: int
+    directional_derivative: float
+    finite_difference: float
+    tolerance: float = 1e-5
+    jacobian_expected: int = 0     # with jacobian.of=features: the same count for the feature Jacobian term
+    jacobian_trained: int = -1
+
+    @property
+    def untrained(self) -> list[str]:
+        trained = set(self.trained)
+        return [name for name in self.expected if name not in trained]
+
+    @property
+    def relative_error(self) -> float:
+        scale = max(abs(self.directional_derivative), abs(self.finite_difference), 1e-12)
+        return abs(self.directional_derivative - self.finite_difference) / scale
+
+    @property
+    def passed(self) -> bool:
+        jacobian_ok = self.jacobian_trained < 0 or self.jacobian_trained == self.jacobian_expected
+        return (bool(self.expected) and not self.untrained and self.detached_trained == 0
+                and self.regressor_trained == self.regressor_total and self.relative_error <= self.tolerance
+                and jacobian_ok)
+
+    def lines(self) -> list[str]:
+        mark = "ok" if self.passed else "FAIL"
+        rows = [f"features={self.method}: the feature term trains {len(self.trained)}/{len(self.expected)} student "
+                f"parameters up to the deepest matched layer {self.deepest!r}"
+                + (f" and {self.regressor_trained}/{self.regressor_total} regressor parameters"
+                   if self.regressor_total else "")
+                + f"; d(term)/d(parameters) vs finite differences: rel. error {self.relative_error:.1e}  [{mark}]"]
+        if self.untrained:
+            rows.append(f"  no gradient reaches: {', '.join(self.untrained[:8])}"
+                        + (" ..." if len(self.untrained) > 8 else ""))
+        if self.jacobian_trained >= 0:
+            rows.append(f"  jacobian.of=features: the feature Jacobian term trains {self.jacobian_trained}/"
+                        f"{self.jacobian_expected} of them")
+        rows.append(f"  the common mistake, a hook that detaches the student's feature: trains "
+                    f"{self.detached_trained} student parameters")
+        return rows
+
+
+def parameters_up_to(model: nn.Module, path: str, input_shape: tuple[int, ...], device, dtype) -> list[str]:
+    """Names of the parameters of every module whose forward pass ends no later than `path`'s
+    (the modules that run before it, and its own submodules)."""
+    calls = {c.path: c for c in probe_calls(model, input_shape, device, dtype)}
+    limit = calls[path].ended
+    names = []
+    for module_path, module in model.named_modules():
+        call = calls.get(module_path)
+        if call is not None and call.ended <= limit:
+            names += [f"{module_path}.{name}" for name, _ in module.named_parameters(recurse=False)]
+    return names
+
+
+def _feature_term(matching: FeatureMatching, student: nn.Module, teacher: nn.Module, inputs: Tensor) -> Tensor:
+    count = len(matching.pairs)
+    with matching.capture(student, teacher) as capture:
+        with torch.no_grad():
+            teacher(inputs)
+        student(inputs)
+        student_features, teacher_features = split_features(capture, count)
+        term = matching.term(student_features, teacher_features)
+    capture.clear()
+    return term
+
+
+def check_feature_gradients(matching: FeatureMatching, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                            jacobian_settings: Any | None = None, seed: int = 0) -> FeatureGradientCheck:
+    """Run the feature term on `inputs` [batch, *input] (student in train mode, as in training)
+    and report what its gradient reaches; see FeatureGradientCheck. Works on float64 copies, so
+    the models themselves are untouched."""
+    import copy
+
+    student = copy.deepcopy(student).double().train()
+    teacher = copy.deepcopy(teacher).double().eval()
+    matching = copy.deepcopy(matching).double()
+    inputs = inputs.detach().double()
+    input_shape = tuple(inputs.shape[1:])
+    with torch.no_grad():
+        calls = {c.path: c for c in probe_calls(student, input_shape, inputs.device, inputs.dtype)}
+    deepest = max((p.student_path for p in matching.pairs), key=lambda path: calls[path].ended)
+    del calls
+    expected = parameters_up_to(student, deepest, input_shape, inputs.device, inputs.dtype)
+    named = dict(student.named_parameters())
+    regressor = list(matching.parameters())
+
+    def term() -> Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same dropout masks for every evaluation
+            return _feature_term(matching, student, teacher, inputs)
+
+    def trained_by(value: Tensor, params: list[nn.Parameter]) -> list[bool]:
+        if not value.requires_grad:
+            return [False] * len(params)
+        grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+        return [g is not None and bool(g.abs().sum() > 0) for g in grads]
+
+    value = term()
+    student_params = [named[name] for name in expected]
+    reached = trained_by(value, student_params + regressor)
+    trained = [name for name, ok in zip(expected, reached) if ok]
+    regressor_trained = sum(reached[len(expected):])
+
+    # Along a random direction over every parameter the term depends on.
+    all_params = list(named.values()) + regressor
+    generator = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in all_params]
+    scale = torch.sqrt(sum((d * d).sum() for d in direction))
+    direction = [d / scale for d in direction]
+    grads = torch.autograd.grad(value, all_params, allow_unused=True) if value.requires_grad else [None] * len(all_params)
+    analytic = sum(((g * d).sum() for g, d in zip(grads, direction) if g is not None), torch.zeros((), dtype=torch.float64))
+    step = 1e-6
+    with torch.no_grad():
+        values = []
+        for sign in (1.0, -1.0):
+            for p, d in zip(all_params, direction):
+                p.add_(sign * step * d)
+            values.append(term().item())
+            for p, d in zip(all_params, direction):
+                p.sub_(sign * step * d)
+    finite = (values[0] - values[1]) / (2 * step)
+
+    # The mistake: the student's hook detaches its feature.
+    global student_feature
+    kept = student_feature
+    student_feature = teacher_feature
+    try:
+        detached = term()
+        detached_trained = sum(trained_by(detached, list(named.values())))
+    finally:
+        student_feature = kept
+
+    report = FeatureGradientCheck(matching.method, deepest, expected, trained, detached_trained, regressor_trained,
+                                  len(regressor), float(analytic), float(finite))
+    if jacobian_settings is not None:
+        jacobian_term = feature_jacobian_term(student, teacher, matching.pairs, inputs, jacobian_settings,
+                                              create_graph=True).mean()
+        report.jacobian_expected = len(expected)
+        report.jacobian_trained = sum(trained_by(jacobian_term, student_params))
+    return report

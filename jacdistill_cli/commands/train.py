@@ -46,12 +46,14 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     hparams["student"] = compact(cfg.student)
     hparams["dataset"] = cfg.dataset.name
     hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
+    from jacdistill_cli.features import parse_pairs
+
     hparams["features"] = OmegaConf.select(cfg, "features.name", default="none")
     if hparams["features"] != "none":
         for key, value in cfg.features.items():
             if key != "name":
                 hparams[f"features.{key}"] = value if isinstance(value, (int, float, str, bool)) else (
-                    "architecture defaults" if value is None else str(OmegaConf.to_container(value)))
+                    "architecture defaults" if value is None else str([list(p) for p in parse_pairs(value)]))
     hparams["optim"] = cfg.optim.name
     hparams["optim.lr"] = cfg.optim.lr
     hparams["trainer.epochs"] = cfg.trainer.epochs

@@ -417,6 +417,10 @@ def test_short_feature_runs_on_digits_log_loss_features(cli, tmp_path):
     result = cli("train", "-m", "features=attention,hint", "jacobian.of=logits,features", "trainer.epochs=1",
                  "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
+    from jacdistill_cli.report import build_report
+
+    report = build_report(sweep)  # the report groups runs by their feature settings
+    assert report.varying == ["features", "jacobian.of"] and len(report.groups) == 4
     for job in check_feature_runs(sweep, 4):
         payload = torch.load(job / "student.pt", weights_only=True)
         if "features=hint" in job.name:

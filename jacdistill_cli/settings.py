@@ -67,6 +67,8 @@ def validate_trainer(cfg: DictConfig) -> None:
     integer(cfg, "trainer.eval_batch_size", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "trainer.eval_every", low=1, allowed="it must be an integer >= 1")
     integer(cfg, "trainer.num_workers", low=0, allowed="it must be an integer >= 0")
+    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
+        integer(cfg, "trainer.threads", low=1, allowed="it must be null (torch's default) or an integer >= 1")
     choice(cfg, "trainer.device", DEVICES)
 
 

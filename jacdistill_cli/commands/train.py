@@ -84,6 +84,8 @@ def run(cfg: DictConfig) -> float:
 
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device)
+    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
+        torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
     run_dir = run_directory()
     log.info(f"run directory: {run_dir}")
     save_resolved_config(cfg, run_dir)

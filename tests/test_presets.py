@@ -1,0 +1,116 @@
+"""Experiment presets and recipes: composed with Hydra's compose API, their sweep grid expanded the way
+Hydra's basic sweeper does, every job validated; one slice of digits_fewshot runs through the console script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from jacdistill_cli import settings
+from jacdistill_cli.models import architecture, build_model
+from jacdistill_cli.runtime import register_resolvers
+
+register_resolvers()
+
+RECIPES = {  # recipe -> (loss, jacobian, alpha, hard_weight)
+    "ce_only": ("none", "none", 0.0, 1.0),
+    "kd": ("kl", "none", 0.0, 1.0),
+    "kd_jacobian": ("kl", "top1", 0.5, 1.0),
+}
+
+
+def grid(experiment: str) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's sweeper params."""
+    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN  # a sweep without -m
+    assert cfg.hydra.job.config.override_dirname.exclude_keys == ["experiment"]
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}"])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def compose_job(job: list[str]):
+    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
+        return compose("train", overrides=job)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipes_set_loss_jacobian_and_weights(recipe):
+    cfg = compose_job([f"recipe={recipe}"])
+    assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == RECIPES[recipe]
+    # A command-line value still wins over the recipe's.
+    assert compose_job([f"recipe={recipe}", "alpha=0.3"]).alpha == 0.3
+
+
+def one_job_per_seed_group(jobs: list[list[str]]) -> list[list[str]]:
+    """Jobs that differ in more than their seed (composing each of them is the check that matters)."""
+    first: dict[tuple, list[str]] = {}
+    for job in jobs:
+        first.setdefault(tuple(sorted(o for o in job if not o.startswith("seed="))), job)
+    return list(first.values())
+
+
+def test_digits_fewshot_is_45_valid_jobs_of_3_sizes_3_recipes_5_seeds():
+    jobs = grid("digits_fewshot")
+    assert len(jobs) == 45
+    assert {tuple(sorted(job)) for job in jobs} == {
+        tuple(sorted([f"dataset.samples_per_class={n}", f"recipe={r}", f"seed={seed}", "experiment=digits_fewshot"]))
+        for n in (1, 3, 10) for r in RECIPES for seed in range(5)}
+    for job in one_job_per_seed_group(jobs):
+        cfg = compose_job(job)
+        settings.validate_train(cfg)
+        recipe = dict(o.split("=", 1) for o in job)["recipe"]
+        assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == RECIPES[recipe]
+        assert (cfg.dataset.name, cfg.teacher.name, cfg.student.name) == ("digits", "cnn", "mlp")
+        assert cfg.dataset.samples_per_class in (1, 3, 10)
+        # The teacher sees the full training split: only the students are few-shot.
+        assert OmegaConf.select(cfg, "teacher.samples_per_class", default=None) is None
+
+
+def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
+    jobs = grid("paper_cifar100")
+    assert len(jobs) == 27 and {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
+    sizes = set()
+    for job in one_job_per_seed_group(jobs):
+        cfg = compose_job(job)
+        settings.validate_train(cfg)
+        assert (cfg.dataset.name, cfg.teacher.name, cfg.teacher.depth, cfg.student.name, cfg.student.depth) == (
+            "cifar100", "vgg", 9, "vgg", 4)
+        sizes.add(cfg.dataset.samples_per_class)
+    assert sizes == {10, 50, 500}
+    # Both networks build for CIFAR-100's 3x32x32 inputs and 100 classes.
+    for node in (cfg.teacher, cfg.student):
+        model = build_model(architecture(node), (3, 32, 32), 100).eval()
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(cli, tmp_path):
+    """One seed, one size: the three recipes, through the console script, named by what varies."""
+    sweep = tmp_path / "sweep"
+    result = cli("train", "experiment=digits_fewshot", "seed=0", "dataset.samples_per_class=1", "trainer.epochs=2",
+                 "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert names == [f"dataset.samples_per_class=1,recipe={r},seed=0,teacher.epochs=2,trainer.epochs=2"
+                     for r in sorted(RECIPES)]
+    metrics = {name.split(",")[1]: json.loads((sweep / name / "metrics.json").read_text()) for name in names}
+    # 1 sample per class: 10 training samples, one batch an epoch.
+    assert all(m["steps"] == 2 for m in metrics.values())
+    teacher_sources = {m["teacher_checkpoint"] for m in metrics.values()}
+    assert len(teacher_sources) == 1  # one teacher for the seed, trained once and reused
+
+    report = cli("report", str(sweep), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "| dataset.samples_per_class" not in report.stdout  # constant: in the header line, not a column
+    for recipe in RECIPES:
+        assert f"| {recipe} | 1 |" in report.stdout
+    assert Path(sweep / "report.png").is_file()

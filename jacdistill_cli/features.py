@@ -605,6 +605,9 @@ def feature_input_gradients(model: nn.Module, paths: list[str], inputs: Tensor, 
             found.append(where)
         gradients = []
         for index, summary in enumerate(summaries):
+            if not summary.requires_grad:  # a feature cut from the input (a detaching hook): a zero gradient
+                gradients.append(torch.zeros_like(leaf))
+                continue
             (gradient,) = torch.autograd.grad(summary.sum(), leaf, create_graph=create_graph,
                                               retain_graph=create_graph or index < len(summaries) - 1)
             gradients.append(gradient if create_graph else gradient.detach())
@@ -760,6 +763,7 @@ class FeatureGradientCheck:
     regressor_total: int
     directional_derivative: float
     finite_difference: float
+    term_value: float = 0.0
     tolerance: float = 1e-5
     jacobian_expected: int = 0     # with jacobian.of=features: the same count for the feature Jacobian term
     jacobian_trained: int = -1
@@ -775,14 +779,28 @@ class FeatureGradientCheck:
         return abs(self.directional_derivative - self.finite_difference) / scale
 
     @property
+    def finite_differences_agree(self) -> bool:
+        # Central differences with a step of 1e-6 carry a rounding error of about 1e-16 * |term| / 1e-6.
+        difference = abs(self.directional_derivative - self.finite_difference)
+        scale = max(abs(self.directional_derivative), abs(self.finite_difference))
+        return difference <= self.tolerance * scale + 1e-9 * max(1.0, abs(self.term_value))
+
+    @property
     def passed(self) -> bool:
         jacobian_ok = self.jacobian_trained < 0 or self.jacobian_trained == self.jacobian_expected
         return (bool(self.expected) and not self.untrained and self.detached_trained == 0
-                and self.regressor_trained == self.regressor_total and self.relative_error <= self.tolerance
+                and self.regressor_trained == self.regressor_total and self.finite_differences_agree
                 and jacobian_ok)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "passed": self.passed, "deepest": self.deepest,
+                "expected": self.expected, "untrained": self.untrained, "detached_trained": self.detached_trained,
+                "regressor_trained": self.regressor_trained, "regressor_total": self.regressor_total,
+                "finite_difference_error": self.relative_error, "jacobian_trained": self.jacobian_trained,
+                "jacobian_expected": self.jacobian_expected}
+
     def lines(self) -> list[str]:
-        mark = "ok" if self.passed else "FAIL"
+        mark = "ok" if self.passed else "FAILED"
         rows = [f"features={self.method}: the feature term trains {len(self.trained)}/{len(self.expected)} student "
                 f"parameters up to the deepest matched layer {self.deepest!r}"
                 + (f" and {self.regressor_trained}/{self.regressor_total} regressor parameters"
@@ -891,10 +909,33 @@ def check_feature_gradients(matching: FeatureMatching, student: nn.Module, teach
         student_feature = kept
 
     report = FeatureGradientCheck(matching.method, deepest, expected, trained, detached_trained, regressor_trained,
-                                  len(regressor), float(analytic), float(finite))
+                                  len(regressor), float(analytic), float(finite), float(value.detach()))
     if jacobian_settings is not None:
         jacobian_term = feature_jacobian_term(student, teacher, matching.pairs, inputs, jacobian_settings,
                                               create_graph=True).mean()
         report.jacobian_expected = len(expected)
         report.jacobian_trained = sum(trained_by(jacobian_term, student_params))
     return report
+
+
+def shipped_features(name: str) -> DictConfig:
+    """conf/features/<name>.yaml as shipped."""
+    from importlib.resources import files
+
+    return OmegaConf.create((files("jacdistill_cli.conf") / "features" / f"{name}.yaml").read_text())
+
+
+def feature_checks(cfg: DictConfig, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                   jacobian_settings: Any) -> list[FeatureGradientCheck]:
+    """`jacdistill check` for features: attention and hint, the configured one as configured (its
+    pairs, weight, ...) and the other with its shipped defaults; each also checks the feature
+    Jacobian term with `jacobian_settings` (normalize, squared, batchnorm). inputs [batch, *input]."""
+    configured = OmegaConf.select(cfg, "features")
+    reports = []
+    for method in ("attention", "hint"):
+        node = configured if configured is not None and configured.name == method else shipped_features(method)
+        pairs = resolve_pairs(node.pairs, teacher, student, tuple(inputs.shape[1:]), inputs.device)
+        matching = FeatureMatching(method, pairs, node.weight, bool(node.get("squared", False))).to(inputs.device)
+        reports.append(check_feature_gradients(matching, student, teacher, inputs, jacobian_settings,
+                                               seed=int(OmegaConf.select(cfg, "seed", default=0))))
+    return reports

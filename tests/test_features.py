@@ -304,7 +304,41 @@ def test_check_fails_on_a_planted_detach_in_the_hook_path(monkeypatch):
     monkeypatch.setattr(features, "student_feature", lambda output: output.detach())
     report = features.check_feature_gradients(matching, student, teacher, torch.randn(6, *SHAPE))
     assert not report.passed and report.trained == [] and report.untrained == report.expected
-    assert "FAIL" in report.lines()[0]
+    assert "FAILED" in report.lines()[0]
+
+
+def test_check_command_covers_features_and_exits_1_on_a_planted_detach(tmp_path):
+    """The real `jacdistill check` entry point, run twice in one process: as shipped (exit 0), then
+    with a detach planted in the student's hook path (exit 1, the feature rows FAILED)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import jacdistill_cli.features as features\n"
+        "from jacdistill_cli.cli import main\n"
+        "codes = []\n"
+        "for planted in (False, True):\n"
+        "    if planted:\n"
+        "        features.student_feature = lambda output: output.detach()\n"
+        "    try:\n"
+        f"        main(['check', 'methods=[top1]', 'hydra.run.dir={tmp_path}/run%d' % planted])\n"
+        "        codes.append(0)\n"
+        "    except SystemExit as exit:\n"
+        "        codes.append(exit.code)\n"
+        "print('exit codes', codes)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env={**__import__("os").environ, **ONE_THREAD}, timeout=300)
+    assert "exit codes [0, 1]" in result.stdout, result.stdout + result.stderr[-3000:]
+    shipped, planted = result.stdout.split("all checks passed")
+    assert ("features=attention: the feature term trains 2/2 student parameters up to the deepest matched layer "
+            "'2'") in shipped
+    assert "features=hint: the feature term trains 2/2 student parameters" in shipped
+    assert "a hook that detaches the student's feature: trains 0 student parameters" in shipped
+    assert "features=attention: the feature term trains 0/2 student parameters" in planted
+    assert "checks FAILED for: features=attention, features=hint" in planted
+    report = json.loads((tmp_path / "run1" / "check.json").read_text())
+    assert [f["passed"] for f in report["features"]] == [False, False]
+    assert json.loads((tmp_path / "run0" / "check.json").read_text())["passed"] is True
 
 
 # ---------------------------------------------------------------------------------------------

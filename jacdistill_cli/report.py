@@ -275,6 +275,19 @@ def x_axis(report: Report, choice: str = "auto") -> str | None:
     return numeric_keys[0] if numeric_keys else None
 
 
+def plot_lines(report: Report, metric: str, key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """{line label: [(x, mean, std), ...] sorted by x}: one line per combination of the varying keys
+    other than `key` (its label, such as `recipe=kd`), one point per group with a finished run."""
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for group in report.groups:
+        mean, std = group.mean_std(metric)
+        if mean is None:
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in group.key if k != key) or metric
+        lines.setdefault(label, []).append((float(dict(group.key)[key]), mean, std or 0.0))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
 def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "auto") -> None:
     """`metric` (mean ± std) against the x key, one line per combination of the other varying keys;
     horizontal bars per group when no numeric key varies."""
@@ -296,16 +309,8 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
         axes.set_yticks(range(len(labels)), labels, fontsize=8)
         axes.set_xlabel(metric)
     else:
-        lines: dict[str, list[tuple[float, float, float]]] = {}
-        for group in report.groups:
-            mean, std = group.mean_std(metric)
-            if mean is None:
-                continue
-            label = ", ".join(f"{k}={v}" for k, v in group.key if k != key) or metric
-            x_value = float(dict(group.key)[key])
-            lines.setdefault(label, []).append((x_value, mean, std or 0.0))
+        lines = plot_lines(report, metric, key)
         for label, points in lines.items():
-            points.sort()
             axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                           marker="o", capsize=3, label=label)
         xs = [p[0] for points in lines.values() for p in points]
@@ -316,7 +321,7 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
         axes.set_ylabel(f"{metric} (mean ± std over seeds)")
         if lines:
             axes.legend(fontsize=8)
-    axes.set_title(f"{report.directory.name or report.directory}", fontsize=9)
+    axes.set_title("/".join(report.directory.resolve().parts[-3:]), fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

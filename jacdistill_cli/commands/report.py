@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import hydra
 from omegaconf import DictConfig
@@ -10,12 +11,19 @@ from omegaconf import DictConfig
 from jacdistill_cli.errors import one_line_errors
 
 
+def hydra_quoted(text: str) -> str:
+    """`text` as a single-quoted value of Hydra's override grammar: a quote becomes \\', the backslashes
+    just before a quote or before the closing quote are doubled, `${` is kept from interpolating."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("${", "\\${") + "'"
+
+
 def translate_argv(args: list[str]) -> list[str]:
     """`jacdistill report DIR [overrides]`: a first argument that names a directory, or is no `key=value`
     override, is the directory, passed as a quoted `dir=` override (job directories hold `=` and `,`)."""
     if args and not args[0].startswith("-") and (os.path.isdir(args[0]) or "=" not in args[0]):
-        escaped = args[0].replace("\\", "\\\\").replace("'", "\\'")
-        return [f"dir='{escaped}'", *args[1:]]
+        return [f"dir={hydra_quoted(args[0])}", *args[1:]]
     return args
 
 

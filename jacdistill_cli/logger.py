@@ -38,21 +38,19 @@ class RunLogger:
         self.writer.add_custom_scalars({category: {title: ["Multiline", list(tags)] for title, tags in group.items()}
                                         for category, group in charts.items()})
 
-    def hparams_start(self, hparams: Mapping[str, HParamValue], metric_tags: list[str]) -> None:
-        """Declare this run's hyperparameters and the scalar tags that the HPARAMS tab shows as its metrics.
+    def hparams_start(self, hparams: Mapping[str, HParamValue]) -> None:
+        """Record this run's hyperparameters for TensorBoard's HPARAMS tab (a None value is left blank).
 
         Written through the run's own file writer (torch's add_hparams would open a subfolder, which
-        TensorBoard shows as a second run). The metrics are the last values of those scalar tags, so
-        every tag in `metric_tags` must also be logged with `scalars`. A None value is left out (blank).
+        TensorBoard shows as a second run), and without an experiment summary: TensorBoard then builds
+        the experiment from every run of the sweep, marks the hyperparameters that differ, and takes
+        the runs' scalars (their last values: test/accuracy, val/accuracy, ...) as the metrics.
         """
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         values = {name: (str(v).lower() if isinstance(v, bool) else v) for name, v in hparams.items()}
-        experiment, session_start, _ = hparams_summaries(values, {tag: None for tag in metric_tags})
-        _declare_missing(experiment, [name for name, v in values.items() if v is None])
-        file_writer = self.writer._get_file_writer()
-        file_writer.add_summary(experiment)
-        file_writer.add_summary(session_start)
+        _, session_start, _ = hparams_summaries(values, {})
+        self.writer._get_file_writer().add_summary(session_start)
         self._hparams_open = True
 
     def hparams_end(self, succeeded: bool) -> None:
@@ -65,20 +63,6 @@ class RunLogger:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
-
-
-def _declare_missing(experiment: Any, names: list[str]) -> None:
-    """Declare hparams whose value is None in this run as numbers, so every run declares the same set."""
-    from tensorboard.plugins.hparams.api_pb2 import DataType, HParamInfo
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
-    if not names:
-        return
-    value = experiment.value[0]
-    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    for name in names:
-        data.experiment.hparam_infos.append(HParamInfo(name=name, type=DataType.Value("DATA_TYPE_FLOAT64")))
-    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def _session_end(succeeded: bool) -> Any:

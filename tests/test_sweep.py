@@ -17,9 +17,13 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+from tensorboard.context import RequestContext
+from tensorboard.plugins.base_plugin import TBContext
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
+from tensorboard.plugins.hparams.backend_context import Context as HParamsContext
 
 from conftest import FAST, run_cli
 from jacdistill_cli.report import build_report
@@ -28,7 +32,8 @@ from jacdistill_cli.saliency import TILE, saliency_grid, saliency_image
 
 ALPHAS, SEEDS = ("0.2", "0.8"), ("0", "1")
 # Hydra's override_dirname: every override of the job, keys sorted.
-RUNS = {f"alpha={a},seed={s},teacher.epochs=2,trainer.epochs=1": (a, s) for a in ALPHAS for s in SEEDS}
+RUNS = {f"alpha={a},seed={s},teacher.epochs=2,trainer.epochs=1,trainer.threads=1": (a, s)
+        for a in ALPHAS for s in SEEDS}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def sweep(tmp_path_factory, teacher_cache) -> Path:
     """4 jobs (alpha x seed), 1 epoch each, two at a time in joblib's worker processes."""
     root = tmp_path_factory.mktemp("sweep")
     result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     f"alpha={','.join(ALPHAS)}", f"seed={','.join(SEEDS)}", *FAST,
+                     f"alpha={','.join(ALPHAS)}", f"seed={','.join(SEEDS)}", *FAST, "trainer.threads=1",
                      f"hydra.sweep.dir={root / 'sweep'}", cwd=root, env={"JACDISTILL_CACHE": str(teacher_cache)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Joblib.Parallel" in result.stdout + result.stderr  # the jobs ran through the joblib launcher
@@ -60,6 +65,24 @@ def test_tensorboard_sees_each_job_as_one_run_named_by_its_overrides(sweep):
         assert not list((sweep / name).glob("*/**/events.out.tfevents.*"))
 
 
+def test_hparams_tab_compares_the_whole_sweep(sweep):
+    """What TensorBoard's HPARAMS tab shows for the sweep directory, from its own hparams backend."""
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(sweep))
+    multiplexer.Reload()
+    backend = HParamsContext(TBContext(logdir=str(sweep), data_provider=MultiplexerDataProvider(multiplexer, str(sweep))))
+    request = RequestContext()
+    experiment = backend.experiment_from_metadata(request, "", True, backend.hparams_metadata(request, ""),
+                                                  backend.hparams_from_data_provider(request, "", limit=None))
+    differs = {info.name: info.differs for info in experiment.hparam_infos}
+    assert differs["alpha"] and differs["seed"]  # what the sweep varies
+    assert not differs["loss"] and not differs["jacobian"] and not differs["temperature"]
+    alpha = [info for info in experiment.hparam_infos if info.name == "alpha"][0]
+    assert (alpha.domain_interval.min_value, alpha.domain_interval.max_value) == (0.2, 0.8)
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert {"test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy", "loss/total"} <= metrics
+
+
 def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
     for name, (alpha, seed) in RUNS.items():
         run_dir = sweep / name
@@ -67,9 +90,8 @@ def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
-        # HParams: the experiment (hparams and metric tags), this run's values, and its status.
+        # HParams: this run's values and its status, in its own event file.
         content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-        experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
         start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
         end = hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG])
         hparams = {k: (v.number_value if v.WhichOneof("kind") == "number_value" else v.string_value)
@@ -80,14 +102,9 @@ def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
         assert hparams["jacobian.normalize"] == "true" and hparams["jacobian.batchnorm"] == "batch"
         assert hparams["teacher"].startswith("cnn(") and hparams["student"].startswith("mlp(")
         assert "samples_per_class" not in hparams  # null: the whole training split, left blank
-        declared = {info.name for info in experiment.hparam_infos}
-        assert set(hparams) | {"samples_per_class"} <= declared
         assert end.status == Status.Value("STATUS_SUCCESS")
-        # Every metric the HPARAMS tab shows is a scalar of this run; its last value is the final metric.
-        metric_tags = [m.name.tag for m in experiment.metric_infos]
-        assert {"test/accuracy", "val/accuracy", "test/agreement", "test/jacobian_cosine"} <= set(metric_tags)
-        for tag in metric_tags:
-            assert tag in scalars, tag
+        # No experiment summary of its own: TensorBoard builds the sweep's from all its runs (below).
+        assert hparams_metadata.EXPERIMENT_TAG not in content
         assert scalars["test/accuracy"][-1] == pytest.approx(metrics["test_accuracy"])
         assert scalars["val/accuracy"][-1] == pytest.approx(metrics["val_accuracy"])
         assert scalars["test/jacobian_cosine"][-1] == pytest.approx(metrics["jacobian_cosine"])
@@ -128,7 +145,7 @@ def test_report_of_the_sweep_gives_the_means_and_stds_of_its_metrics_json(sweep)
             assert float(row[f"{metric}_std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
         mean, std = float(row["test_accuracy_mean"]), float(row["test_accuracy_std"])
         assert re.search(rf"\| {row['alpha']} \| 2 \| {mean:.4f} ± {std:.4f} \|", result.stdout)
-    assert "Same in every run: teacher.epochs=2 trainer.epochs=1" in result.stdout
+    assert "Same in every run: teacher.epochs=2 trainer.epochs=1 trainer.threads=1" in result.stdout
     assert (sweep / "report.md").read_text() in result.stdout
     png = sweep / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,7 +159,8 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     (copy / "grid" / names[3] / "metrics.json").unlink()   # alpha=0.8, seed=1: killed before the end
     shutil.rmtree(copy / "grid" / names[1])                 # alpha=0.2, seed=1: never started
     # A job that really fails: the loss diverges, the run logs why and leaves no metrics.json.
-    failed = run_cli("train", "-m", "optim.lr=1e30", *FAST, f"hydra.sweep.dir={copy / 'diverged'}",
+    failed = run_cli("train", "-m", "optim.lr=1e30", *FAST, "trainer.threads=1",
+                     f"hydra.sweep.dir={copy / 'diverged'}",
                      cwd=tmp_path, env={"JACDISTILL_CACHE": str(teacher_cache)})
     assert failed.returncode != 0 and "FloatingPointError" in failed.stderr
 

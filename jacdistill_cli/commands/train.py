@@ -12,9 +12,6 @@ from jacdistill_cli.runtime import register_resolvers
 
 register_resolvers()
 
-# The scalars that TensorBoard's HPARAMS tab shows for each run (their last values).
-METRIC_TAGS = ["test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy", "val/agreement",
-               "val/jacobian_cosine", "teacher/test_accuracy"]
 # Custom-scalars layout: the loss terms in one chart (a term a run does not log is simply absent).
 CHARTS = {"loss": {"loss terms": ["^loss/distill$", "^loss/jacobian$", "^loss/total$", "^loss/hard$",
                                   "^loss/features$"]},
@@ -97,7 +94,7 @@ def run(cfg: DictConfig) -> float:
     check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
     logger = RunLogger(run_dir)
     logger.layout(CHARTS)
-    logger.hparams_start(hparams_of(cfg), METRIC_TAGS)
+    logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
     succeeded = False
     feature_matching = None
     try:

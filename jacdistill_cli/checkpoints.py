@@ -2,15 +2,19 @@
 
     {"format": "jacdistill", "version": 1, "role": "teacher" | "student",
      "architecture": {"name": ..., settings...}, "num_classes": int, "input_shape": [..],
-     "dataset": str, "normalization": {"mean": [..], "std": [..]}, "metrics": {..},
-     "state_dict": {..}}
+     "dataset": str, "dataset_config": {the resolved dataset node}, "normalization": {"mean": [..], "std": [..]},
+     "metrics": {..}, "state_dict": {..}}
 
-Loaded with `torch.load(weights_only=True)`: no arbitrary code is unpickled.
+Loaded with `torch.load(weights_only=True)`: no arbitrary code is unpickled. The dataset settings let
+`jacdistill evaluate` rebuild the same test split the model was measured on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,11 @@ from jacdistill_cli.data import DataBundle
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.models import build_model
 
+log = logging.getLogger("jacdistill")
+
 FORMAT = "jacdistill"
 VERSION = 1
+REQUIRED = ("architecture", "num_classes", "input_shape", "state_dict")
 
 
 def make_checkpoint(model: nn.Module, role: str, spec: dict[str, Any], data: DataBundle,
@@ -30,6 +37,7 @@ def make_checkpoint(model: nn.Module, role: str, spec: dict[str, Any], data: Dat
     return {
         "format": FORMAT, "version": VERSION, "role": role, "architecture": dict(spec),
         "num_classes": data.num_classes, "input_shape": list(data.input_shape), "dataset": data.name,
+        "dataset_config": dict(data.config),
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "metrics": {k: float(v) for k, v in metrics.items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -45,6 +53,22 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def unpickling_reason(path: Path, err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words."""
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsafe:
+        return (f"it would need arbitrary code to unpickle ({unsafe.group(1)}); only tensors and plain containers "
+                "are loaded (weights_only=True)")
+    with open(path, "rb") as f:
+        start = f.read(2)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol marker 0x80)
+    if not zipfile.is_zipfile(path) and not start.startswith(b"\x80"):
+        return "it is not a file written by torch.save"
+    if "Weights only load failed" in str(err):
+        return "it holds objects that weights_only=True does not load (only tensors and plain containers)"
+    return f"torch.load fails on it ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+
+
 def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     """Read a checkpoint; `key` names the setting that gave the path, for error messages."""
     path = Path(os.path.expanduser(str(path)))
@@ -53,18 +77,23 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            reason = "it would need arbitrary code to unpickle (only plain tensors and containers are loaded)"
-        raise UsageError(f"{key}={str(path)!r} is not a jacdistill checkpoint: {reason}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
-        raise UsageError(f"{key}={str(path)!r} is not a jacdistill checkpoint: it lacks the format marker "
-                         "and state_dict that `jacdistill teacher` and `jacdistill train` write")
+        raise UsageError(f"{key}={str(path)!r} is not a jacdistill checkpoint: {unpickling_reason(path, err)}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or any(k not in payload for k in REQUIRED):
+        raise UsageError(f"{key}={str(path)!r} is not a jacdistill checkpoint: it lacks the format marker, "
+                         "architecture and state_dict that `jacdistill teacher` and `jacdistill train` write")
     return payload
 
 
-def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[str, Any] | None = None) -> None:
-    """Stop with one line when a checkpoint does not fit the run's data (and architecture, if given)."""
+def describe_architecture(spec: dict[str, Any]) -> str:
+    """`resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
+    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec.get('name')}({settings})"
+
+
+def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[str, Any] | None = None,
+               group: str = "teacher") -> None:
+    """Stop with one line when a checkpoint does not fit the run's data (and architecture, if given).
+    `group` is the config group whose option would match the checkpoint, for the hint."""
     if payload["num_classes"] != data.num_classes:
         raise UsageError(f"{key} does not fit this run: the checkpoint has {payload['num_classes']} classes, "
                          f"dataset {data.name!r} has {data.num_classes}")
@@ -72,8 +101,54 @@ def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[s
         raise UsageError(f"{key} does not fit this run: the checkpoint takes inputs of shape "
                          f"{tuple(payload['input_shape'])}, dataset {data.name!r} gives {tuple(data.input_shape)}")
     if spec is not None and dict(payload["architecture"]) != dict(spec):
-        raise UsageError(f"{key} does not fit this run: the checkpoint's architecture is {payload['architecture']}, "
-                         f"the run asks for {spec} (choose the matching config group option)")
+        raise UsageError(f"{key} does not fit this run: the checkpoint is a "
+                         f"{describe_architecture(payload['architecture'])}, the run asks for a "
+                         f"{describe_architecture(spec)}; run with "
+                         f"{matching_overrides(payload['architecture'], group)}")
+    normalization = payload.get("normalization", {})
+    if payload.get("dataset") != data.name or (
+            normalization and (_rounded(normalization.get("mean")) != _rounded(data.mean)
+                               or _rounded(normalization.get("std")) != _rounded(data.std))):
+        log.warning(f"{key} was trained on dataset {payload.get('dataset')!r} with normalisation {normalization}; "
+                    f"this run uses {data.name!r} with mean {data.mean}, std {data.std}")
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 4) for v in (values or [])]
+
+
+def matching_overrides(spec: dict[str, Any], group: str) -> str:
+    """The command-line overrides that select `spec` in config group `group` (teacher/student): the
+    shipped option with the same model and the fewest differing settings, plus those settings."""
+    import yaml
+    from importlib import resources
+
+    best: tuple[int, str, list[str]] | None = None
+    folder = resources.files("jacdistill_cli.conf") / group
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        option = yaml.safe_load(entry.read_text()) or {}
+        if option.get("name") != spec.get("name"):
+            continue
+        differing = [f"{group}.{k}={_hydra_value(v)}" for k, v in spec.items()
+                     if k != "name" and option.get(k) != v]
+        differing += [f"~{group}.{k}" for k in option if k not in spec and k != "name"]
+        if best is None or len(differing) < best[0]:
+            best = (len(differing), entry.name[:-len(".yaml")], differing)
+    if best is None:
+        return f"a {group} of model {spec.get('name')!r} with settings {describe_architecture(spec)}"
+    return " ".join([f"{group}={best[1]}", *best[2]])
+
+
+def _hydra_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def model_from_checkpoint(payload: dict[str, Any], key: str) -> nn.Module:

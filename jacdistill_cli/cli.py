@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jacdistill_cli.commands.train", "distil a student from a teacher (trains and caches the teacher if needed)"),
     "teacher": ("jacdistill_cli.commands.teacher", "train a teacher with cross-entropy and save its checkpoint"),
+    "evaluate": ("jacdistill_cli.commands.evaluate", "a checkpoint on the test split: accuracy, teacher agreement, gradient cosine, noise robustness"),
     "check": ("jacdistill_cli.commands.check", "prove each Jacobian method right: reference error, gradient flow, finite differences"),
     "bench": ("jacdistill_cli.commands.bench", "time one step of each Jacobian method against plain distillation"),
     "report": ("jacdistill_cli.commands.report", "table, CSV and plot of the final metrics of the runs of a sweep: jacdistill report DIR"),

@@ -1,7 +1,9 @@
 """The teacher's lifecycle: loaded from a checkpoint, or trained with cross-entropy and cached.
 
 The cache key is a hash of everything that determines the trained teacher: the dataset settings,
-the architecture, the teacher's training settings and the seed.
+the architecture, the teacher's training settings and the seed. A teacher trained here sees the full
+training split, as a pretrained teacher would: `dataset.samples_per_class` limits the student only,
+so it is not part of the key; `teacher.samples_per_class` (when set) limits the teacher.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from jacdistill_cli.trainer import evaluate, fit
 log = logging.getLogger("jacdistill")
 
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
+# Dataset settings that do not change what a teacher trained by the runner sees.
+NOT_TEACHER_DATA = ("samples_per_class", "download")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -40,10 +44,14 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def teacher_identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that determines a trained teacher."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    training = {k: cfg.teacher[k] for k in TRAINING_KEYS}
+    if cfg.teacher.get("samples_per_class") is not None:
+        training["samples_per_class"] = cfg.teacher.samples_per_class
     return {
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "dataset": {k: v for k, v in dataset.items() if k not in NOT_TEACHER_DATA},
         "architecture": architecture(cfg.teacher),
-        "training": {k: cfg.teacher[k] for k in TRAINING_KEYS},
+        "training": training,
         "seed": cfg.seed,
         "format": 1,
     }
@@ -57,14 +65,21 @@ def cache_path(cfg: DictConfig) -> Path:
 
 def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logger: RunLogger,
                   prefix: str = "teacher/") -> tuple[nn.Module, dict[str, Any]]:
-    """Train the configured teacher with cross-entropy; returns it and its checkpoint payload."""
+    """Train the configured teacher with cross-entropy on the full training split (or on
+    `teacher.samples_per_class` per class); returns it and its checkpoint payload."""
     spec = architecture(cfg.teacher)
+    samples = cfg.teacher.get("samples_per_class")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise UsageError(f"teacher.samples_per_class={samples} is not allowed: it must be null (the full "
+                         "training split) or an integer >= 1")
+    data = data.for_teacher(samples, int(cfg.dataset.get("split_seed", cfg.seed)))
     torch.manual_seed(cfg.seed)
     model = build_model(spec, data.input_shape, data.num_classes, "teacher").to(device)
     optim = OmegaConf.create({"name": "adam", "lr": cfg.teacher.lr, "weight_decay": cfg.teacher.weight_decay,
                               "schedule": "cosine"})
     generator = torch.Generator().manual_seed(cfg.seed)
-    log.info(f"training teacher {spec} on {data.name} for {cfg.teacher.epochs} epochs")
+    log.info(f"training teacher {spec} on {data.name} ({len(data.train)} training samples) "
+             f"for {cfg.teacher.epochs} epochs")
     fit(model, None, cross_entropy_objective, data, epochs=cfg.teacher.epochs, batch_size=cfg.teacher.batch_size,
         eval_batch_size=cfg.trainer.eval_batch_size, optim=optim, device=device, logger=logger,
         generator=generator, num_workers=cfg.trainer.num_workers, prefix=prefix)
@@ -80,7 +95,7 @@ def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
     if cfg.teacher.checkpoint is not None:
         key = "teacher.checkpoint"
         payload = load_checkpoint(cfg.teacher.checkpoint, key)
-        check_fits(payload, key, data, spec)
+        check_fits(payload, key, data, spec, group="teacher")
         source, path = "checkpoint", Path(str(cfg.teacher.checkpoint)).expanduser().resolve()
     else:
         path = cache_path(cfg)

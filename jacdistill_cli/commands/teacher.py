@@ -46,7 +46,11 @@ def run(cfg: DictConfig) -> float:
     save_checkpoint(payload, path)
     write_json(run_dir / "metrics.json", payload["metrics"])
     log.info(f"teacher test accuracy {payload['metrics']['test_accuracy']:.4f}; checkpoint: {path}")
-    log.info(f"use it with: jacdistill train teacher={cfg.teacher.name} teacher.checkpoint={path}")
+    from jacdistill_cli.checkpoints import matching_overrides
+
+    dataset = "" if data.name == "digits" else f"dataset={data.name} "
+    log.info(f"use it with: jacdistill train {dataset}{matching_overrides(payload['architecture'], 'teacher')} "
+             f"teacher.checkpoint={path}")
     log.info(f"run directory: {run_dir}")
     return payload["metrics"]["val_accuracy"]
 

@@ -1,0 +1,179 @@
+"""The model zoo: every family on every input shape, twice differentiable and per-sample in eval
+mode, the published layouts, bad settings in one line, and a short `train` of each family on digits
+and on a 3x32x32 fake dataset."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from jacdistill_cli.errors import UsageError
+from jacdistill_cli.models import MODELS, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
+from run_inprocess import run_command
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 40, 48)]
+
+
+@pytest.fixture(autouse=True)
+def flush_denormals():
+    """Untrained deep networks in eval mode can carry denormal floats, which make CPU math tens of
+    times slower; flushing them to zero keeps these tests quick without changing what they check."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+# One small member of each family, for speed; the shipped sizes are built in test_shipped_options.
+SMALL = {
+    "mlp": {"name": "mlp", "hidden": [16]},
+    "cnn": {"name": "cnn", "channels": [4, 8], "hidden": 8},
+    "lenet5": {"name": "lenet5", "channels": [3, 4], "hidden": [8, 8]},
+    "vgg": {"name": "vgg", "depth": 9, "width": 0.0625},
+    "resnet_cifar": {"name": "resnet_cifar", "depth": 8, "channels": [4, 4, 8, 8]},
+    "wrn": {"name": "wrn", "depth": 10, "width": 1},
+    "torchvision": {"name": "torchvision", "arch": "squeezenet1_1"},
+}
+
+
+def test_every_registered_family_has_a_small_member_here():
+    assert set(MODELS) == set(SMALL)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_each_family_adapts_to_every_input_shape(family):
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        model = build_model(SMALL[family], shape, 7).eval()
+        with torch.no_grad():
+            logits = model(torch.randn(3, *shape))
+        assert logits.shape == (3, 7) and torch.isfinite(logits).all(), (family, shape)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_each_family_is_per_sample_in_eval_mode_and_twice_differentiable(family):
+    """One double-backward step, as Jacobian matching takes: the loss on input-gradients reaches the
+    parameters. In eval mode a sample's logits do not depend on the rest of its batch."""
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if family in ("mlp", "cnn", "lenet5") else (3, 32, 32)
+    model = build_model(SMALL[family], shape, 5).eval()
+    inputs = torch.randn(4, *shape, requires_grad=True)
+    logits = model(inputs)
+    with torch.no_grad():
+        alone = torch.cat([model(inputs[i:i + 1]) for i in range(4)])
+    assert torch.allclose(logits, alone, atol=1e-5)
+    top = logits.gather(1, logits.argmax(1, keepdim=True)).sum()  # the top-1 logit, as jacobian=top1 takes
+    grads, = torch.autograd.grad(top, inputs, create_graph=True)
+    grads.pow(2).sum().backward()
+    reached = [p.grad for p in model.parameters() if p.grad is not None]
+    assert reached and all(torch.isfinite(g).all() for g in reached)
+    assert sum(g.abs().sum() for g in reached) > 0
+
+
+def test_torchvision_models_take_small_grayscale_inputs_and_lose_in_place_activations():
+    model = build_model({"name": "torchvision", "arch": "mnasnet0_5"}, (1, 8, 8), 10, "teacher")
+    assert model.image_size == (32, 32)
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    assert build_model({"name": "torchvision", "arch": "mnasnet0_5"}, (3, 40, 48), 10).image_size is None
+    assert build_model({"name": "torchvision", "arch": "mnasnet0_5", "image_size": 64}, (3, 32, 32), 10).image_size == (64, 64)
+
+
+def test_hard_activations_are_replaced_by_equal_twice_differentiable_ones():
+    """torch has no double backward for hard-sigmoid/hard-swish (MobileNetV3); the replacements agree
+    with them and have one."""
+    model = build_model({"name": "torchvision", "arch": "mobilenet_v3_small"}, (3, 32, 32), 10)
+    assert not any(isinstance(m, (nn.Hardswish, nn.Hardsigmoid)) for m in model.modules())
+    assert any(isinstance(m, Hardswish) for m in model.modules())
+    x = torch.linspace(-5, 5, 101, dtype=torch.float64, requires_grad=True)
+    for ours, theirs in ((Hardswish(), nn.Hardswish()), (Hardsigmoid(), nn.Hardsigmoid())):
+        assert torch.allclose(ours(x), theirs(x))
+        grad, = torch.autograd.grad(ours(x).sum(), x, create_graph=True)
+        reference, = torch.autograd.grad(theirs(x).sum(), x)
+        assert torch.allclose(grad, reference)
+        second, = torch.autograd.grad(grad.pow(2).sum(), x)
+        assert torch.isfinite(second).all()
+
+
+def layers(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_vgg_depth_counts_weight_layers_as_in_the_paper():
+    for depth, layout in VGG_LAYOUTS.items():
+        model = build_model({"name": "vgg", "depth": depth, "width": 0.0625}, (3, 32, 32), 100)
+        assert layers(model, nn.Conv2d) + layers(model, nn.Linear) == depth
+        assert layers(model, nn.Conv2d) == sum(item != "M" for item in layout)
+    # VGG-9 (teacher): 8 convolutions with 5 pools on 32x32; on 8x8 inputs the pools that would go below 1x1 are skipped
+    assert layers(build_model({"name": "vgg", "depth": 9}, (3, 32, 32), 10), nn.MaxPool2d) == 5
+    assert layers(build_model({"name": "vgg", "depth": 9}, (1, 8, 8), 10), nn.MaxPool2d) == 3
+
+
+def shipped(group: str) -> dict[str, dict]:
+    folder = importlib.resources.files("jacdistill_cli.conf") / group
+    return {entry.name[:-5]: yaml.safe_load(entry.read_text()) for entry in folder.iterdir()
+            if entry.name.endswith(".yaml")}
+
+
+# Parameter counts on CIFAR-100 as published with the CRD/mdistiller code (millions).
+PUBLISHED = {"resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23,
+             "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_2": 2.25}
+
+
+def test_shipped_options_build_on_cifar100_with_the_published_sizes():
+    options = {**shipped("teacher"), **shipped("student")}
+    for name in ("vgg9", "vgg4", "resnet32x4", "resnet8x4", "wrn_40_2", "wrn_16_2", "lenet5", "torchvision"):
+        assert name in options
+    for name, spec in options.items():
+        model = build_model(spec, (3, 32, 32), 100)
+        if name in PUBLISHED:
+            assert count_parameters(model) / 1e6 == pytest.approx(PUBLISHED[name], abs=0.006), name
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "vgg", "depth": 7}, r"student.depth=7 is not allowed: it must be one of 4, 6, 9, 11, 14, 17"),
+    ({"name": "resnet_cifar", "depth": 21}, r"student.depth=21 is not allowed: it must be 6n\+2"),
+    ({"name": "wrn", "depth": 16, "width": 0}, r"student.width=0 is not allowed: it must be an integer >= 1"),
+    ({"name": "lenet5", "activation": "gelu"}, r"student.activation='gelu' is not allowed: it must be relu or tanh"),
+    ({"name": "torchvision", "arch": "resnet7"}, r"student.arch='resnet7' is not allowed: it must name a "
+                                                 r"classification model of torchvision.models"),
+    ({"name": "vgg", "layers": 3}, r"student.layers is not a setting of model 'vgg'; its settings are: depth, width"),
+])
+def test_bad_model_settings_are_one_line(spec, message):
+    with pytest.raises(UsageError, match=message):
+        build_model(spec, (3, 32, 32), 10, "student")
+
+
+# A tiny member of each family as student, by config overrides; the teacher is the default cnn
+# (trained once per dataset and cached for the whole session).
+FAMILY_OVERRIDES = {
+    "mlp": ["student=mlp", "student.hidden=[16]"],
+    "cnn": ["student=cnn", "student.channels=[4,8]", "student.hidden=8"],
+    "lenet5": ["student=lenet5"],
+    "vgg": ["student=vgg4", "student.width=0.125"],
+    "resnet_cifar": ["student=resnet8x4", "student.channels=[4,4,8,8]"],
+    "wrn": ["student=wrn_16_2", "student.depth=10", "student.width=1"],
+    "torchvision": ["student=torchvision", "student.arch=squeezenet1_1"],
+}
+DATASETS = {
+    "digits": ["dataset.samples_per_class=2", "dataset.val_fraction=0.05", "dataset.test_fraction=0.05"],
+    "fake": ["dataset=fake", "dataset.num_classes=4", "dataset.train_size=8", "dataset.val_size=8",
+             "dataset.test_size=8"],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+def test_a_short_train_runs_for_each_family(tmp_path, family, dataset):
+    overrides = ["trainer.epochs=1", "teacher.epochs=2", "trainer.device=cpu", *DATASETS[dataset],
+                 *FAMILY_OVERRIDES[family]]
+    run_command("train", overrides, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["epochs"] == 1
+    for key in ("test_accuracy", "agreement", "jacobian_cosine", "val_accuracy"):
+        assert 0 <= metrics[key] <= 1 or key == "jacobian_cosine" and -1 <= metrics[key] <= 1
+    checkpoint = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert checkpoint["architecture"]["name"] == SMALL[family]["name"]
+    assert checkpoint["input_shape"] == ([1, 8, 8] if dataset == "digits" else [3, 32, 32])

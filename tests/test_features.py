@@ -415,6 +415,35 @@ def test_feature_settings_compose_and_reach_the_hparams():
     assert hparams["features.pairs"] == "[['2', '2']]" and hparams["jacobian.of"] == "features"
 
 
+ACTIVATION_RECIPES = {  # recipe -> (loss, jacobian, jacobian.of, features, alpha, hard_weight)
+    "activations_ce": ("none", "none", None, "attention", 0.0, 1.0),
+    "activations_jacobian_ce": ("none", "top1", "features", "attention", 0.5, 1.0),
+    "activations_only": ("kl", "none", None, "attention", 0.0, 0.0),
+    "activations_jacobian": ("kl", "top1", "features", "attention", 0.5, 0.0),
+}
+
+
+def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
+    from jacdistill_cli import settings
+    from jacdistill_cli.models import architecture
+
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["experiment=paper_cifar100"], return_hydra_config=True)
+    rows = str(sweep.hydra.sweeper.params.recipe).split(",")
+    assert set(ACTIVATION_RECIPES) <= set(rows) and "ce_only" in rows
+    for recipe, expected in ACTIVATION_RECIPES.items():
+        cfg = compose_train("experiment=paper_cifar100", f"recipe={recipe}", "dataset.samples_per_class=10")
+        settings.validate_train(cfg)
+        assert (cfg.loss.name, cfg.jacobian.name, OmegaConf.select(cfg, "jacobian.of"), cfg.features.name,
+                cfg.alpha, cfg.hard_weight) == expected, recipe
+    # The VGG-9 -> VGG-4 pair matches attention maps at the end of each of the student's stages.
+    teacher = build_model(architecture(cfg.teacher), (3, 32, 32), 100)
+    student = build_model(architecture(cfg.student), (3, 32, 32), 100)
+    pairs = features.resolve_pairs(cfg.features.pairs, teacher, student, (3, 32, 32))
+    assert [(p.teacher_path, p.student_path, p.student_shape[1:]) for p in pairs] == [
+        ("2", "2", (32, 32)), ("6", "6", (16, 16)), ("13", "10", (8, 8)), ("20", "11", (4, 4))]
+
+
 # ---------------------------------------------------------------------------------------------
 # The console script
 

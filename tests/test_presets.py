@@ -78,7 +78,7 @@ def test_digits_fewshot_is_45_valid_jobs_of_3_sizes_3_recipes_5_seeds():
 
 def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
     jobs = grid("paper_cifar100")
-    assert len(jobs) == 27 and {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
+    assert len(jobs) == 63 and {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
     sizes = set()
     for job in one_job_per_seed_group(jobs):
         cfg = compose_job(job)

@@ -1,23 +1,48 @@
 """Per-sample input-gradients of a classifier, as small pure functions.
 
-Every function here takes `logits` of shape [batch, classes] that were computed from `inputs`
-(a leaf tensor with requires_grad=True, shape [batch, *input]) and returns per-sample
+Most functions here take `logits` of shape [batch, classes] that were computed from `inputs`
+(a leaf tensor with requires_grad=True, shape [batch, *input]) and return per-sample
 input-gradients. `create_graph=True` keeps the result inside the autograd graph, so a loss built
 from it trains the parameters (the student's side); `create_graph=False` returns a constant (the
-frozen teacher's side). The result is per-sample only when no layer couples the samples of the
-batch: see `batchnorm_statistics` for BatchNorm in train mode.
+frozen teacher's side). `retain_graph=True` alone is not enough: the result is then a constant
+and a loss built from it trains nothing.
+
+The result is per-sample only when no layer couples the samples of the batch: BatchNorm in train
+mode does, and `per_sample_batchnorm` makes the forward pass per-sample again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import itertools
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+# How `exact` (and `projected` with several projections) runs its backward passes.
 EXACT_STRATEGIES = ("auto", "loop", "batched", "func")
+BATCHNORM_MODES = ("batch", "running", "coupled")
+
+
+def vector_jacobian_products(logits: Tensor, inputs: Tensor, vectors: Tensor, create_graph: bool,
+                             strategy: str = "loop") -> Tensor:
+    """v_k[b]^T J[b] for each of K vectors per sample.
+
+    logits [batch, classes], inputs [batch, *input], vectors [K, batch, classes] -> [K, batch, *input].
+    `loop` runs K backward passes; `batched` runs them as one vectorised backward pass
+    (`is_grads_batched`). Both give the same numbers; which is faster depends on the device and
+    the layers (see `resolve_strategy`).
+    """
+    if vectors.shape[0] == 1 or strategy == "loop":
+        rows = [torch.autograd.grad(logits, inputs, grad_outputs=v, create_graph=create_graph, retain_graph=True)[0]
+                for v in vectors]
+        return torch.stack(rows)
+    if strategy == "batched":
+        (grads,) = torch.autograd.grad(logits, inputs, grad_outputs=vectors, is_grads_batched=True,
+                                       create_graph=create_graph, retain_graph=True)
+        return grads
+    raise ValueError(f"vector_jacobian_products: strategy must be 'loop' or 'batched', got {strategy!r}")
 
 
 def class_gradients(logits: Tensor, inputs: Tensor, classes: Tensor, create_graph: bool) -> Tensor:
@@ -25,102 +50,193 @@ def class_gradients(logits: Tensor, inputs: Tensor, classes: Tensor, create_grap
 
     logits [batch, classes], inputs [batch, *input], classes [batch] (long) -> [batch, *input].
     """
-    selected = logits.gather(1, classes.view(-1, 1)).sum()
-    (grads,) = torch.autograd.grad(selected, inputs, create_graph=create_graph, retain_graph=True)
-    return grads
+    return vector_jacobian_products(logits, inputs, one_hot_vectors(classes, logits), create_graph)[0]
 
 
-def vector_jacobian_products(logits: Tensor, inputs: Tensor, vectors: Tensor, create_graph: bool) -> Tensor:
-    """v_k[b]^T J[b] for each of K vectors per sample, in one batched backward pass.
-
-    logits [batch, classes], inputs [batch, *input], vectors [K, batch, classes] -> [K, batch, *input].
-    """
-    (grads,) = torch.autograd.grad(
-        logits, inputs, grad_outputs=vectors, is_grads_batched=True,
-        create_graph=create_graph, retain_graph=True,
-    )
-    return grads
+def one_hot_vectors(classes: Tensor, logits: Tensor) -> Tensor:
+    """classes [batch] (long) -> one-hot vectors [1, batch, classes] in the dtype of logits."""
+    vectors = torch.zeros(1, *logits.shape, dtype=logits.dtype, device=logits.device)
+    return vectors.scatter_(2, classes.view(1, -1, 1), 1.0)
 
 
-def full_jacobian(logits: Tensor, inputs: Tensor, create_graph: bool, strategy: str = "batched") -> Tensor:
+def basis_vectors(logits: Tensor) -> Tensor:
+    """The standard basis of the output space, for every sample: [classes, batch, classes]."""
+    batch, classes = logits.shape
+    eye = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+    return eye.unsqueeze(1).expand(classes, batch, classes)
+
+
+def full_jacobian(logits: Tensor, inputs: Tensor, create_graph: bool, strategy: str = "loop") -> Tensor:
     """The whole per-sample Jacobian d logits[b, c] / d inputs[b].
 
     logits [batch, classes], inputs [batch, *input] -> [batch, classes, *input].
-    `loop` runs one backward pass per class; `batched` runs them all as one vectorised backward
-    (`is_grads_batched`). Both give the same numbers.
     """
-    num_classes = logits.shape[1]
-    if strategy == "loop":
-        rows = [
-            torch.autograd.grad(logits[:, c].sum(), inputs, create_graph=create_graph, retain_graph=True)[0]
-            for c in range(num_classes)
-        ]
-        return torch.stack(rows, dim=1)
-    if strategy == "batched":
-        eye = torch.eye(num_classes, dtype=logits.dtype, device=logits.device)
-        basis = eye.unsqueeze(1).expand(num_classes, logits.shape[0], num_classes)
-        return vector_jacobian_products(logits, inputs, basis, create_graph).movedim(0, 1)
-    raise ValueError(f"full_jacobian: strategy must be 'loop' or 'batched', got {strategy!r}")
+    return vector_jacobian_products(logits, inputs, basis_vectors(logits), create_graph, strategy).movedim(0, 1)
 
 
-def func_jacobian(model: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits and per-sample Jacobians from `torch.func.vmap(jacrev(model))`, in one traced pass.
+def func_jacobian(forward: Callable[[Tensor], Tensor], inputs: Tensor) -> Tensor:
+    """Per-sample Jacobians by `torch.func.vmap(torch.func.jacrev(forward))`.
 
-    inputs [batch, *input] -> (logits [batch, classes], jacobian [batch, classes, *input]).
-    The parameters are used as they are, so the result stays differentiable with respect to them
-    by ordinary autograd. BatchNorm must not be in train mode (vmap sees one sample at a time).
+    inputs [batch, *input] -> [batch, classes, *input]. `forward` maps [n, *input] to [n, classes]
+    and must treat samples independently (no train-mode BatchNorm computing its own statistics).
+    Parameters are used as they are, so the result stays differentiable with respect to them by
+    ordinary autograd.
     """
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
 
-    def single(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = torch.func.functional_call(model, (params, buffers), (x.unsqueeze(0),)).squeeze(0)
-        return out, out
+    def single(x: Tensor) -> Tensor:
+        return forward(x.unsqueeze(0)).squeeze(0)
 
-    jac, logits = torch.func.vmap(torch.func.jacrev(single, has_aux=True))(inputs)
-    return logits, jac
+    return torch.func.vmap(torch.func.jacrev(single))(inputs)
+
+
+def has_convolution(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def resolve_strategy(requested: str, model: nn.Module, device: torch.device) -> str:
+    """The backward strategy for one network: `requested` unless it is `auto`.
+
+    `auto` is a fixed rule, so that the same config gives the same numbers: on a GPU one
+    vectorised backward pass (`batched`: one launch instead of one per class); on a CPU
+    `batched` as well for networks without convolutions (batched matrix products are
+    efficient), but `loop` for convolutional ones, whose vectorised backward passes run as slow
+    grouped convolutions on a CPU. `jacdistill bench` measures the rule against the fixed strategies.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cpu" and has_convolution(model):
+        return "loop"
+    return "batched"
 
 
 def matching_distance(student: Tensor, teacher: Tensor, normalize: bool, squared: bool) -> Tensor:
     """Per-sample distance between student and teacher gradients, flattened after the batch dim.
 
-    student, teacher [batch, ...] -> [batch]. With `normalize`, each sample's flattened gradient is
-    divided by its l2 norm (a zero norm gives a zero vector, never NaN). `squared` gives the
-    squared l2 distance; otherwise the plain l2 distance, whose gradient at a zero distance is 0.
+    student, teacher [batch, ...] -> [batch]. With `normalize`, each sample's flattened gradient
+    is divided by its l2 norm; a zero gradient has no direction and stays zero, with a zero
+    gradient (finite, never NaN). `squared` gives the squared l2 distance; otherwise the plain l2
+    distance, whose gradient at a zero distance is 0.
     """
     s = student.reshape(student.shape[0], -1)
     t = teacher.reshape(teacher.shape[0], -1)
     if normalize:
-        s = F.normalize(s, dim=1)
-        t = F.normalize(t, dim=1)
+        s = unit_rows(s)
+        t = unit_rows(t)
     squared_distance = (s - t).pow(2).sum(dim=1)
     if squared:
         return squared_distance
-    # sqrt has an infinite derivative at 0; where the distance is 0 its gradient is 0 instead.
-    positive = squared_distance > 0
-    safe = torch.where(positive, squared_distance, torch.ones_like(squared_distance))
-    return torch.where(positive, safe.sqrt(), torch.zeros_like(squared_distance))
+    return safe_sqrt(squared_distance)
+
+
+def unit_rows(rows: Tensor) -> Tensor:
+    """rows [n, d] divided by their l2 norms; zero rows stay zero and pass no gradient."""
+    norms = rows.norm(dim=1, keepdim=True)
+    nonzero = norms > 0
+    # The division must not see a zero even where its result is discarded, or its NaN gradient leaks.
+    safe = torch.where(nonzero, norms, torch.ones_like(norms))
+    return torch.where(nonzero, rows / safe, torch.zeros_like(rows))
+
+
+def safe_sqrt(values: Tensor) -> Tensor:
+    """sqrt with gradient 0 instead of infinity at 0."""
+    positive = values > 0
+    safe = torch.where(positive, values, torch.ones_like(values))
+    return torch.where(positive, safe.sqrt(), torch.zeros_like(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm in train mode
+# ---------------------------------------------------------------------------------------------
+
+def training_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 def has_training_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    return bool(training_batchnorms(model))
+
+
+def _channel_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+BatchStatistics = dict[nn.Module, list[tuple[Tensor, Tensor]]]
 
 
 @contextlib.contextmanager
-def batchnorm_statistics(model: nn.Module, mode: str) -> Iterator[None]:
+def recorded_batchnorm_statistics(model: nn.Module) -> Iterator[BatchStatistics]:
+    """Record, for each train-mode BatchNorm, the mean and (biased) variance of the batch it
+    normalises, in call order. They are the statistics BatchNorm uses, and they stay
+    differentiable with respect to the parameters of the layers before it.
+
+    Yields {module: [(mean [channels], variance [channels]), ...]}, filled by forward passes run
+    inside the context. The module's own forward (and its running statistics) is unchanged.
+    """
+    statistics: BatchStatistics = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        variance, mean = torch.var_mean(x, dim=_channel_dims(x), unbiased=False)
+        statistics.setdefault(module, []).append((mean, variance))
+
+    handles = [m.register_forward_pre_hook(record) for m in training_batchnorms(model)]
+    try:
+        yield statistics
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _held_forward(module: nn.modules.batchnorm._BatchNorm, recorded: list[tuple[Tensor, Tensor]]):
+    # A module called k times per forward pass recorded k statistics; every forward pass run
+    # inside the context (the Jacobian pass, torch.func's trace) uses them in the same order.
+    calls = itertools.cycle(recorded)
+
+    def forward(x: Tensor) -> Tensor:
+        mean, variance = next(calls)
+        scale = torch.rsqrt(variance + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        shift = -mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+    return forward
+
+
+def running_batchnorm_statistics(model: nn.Module) -> BatchStatistics:
+    """A copy of the running mean and variance of each train-mode BatchNorm, taken now: for
+    `per_sample_batchnorm(mode='running')` after a train-mode pass has updated them."""
+    statistics: BatchStatistics = {}
+    for m in training_batchnorms(model):
+        if m.running_mean is None or m.running_var is None:
+            raise ValueError(f"{type(m).__name__} keeps no running statistics (track_running_stats=False)")
+        statistics[m] = [(m.running_mean.detach().clone(), m.running_var.detach().clone())]
+    return statistics
+
+
+@contextlib.contextmanager
+def per_sample_batchnorm(model: nn.Module, mode: str, statistics: BatchStatistics | None = None) -> Iterator[None]:
     """Make the model's forward pass a per-sample function while BatchNorm is in train mode.
 
-    `batch`: normalise with the current batch's mean and variance held as constants, so outputs
-    equal the train-mode forward pass but sample i's Jacobian does not depend on the others.
-    `running`: normalise with the running statistics (as in eval mode).
-    `coupled`: leave BatchNorm as it is (the Jacobian then mixes samples of the batch).
+    `batch`: normalise with the batch statistics recorded by `recorded_batchnorm_statistics`
+    during the train-mode forward pass of the same batch: the outputs equal the train-mode ones,
+    but sample i's Jacobian does not depend on the other samples (the statistics are constants
+    with respect to the inputs, and still functions of the parameters).
+    `running`: normalise with running statistics, as in eval mode: the ones given (see
+    `running_batchnorm_statistics`), else the current ones.
+    `coupled`: leave BatchNorm as it is (the Jacobian then mixes the samples of the batch).
     Running statistics are never updated inside this context.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = training_batchnorms(model)
     if mode == "coupled" or not norms:
         yield
         return
-    if mode == "running":
+    if mode not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm mode must be one of {', '.join(BATCHNORM_MODES)}, got {mode!r}")
+    if mode == "running" and statistics is None:
         for m in norms:
             m.eval()
         try:
@@ -129,20 +245,12 @@ def batchnorm_statistics(model: nn.Module, mode: str) -> Iterator[None]:
             for m in norms:
                 m.train()
         return
-    if mode != "batch":
-        raise ValueError(f"batchnorm mode must be batch, running or coupled, got {mode!r}")
-
-    def held_forward(module: nn.modules.batchnorm._BatchNorm):
-        def forward(x: Tensor) -> Tensor:
-            dims = [0] + list(range(2, x.dim()))
-            with torch.no_grad():
-                mean = x.mean(dim=dims)
-                var = x.var(dim=dims, unbiased=False)
-            return F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
-        return forward
-
+    missing = [m for m in norms if m not in (statistics or {})]
+    if missing:
+        raise ValueError("per_sample_batchnorm(mode='batch') needs the statistics recorded by a train-mode "
+                         f"forward pass of the same batch; none for {type(missing[0]).__name__}")
     for m in norms:
-        m.forward = held_forward(m)
+        m.forward = _held_forward(m, statistics[m])
     try:
         yield
     finally:

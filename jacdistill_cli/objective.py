@@ -7,14 +7,17 @@ The trainer logs whatever terms come back; it knows nothing about particular los
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacdistill_cli.jacobian import batchnorm_statistics, has_training_batchnorm
-from jacdistill_cli.methods import METHODS, Passes
+from jacdistill_cli.errors import UsageError
+from jacdistill_cli.jacobian import (has_training_batchnorm, per_sample_batchnorm, recorded_batchnorm_statistics,
+                                     resolve_strategy, running_batchnorm_statistics)
+from jacdistill_cli.methods import METHODS, Matched, Passes, method_term
 
 
 def kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -44,6 +47,14 @@ DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 }
 
 
+def running_statistics(student: nn.Module):
+    try:
+        return running_batchnorm_statistics(student)
+    except ValueError as err:
+        raise UsageError(f"jacobian.batchnorm='running' is not allowed for this student: {err}; "
+                         "use jacobian.batchnorm=batch") from None
+
+
 class Objective:
     """Calling it on (student, teacher, inputs, labels) returns (student logits, terms).
 
@@ -59,34 +70,57 @@ class Objective:
         self.hard_weight = float(hard_weight)
         self.settings = jacobian
         self.method = METHODS[jacobian.name]
+        self.batchnorm = jacobian.get("batchnorm", "batch")
+        self.strategy = jacobian.get("strategy", "auto")
         self.generator = generator
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.method.name == "noise":
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels)
+        return logits, terms
+
+    def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+        """As calling it, plus the gradients the Jacobian term matched (None for methods without)."""
+        if self.method.perturbs_inputs:
             inputs, labels = self.perturb(inputs, labels)
-        needs_gradients = self.method.uses_gradients
-        teacher_inputs = inputs.detach().requires_grad_(needs_gradients)
-        with torch.set_grad_enabled(needs_gradients):
+        uses_gradients = self.method.uses_gradients
+        teacher_inputs = inputs.detach().requires_grad_(uses_gradients)
+        with torch.set_grad_enabled(uses_gradients):
             teacher_logits = teacher(teacher_inputs)
 
-        student_inputs = inputs.detach().requires_grad_(needs_gradients)
-        logits = student(student_inputs)
+        # BatchNorm in train mode couples the samples of a batch, so (unless `coupled`) the
+        # Jacobian comes from a second, per-sample forward pass; the first one, for the other
+        # terms, then needs no input-gradient.
+        separate = uses_gradients and self.batchnorm != "coupled" and has_training_batchnorm(student)
+        student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
+        statistics = None
+        if separate and self.batchnorm == "running":
+            # Taken before this step's pass updates them, so the term depends on the parameters
+            # only through the network itself.
+            statistics = running_statistics(student)
+        recording = (recorded_batchnorm_statistics(student) if separate and self.batchnorm == "batch"
+                     else contextlib.nullcontext(statistics))
+        with recording as statistics:
+            logits = student(student_inputs)
         terms = {"distill": self.distill(logits, teacher_logits.detach(), self.temperature)}
 
-        if needs_gradients:
-            # The Jacobian needs a per-sample function; BatchNorm in train mode couples samples,
-            # so the student is run once more with its batch statistics held (or as configured).
-            if has_training_batchnorm(student) and self.settings.batchnorm != "coupled":
-                jacobian_inputs = inputs.detach().requires_grad_(True)
-                with batchnorm_statistics(student, self.settings.batchnorm):
+        matched = None
+        if uses_gradients:
+            with per_sample_batchnorm(student, self.batchnorm if separate else "coupled", statistics):
+                if separate:
+                    jacobian_inputs = inputs.detach().requires_grad_(True)
                     jacobian_logits = student(jacobian_inputs)
-            else:
-                jacobian_inputs, jacobian_logits = student_inputs, logits
-            passes = Passes(jacobian_logits, jacobian_inputs, teacher_logits, teacher_inputs, labels,
-                            self.settings, create_graph=self.alpha > 0, generator=self.generator)
-            terms["jacobian"] = self.method.term(passes).mean()
-        elif self.method.name == "noise":
+                else:
+                    jacobian_inputs, jacobian_logits = student_inputs, logits
+                passes = Passes(jacobian_logits, jacobian_inputs, teacher_logits, teacher_inputs, labels,
+                                self.settings, create_graph=self.alpha > 0, generator=self.generator,
+                                student_strategy=self.resolve(student, inputs.device, separate),
+                                teacher_strategy=self.resolve(teacher, inputs.device, True),
+                                student_forward=student, teacher_forward=teacher)
+                per_sample, matched = method_term(self.method, passes)
+            terms["jacobian"] = per_sample.mean()
+        elif self.method.perturbs_inputs:
             # On perturbed inputs, E||S(x+e) - T(x+e)||^2 = ||S(x) - T(x)||^2 + sigma^2 ||J_S - J_T||_F^2 + O(sigma^4).
             terms["jacobian"] = (logits - teacher_logits.detach()).pow(2).sum(dim=1).mean()
         else:
@@ -97,7 +131,16 @@ class Objective:
             terms["hard"] = F.cross_entropy(logits, labels)
             total = total + self.hard_weight * terms["hard"]
         terms["total"] = total
-        return logits, terms
+        return logits, terms, matched
+
+    def resolve(self, model: nn.Module, device: torch.device, per_sample: bool) -> str:
+        """The backward strategy for one network; `func` needs a per-sample forward pass."""
+        strategy = resolve_strategy(self.strategy, model, device)
+        if strategy == "func" and not per_sample and has_training_batchnorm(model):
+            raise UsageError("jacobian.strategy='func' is not allowed with jacobian.batchnorm='coupled' and a "
+                             "student with BatchNorm: torch.func sees one sample at a time; use "
+                             "jacobian.batchnorm=batch or running, or another strategy")
+        return strategy
 
     def perturb(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """`samples` Gaussian-perturbed copies of the batch: [samples * batch, *input]."""

@@ -1,0 +1,173 @@
+"""`jacdistill check`: prove each Jacobian method right on the configured networks and data.
+
+Prints one row per method and one line on the common mistake; writes check.json in the run
+directory; exit status 1 when any check fails (see jacdistill_cli.verify for what is checked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
+from jacdistill_cli.runtime import register_resolvers
+
+register_resolvers()
+
+
+def selected_methods(cfg: DictConfig) -> list[str]:
+    from jacdistill_cli.verify import checkable_methods
+
+    available = checkable_methods()
+    raw = cfg.methods
+    if raw == "all":
+        return available
+    names = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_list(raw) else raw
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or any(n not in available for n in names):
+        raise setting_error("methods", raw, f"it must be all or a list of {', '.join(available)}")
+    return list(dict.fromkeys(names))
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    from jacdistill_cli import settings
+
+    settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0")
+    settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
+    settings.choice(cfg, "device", settings.DEVICES)
+    settings.validate_jacobian(cfg)
+    from jacdistill_cli.features import validate_features
+
+    validate_features(cfg)
+    return selected_methods(cfg)
+
+
+def shipped_jacobian(name: str) -> DictConfig:
+    """conf/jacobian/<name>.yaml as shipped."""
+    from importlib.resources import files
+
+    path = files("jacdistill_cli.conf") / "jacobian" / f"{name}.yaml"
+    if not path.is_file():
+        return OmegaConf.create({"name": name})
+    return OmegaConf.create(path.read_text())
+
+
+def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
+    """(student in train mode, frozen teacher, where the teacher comes from)."""
+    import torch
+
+    from jacdistill_cli.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.models import architecture, build_model
+    from jacdistill_cli.teacher import freeze
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student").to(device)
+    student.train()
+    if cfg.teacher.checkpoint is not None:
+        payload = load_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
+        check_fits(payload, "teacher.checkpoint", data, architecture(cfg.teacher))
+        teacher = model_from_checkpoint(payload, "teacher.checkpoint")
+        source = f"checkpoint {cfg.teacher.checkpoint}"
+    else:
+        teacher = build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher")
+        source = f"freshly initialised (seed {cfg.seed})"
+    return student, freeze(teacher.to(device)), source
+
+
+def format_report(reports, mistake: tuple[int, int]) -> str:
+    def error(value) -> str:
+        return "-" if value is None else f"{value:.1e}"
+
+    header = ("method", "jacobian error (student / teacher)", "parameters with gradient",
+              "finite differences", "result")
+    rows = []
+    for r in reports:
+        depends = len(r.dependent)
+        untouched = len(r.parameters) - depends
+        receiving = len([n for n in r.receiving if n in r.dependent])
+        gradient = f"{receiving} of {depends}" + (f" (+{untouched} without effect)" if untouched else "")
+        rows.append((r.method, f"{error(r.jacobian_error_student)} / {error(r.jacobian_error_teacher)}",
+                     gradient, f"{r.fd_error:.1e}", "ok" if r.passed else "FAILED"))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    without_effect: dict[tuple[str, ...], list[str]] = {}
+    for r in reports:
+        without = tuple(n for n in r.parameters if n not in r.dependent)
+        if without:
+            without_effect.setdefault(without, []).append(r.method)
+    for without, names in without_effect.items():
+        out.append(f"without effect on the term of {', '.join(names)}: {', '.join(without)} (finite differences "
+                   "are 0 there; a ReLU network's input-gradients do not depend on such biases)")
+    for r in reports:
+        for failure in r.failures:
+            out.append(f"{r.method}: FAILED: {failure}")
+    out.append(f"the common mistake, the student's gradient taken with retain_graph=True instead of "
+               f"create_graph=True: {mistake[0]} of {mistake[1]} student parameters receive a gradient")
+    return "\n".join(out)
+
+
+@one_line_errors("check")
+def run(cfg: DictConfig) -> int:
+    """Returns the number of methods that failed."""
+    methods = validate(cfg)
+
+    import logging
+
+    import torch
+
+    from jacdistill_cli.data import batches, build_data
+    from jacdistill_cli.models import architecture
+    from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.verify import check_method, method_settings, retain_graph_mistake
+
+    log = logging.getLogger("jacdistill")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device='cuda' is not allowed: torch sees no CUDA GPU on this machine; use device=auto or cpu")
+    device = select_device(cfg.device)
+    run_dir = run_directory()
+    save_resolved_config(cfg, run_dir)
+    seed_everything(cfg.seed)
+    data = build_data(cfg.dataset).to(device)
+    student, teacher, source = networks(cfg, data, device)
+    inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),
+                                       device)))
+    print(f"jacdistill check: student {architecture(cfg.student)} (train mode), teacher {architecture(cfg.teacher)} "
+          f"({source}), {data.name}: {len(labels)} samples, float64, {device}")
+
+    reports = []
+    for name in methods:
+        settings = method_settings(name, cfg.jacobian, shipped_jacobian)
+        reports.append(check_method(settings, student, teacher, inputs, labels, cfg.seed))
+        log.debug(f"checked {name}")
+    configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
+    mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))
+    print(format_report(reports, mistake))
+    from jacdistill_cli.features import feature_checks
+
+    # Features captured by hooks: attention and hint, each with the Jacobian of its features.
+    feature_reports = feature_checks(cfg, student, teacher, inputs, configured)
+    for feature_report in feature_reports:
+        print("\n".join(feature_report.lines()))
+    failed = [r.method for r in reports if not r.passed] + [f"features={r.method}" for r in feature_reports
+                                                             if not r.passed]
+    print("all checks passed" if not failed else f"checks FAILED for: {', '.join(failed)}")
+    write_json(run_dir / "check.json", {
+        "passed": not failed, "device": str(device), "dataset": data.name, "samples": len(labels),
+        "student": architecture(cfg.student), "teacher": architecture(cfg.teacher), "teacher_source": source,
+        "methods": [r.as_dict() for r in reports],
+        "retain_graph_mistake": {"receiving": mistake[0], "parameters": mistake[1]},
+        "features": [r.as_dict() for r in feature_reports],
+    })
+    log.info(f"run directory: {run_dir}")
+    if failed:
+        raise SystemExit(1)
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="pkg://jacdistill_cli.conf", config_name="check")
+def main(cfg: DictConfig) -> int:
+    return run(cfg)

@@ -1,0 +1,314 @@
+"""The proofs behind `jacdistill check`: each Jacobian method against independent references.
+
+For one method, on one small batch, in float64:
+
+- jacobian error: the student's and the teacher's matched input-gradients against
+  `torch.func.jacrev`, per sample, of the function the method documents (for BatchNorm in train
+  mode: `batch` is the network normalising with this batch's statistics, built here by copying
+  the network and setting its running statistics to them; `running` the network in eval mode
+  after the train-mode forward pass of the step; `coupled` the whole batch as one function);
+- gradient flow: which student parameters receive a non-zero gradient from the term, against
+  which ones the term depends on, by central finite differences along a random direction in
+  each parameter tensor (a ReLU network's input-gradients do not depend on its biases except
+  through BatchNorm statistics, so not every parameter can receive one);
+- finite differences: d(term)/d(parameters) along one random direction in all parameters.
+
+Every term is evaluated as training evaluates it, through `objective.Objective` (alpha = 1,
+no distillation term), with BatchNorm buffers and random draws restored before each evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from jacdistill_cli.jacobian import matching_distance, one_hot_vectors, training_batchnorms
+from jacdistill_cli.methods import METHODS, Matched
+from jacdistill_cli.objective import Objective
+
+JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float64
+FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth
+FD_STEP = 1e-6
+FD_TRIES = 3                   # a step that crosses a ReLU kink is redrawn
+
+
+@dataclass
+class MethodReport:
+    method: str
+    settings: dict[str, Any]
+    jacobian_error_student: float | None = None   # None for methods without input-gradients
+    jacobian_error_teacher: float | None = None
+    parameters: list[str] = field(default_factory=list)   # the student's parameter tensors
+    receiving: list[str] = field(default_factory=list)    # non-zero gradient from the term
+    dependent: list[str] = field(default_factory=list)    # the term changes with them (finite differences)
+    parameter_fd_error: float = 0.0      # worst relative disagreement over the parameter tensors
+    fd_error: float = 0.0                # along one random direction in all parameters
+    fd_analytic: float = 0.0
+    fd_numeric: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "settings": self.settings, "passed": self.passed, "failures": self.failures,
+            "jacobian_error_student": self.jacobian_error_student,
+            "jacobian_error_teacher": self.jacobian_error_teacher,
+            "parameters": len(self.parameters), "receiving": self.receiving, "dependent": self.dependent,
+            "without_effect": [n for n in self.parameters if n not in self.dependent],
+            "parameter_fd_error": self.parameter_fd_error, "fd_error": self.fd_error,
+            "fd_analytic": self.fd_analytic, "fd_numeric": self.fd_numeric,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The term as a function of the student's parameters
+# ---------------------------------------------------------------------------------------------
+
+class TermFunction:
+    """The method's term (loss/jacobian) on a fixed batch, as training computes it, evaluated
+    any number of times with the same BatchNorm buffers and the same random draws."""
+
+    def __init__(self, settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 seed: int):
+        self.student, self.teacher, self.inputs, self.labels, self.seed = student, teacher, inputs, labels, seed
+        self.generator = torch.Generator(device=inputs.device)
+        self.objective = Objective("none", 1.0, 1.0, 0.0, settings, self.generator)
+        self.buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
+
+    def restore(self) -> None:
+        """BatchNorm buffers as they were before the first evaluation."""
+        with torch.no_grad():
+            for name, b in self.student.named_buffers():
+                b.copy_(self.buffers[name])
+
+    def __call__(self) -> tuple[Tensor, Matched | None]:
+        self.restore()
+        self.generator.manual_seed(self.seed)
+        _, terms, matched = self.objective.evaluate(self.student, self.teacher, self.inputs, self.labels)
+        return terms["jacobian"], matched
+
+    def value(self) -> float:
+        with torch.enable_grad():
+            return float(self()[0].detach())
+
+
+def analytic_gradients(term: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """d term / d params, zeros where the graph does not reach a parameter (or does not exist)."""
+    if not term.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def central_difference(term: TermFunction, params: list[nn.Parameter], directions: list[Tensor],
+                       step: float) -> float:
+    originals = [p.detach().clone() for p in params]
+
+    def at(scale: float) -> float:
+        with torch.no_grad():
+            for p, original, d in zip(params, originals, directions):
+                p.copy_(original + scale * d)
+        return term.value()
+
+    try:
+        return (at(step) - at(-step)) / (2 * step)
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, originals):
+                p.copy_(original)
+
+
+def random_directions(params: list[nn.Parameter], generator: torch.Generator) -> list[Tensor]:
+    """One Gaussian direction over all of `params`, of unit total norm."""
+    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    norm = torch.sqrt(sum(d.pow(2).sum() for d in directions))
+    return [d / norm for d in directions]
+
+
+def directional_check(term: TermFunction, params: list[nn.Parameter], gradients: list[Tensor],
+                      generator: torch.Generator, scale: float) -> tuple[float, float, float]:
+    """(analytic, numeric, relative error) of the derivative along a random direction.
+
+    The term of a ReLU network jumps where an activation pattern changes; a step that crosses
+    such a kink shows as central differences that disagree between two step sizes, and the
+    direction is redrawn.
+    """
+    atol = 1e-8 * max(1.0, scale)
+    for _ in range(FD_TRIES):
+        directions = random_directions(params, generator)
+        analytic = float(sum((g * d).sum() for g, d in zip(gradients, directions)))
+        numeric = central_difference(term, params, directions, FD_STEP)
+        half = central_difference(term, params, directions, FD_STEP / 2)
+        if abs(numeric - half) <= 1e-4 * max(abs(numeric), abs(half)) + atol:
+            break
+    error = abs(analytic - numeric) / (max(abs(analytic), abs(numeric)) + atol)
+    return analytic, numeric, error
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references for the Jacobians
+# ---------------------------------------------------------------------------------------------
+
+def per_sample_reference(model: nn.Module, inputs: Tensor, batchnorm: str) -> nn.Module | None:
+    """A copy of `model` in eval mode that computes, sample by sample, the function the methods
+    document for `batchnorm`; None for `coupled` with train-mode BatchNorm (not per-sample)."""
+    norms = training_batchnorms(model)
+    reference = copy.deepcopy(model)
+    if not norms:
+        return reference
+    if batchnorm == "coupled":
+        return None
+    copies = training_batchnorms(reference)
+    if batchnorm == "batch":
+        seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+        def keep(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            dims = [0, *range(2, x.dim())]
+            seen[module] = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+
+        handles = [m.register_forward_pre_hook(keep) for m in copies]
+        with torch.no_grad():
+            reference(inputs)
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for m in copies:
+                m.running_mean.copy_(seen[m][0])
+                m.running_var.copy_(seen[m][1])
+    # running: the running statistics as they were before the step's train-mode pass
+    return reference.eval()
+
+
+def reference_gradients(model: nn.Module, inputs: Tensor, vectors: Tensor, batchnorm: str) -> Tensor:
+    """sum_c vectors[k, b, c] d model(x)[b, c] / d x by torch.func.jacrev, in the dtype of inputs.
+
+    inputs [batch, *input], vectors [K, batch, classes] -> [K, batch, *input]. Per sample where
+    the documented function is per-sample; for `coupled` BatchNorm the Jacobian of the whole
+    batch, so that sample b's row mixes in the other samples' outputs as training does.
+    """
+    reference = per_sample_reference(model, inputs, batchnorm)
+    if reference is not None:
+        rows = [torch.func.jacrev(lambda x: reference(x.unsqueeze(0)).squeeze(0))(inputs[b])
+                for b in range(inputs.shape[0])]
+        jacobian = torch.stack(rows)   # [batch, classes, *input]
+        return torch.einsum("kbc,bc...->kb...", vectors, jacobian)
+    coupled = copy.deepcopy(model)
+    for m in training_batchnorms(coupled):
+        # Batch statistics without updating running ones, which torch.func would refuse.
+        m.track_running_stats = False
+        m.running_mean = m.running_var = m.num_batches_tracked = None
+    jacobian = torch.func.jacrev(coupled)(inputs)   # [batch, classes, batch, *input]
+    return torch.einsum("kbc,bcn...->kn...", vectors, jacobian)
+
+
+def relative_error(value: Tensor, reference: Tensor) -> float:
+    reference = reference.detach()
+    scale = reference.abs().max().clamp_min(1e-300)
+    return float((value.detach() - reference).abs().max() / scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# One method
+# ---------------------------------------------------------------------------------------------
+
+def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 seed: int) -> MethodReport:
+    """All checks of one method (its `jacobian` settings) on float64 copies of the networks."""
+    from omegaconf import OmegaConf
+
+    student = copy.deepcopy(student).double()
+    teacher = copy.deepcopy(teacher).double()
+    inputs = inputs.double()
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    report = MethodReport(str(settings.name), OmegaConf.to_container(settings, resolve=True)
+                          if OmegaConf.is_config(settings) else dict(settings), parameters=names)
+    term = TermFunction(settings, student, teacher, inputs, labels, seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    value, matched = term()
+    # Before the buffers are restored: BatchNorm's backward checks they were not modified.
+    gradients = analytic_gradients(value, params)
+    term.restore()
+    if matched is not None:
+        batchnorm = str(settings.get("batchnorm", "batch"))
+        expected_student = reference_gradients(student, inputs, matched.vectors.detach(), batchnorm)
+        expected_teacher = reference_gradients(teacher, inputs, matched.vectors.detach(), batchnorm)
+        report.jacobian_error_student = relative_error(matched.student, expected_student)
+        report.jacobian_error_teacher = relative_error(matched.teacher, expected_teacher)
+        if report.jacobian_error_student > JACOBIAN_TOLERANCE:
+            report.failures.append(f"student Jacobian differs from torch.func.jacrev by "
+                                   f"{report.jacobian_error_student:.1e} (relative)")
+        if report.jacobian_error_teacher > JACOBIAN_TOLERANCE:
+            report.failures.append(f"teacher Jacobian differs from torch.func.jacrev by "
+                                   f"{report.jacobian_error_teacher:.1e} (relative)")
+        if matched.teacher.requires_grad:
+            report.failures.append("the teacher's gradients are not constants (they carry a graph)")
+
+    scale = abs(float(value.detach()))
+    report.receiving = [n for n, g in zip(names, gradients) if bool(g.ne(0).any())]
+
+    worst = 0.0
+    for name, p, g in zip(names, params, gradients):
+        analytic, numeric, error = directional_check(term, [p], [g], generator, scale)
+        if abs(numeric) > 1e-8 * max(1.0, scale):
+            report.dependent.append(name)
+        worst = max(worst, error)
+        if error > FD_RELATIVE_TOLERANCE:
+            report.failures.append(f"d(term)/d({name}) is {analytic:.6g} by autograd but {numeric:.6g} by "
+                                   "finite differences")
+    report.parameter_fd_error = worst
+    missing = [n for n in report.dependent if n not in report.receiving]
+    if missing:
+        report.failures.append(f"{len(missing)} parameter(s) the term depends on receive no gradient: "
+                               f"{', '.join(missing)}")
+    if not report.dependent:
+        report.failures.append("the term depends on no student parameter")
+
+    report.fd_analytic, report.fd_numeric, report.fd_error = directional_check(term, params, gradients, generator,
+                                                                                scale)
+    if report.fd_error > FD_RELATIVE_TOLERANCE:
+        report.failures.append(f"along a random direction, autograd gives {report.fd_analytic:.6g} and finite "
+                               f"differences {report.fd_numeric:.6g}")
+    return report
+
+
+def retain_graph_mistake(student: nn.Module, teacher: nn.Module, inputs: Tensor, normalize: bool = True,
+                         squared: bool = True) -> tuple[int, int]:
+    """The common mistake: the student's input-gradient taken with retain_graph=True (no
+    create_graph), then forced to require grad. Returns (parameters receiving a non-zero
+    gradient from the resulting term, parameters)."""
+    student = copy.deepcopy(student).double()
+    teacher = copy.deepcopy(teacher).double()
+    x_student = inputs.double().detach().requires_grad_(True)
+    x_teacher = inputs.double().detach().requires_grad_(True)
+    teacher_logits = teacher(x_teacher)
+    student_logits = student(x_student)
+    vectors = one_hot_vectors(teacher_logits.detach().argmax(dim=1), teacher_logits)[0]
+    (teacher_grads,) = torch.autograd.grad(teacher_logits, x_teacher, grad_outputs=vectors)
+    (student_grads,) = torch.autograd.grad(student_logits, x_student, grad_outputs=vectors, retain_graph=True)
+    student_grads.requires_grad_(True)   # what the question does to make backward() run
+    term = matching_distance(student_grads, teacher_grads, normalize, squared).mean()
+    params = [p for p in student.parameters() if p.requires_grad]
+    gradients = analytic_gradients(term, params)
+    return sum(bool(g.ne(0).any()) for g in gradients), len(params)
+
+
+def method_settings(name: str, configured: Any, load: Callable[[str], Any]) -> Any:
+    """The configured `jacobian` node when it is this method, else the method's shipped defaults."""
+    if configured is not None and configured.get("name") == name:
+        return configured
+    return load(name)
+
+
+def checkable_methods() -> list[str]:
+    return [name for name, method in METHODS.items() if method.uses_gradients or method.perturbs_inputs]

@@ -120,8 +120,6 @@ def read_run(run_dir: Path, root: Path) -> Run:
 def run_directories(root: Path) -> list[Path]:
     """Directories at or below `root` holding a train job (`.hydra/overrides.yaml`, job name train)."""
     found = [p.parent.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"]
-    if (root / ".hydra" / "overrides.yaml").is_file() and root not in found:
-        found.append(root)
     return sorted((d for d in found if job_name(d) in (None, "train")), key=lambda d: d.as_posix())
 
 
@@ -153,7 +151,7 @@ def collect(directory: Path) -> list[Run]:
     root = Path(directory)
     dirs = run_directories(root)
     runs = [read_run(d, root) for d in dirs]
-    sweeps = sorted({p.parent for p in root.rglob("multirun.yaml")} | ({root} if (root / "multirun.yaml").is_file() else set()))
+    sweeps = sorted({p.parent for p in root.rglob("multirun.yaml")})  # rglob includes root's own
     for sweep in sweeps:
         jobs = expected_jobs(sweep)
         if jobs is None:

@@ -77,7 +77,8 @@ def saliency_grid(inputs: Tensor, teacher_grads: Tensor, student_grads: Tensor, 
 
 
 def saliency_image(student: nn.Module, teacher: nn.Module, inputs: Tensor) -> Tensor:
-    """[3, 3 * (TILE + 2) + 2, n * (TILE + 2) + 2]: inputs, teacher saliency, student saliency for the teacher's top classes."""
+    """The grid of saliency_grid, [3, 3 * (TILE + 2) + 2, n * (TILE + 2) + 2], for inputs [n, *input]:
+    both networks' input-gradients of the teacher's top class for each input."""
     with torch.no_grad():
         top = teacher(inputs).argmax(1)
     return saliency_grid(inputs, input_gradients(teacher, inputs, top), input_gradients(student, inputs, top))

@@ -539,10 +539,11 @@ class FeatureMatching(nn.Module):
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
 
-def split_features(capture: FeatureCapture, count: int, role: str = "") -> tuple[list[Tensor], list[Tensor]]:
+def split_features(capture: FeatureCapture, count: int) -> tuple[list[Tensor], list[Tensor]]:
+    """(the first `count` records, the rest): the student's and the teacher's features."""
     missing = [i for i, f in enumerate(capture.features) if f is None]
     if missing:
-        model, path, _ = capture.targets[missing[0]]
+        _, path, _ = capture.targets[missing[0]]
         raise RuntimeError(f"feature {path!r} was not computed: the module did not run in the forward pass")
     return capture.features[:count], capture.features[count:]
 
@@ -863,7 +864,7 @@ def check_feature_gradients(matching: FeatureMatching, student: nn.Module, teach
     regressor = list(matching.parameters())
 
     def term() -> Tensor:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
             torch.manual_seed(seed)  # the same dropout masks for every evaluation
             return _feature_term(matching, student, teacher, inputs)
 

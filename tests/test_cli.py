@@ -83,9 +83,13 @@ def test_configs_load_from_a_built_wheel(tmp_path):
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
                                 str(wheel)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr
+    # The checkout's editable install must not answer for the wheel: drop its import hooks.
     code = (
-        "import jacdistill_cli, sys\n"
-        f"assert jacdistill_cli.__file__.startswith({str(target)!r}), jacdistill_cli.__file__\n"
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]\n"
+        "import jacdistill_cli, jacdistill_cli.commands.train\n"
+        f"assert jacdistill_cli.commands.train.__file__.startswith({str(target)!r}), jacdistill_cli.commands.train.__file__\n"
         "from hydra import compose, initialize_config_module\n"
         "with initialize_config_module(config_module='jacdistill_cli.conf', version_base='1.3'):\n"
         "    cfg = compose(config_name='train', overrides=['jacobian=exact'])\n"

@@ -130,11 +130,11 @@ def matching_distance(student: Tensor, teacher: Tensor, normalize: bool, squared
 
 def unit_rows(rows: Tensor) -> Tensor:
     """rows [n, d] divided by their l2 norms; zero rows stay zero and pass no gradient."""
-    norms = rows.norm(dim=1, keepdim=True)
-    nonzero = norms > 0
-    # The division must not see a zero even where its result is discarded, or its NaN gradient leaks.
-    safe = torch.where(nonzero, norms, torch.ones_like(norms))
-    return torch.where(nonzero, rows / safe, torch.zeros_like(rows))
+    norms = rows.norm(dim=1, keepdim=True)   # its gradient at a zero row is 0, not NaN
+    # 1/norm where the norm is positive, else 0; the division never sees a zero, so no NaN
+    # gradient can leak from a discarded branch.
+    inverse = (norms > 0).to(rows.dtype) / norms.clamp_min(torch.finfo(rows.dtype).tiny)
+    return rows * inverse
 
 
 def safe_sqrt(values: Tensor) -> Tensor:
@@ -255,4 +255,151 @@ def per_sample_batchnorm(model: nn.Module, mode: str, statistics: BatchStatistic
         yield
     finally:
         for m in norms:
+            del m.forward
+
+
+# One forward pass for both: train-mode BatchNorm whose statistics are constants for input-gradients.
+
+_statistics_closed = 0   # > 0 inside `statistics_closed()`; global, as a backward pass may run on another thread
+
+
+class _GatedBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm (PyTorch's fused kernels) whose backward has two modes.
+
+    Ordinarily its backward is nn.BatchNorm's: the statistics are functions of the batch.
+    Inside `statistics_closed()` it returns the input-gradient of the per-sample function that
+    holds the batch statistics constant, grad * weight / std, with std recomputed differentiably
+    from the saved input: the input-gradients are per-sample, and a loss built from them still
+    sees the statistics as the functions of the parameters they are.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, module: nn.Module,
+                momentum: float) -> Tensor:
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, module.running_mean, module.running_var,
+                                                    True, momentum, module.eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = module.eps
+        ctx.scale = None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if _statistics_closed:
+            if ctx.scale is None or ctx.scale_graph != torch.is_grad_enabled():
+                # Computed once per forward pass, shared by every input-gradient taken from it.
+                variance, _ = torch.var_mean(x, dim=_channel_dims(x), unbiased=False)
+                scale = torch.rsqrt(variance + ctx.eps)
+                if weight is not None:
+                    scale = scale * weight
+                ctx.scale, ctx.scale_graph = scale.view([1, -1] + [1] * (x.dim() - 2)), torch.is_grad_enabled()
+            return grad * ctx.scale, None, None, None, None
+        needs = ctx.needs_input_grad
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+@contextlib.contextmanager
+def statistics_closed() -> Iterator[None]:
+    """Input-gradients taken inside see gated BatchNorm statistics as constants."""
+    global _statistics_closed
+    _statistics_closed += 1
+    try:
+        yield
+    finally:
+        _statistics_closed -= 1
+
+
+def _gated_forward(module: nn.modules.batchnorm._BatchNorm):
+    def forward(x: Tensor) -> Tensor:
+        module._check_input_dim(x)
+        momentum = 0.0 if module.momentum is None else module.momentum
+        if module.track_running_stats and module.num_batches_tracked is not None:
+            module.num_batches_tracked.add_(1)
+            if module.momentum is None:   # a cumulative moving average, as nn.BatchNorm does
+                momentum = 1.0 / float(module.num_batches_tracked)
+        return _GatedBatchNorm.apply(x, module.weight, module.bias, module, momentum)
+
+    return forward
+
+
+class _ReLU(torch.autograd.Function):
+    """ReLU whose backward multiplies by a constant mask. Autograd's own backward also
+    differentiates the mask by the activation, a derivative that is zero everywhere it exists,
+    so differentiating an input-gradient twice would fill and add tensors of zeros."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out.detach(), 0)
+
+
+class _MaxPool2d(torch.autograd.Function):
+    """2-d max pooling whose backward routes by constant indices (as `_ReLU`, no derivative of
+    the routing by the input, which is zero where it exists)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(x, indices)
+        ctx.settings = (kernel, stride, padding, dilation, ceil_mode)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, indices = ctx.saved_tensors
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x.detach(), *ctx.settings, indices)
+        return grad_x, None, None, None, None, None
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
+def _relu_forward(module: nn.ReLU):
+    return lambda x: _ReLU.apply(x)
+
+
+def _max_pool_forward(module: nn.MaxPool2d):
+    kernel = _pair(module.kernel_size)
+    stride = _pair(module.stride if module.stride is not None else module.kernel_size)
+    settings = (kernel, stride, _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))
+    return lambda x: _MaxPool2d.apply(x, *settings)
+
+
+@contextlib.contextmanager
+def jacobian_forward(model: nn.Module, gate_batchnorm: bool) -> Iterator[None]:
+    """A forward pass of the student prepared for input-gradients that are differentiated again.
+
+    nn.ReLU and nn.MaxPool2d modules compute the same values and gradients with backward passes
+    that are cheaper to differentiate (see `_ReLU`). With `gate_batchnorm`, train-mode
+    BatchNorm layers become `_GatedBatchNorm`: a forward pass inside gives the train-mode outputs
+    and updates the running statistics as usual; its input-gradients taken inside
+    `statistics_closed()` are the per-sample ones of `per_sample_batchnorm(mode='batch')`, and
+    every other backward pass is the ordinary one. One forward pass then serves the
+    distillation term and the Jacobian term.
+    """
+    swapped = []
+    for m in model.modules():
+        if type(m) is nn.ReLU:
+            m.forward = _relu_forward(m)
+        elif type(m) is nn.MaxPool2d and not m.return_indices:
+            m.forward = _max_pool_forward(m)
+        elif gate_batchnorm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.forward = _gated_forward(m)
+        else:
+            continue
+        swapped.append(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
             del m.forward

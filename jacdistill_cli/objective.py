@@ -8,15 +8,16 @@ The trainer logs whatever terms come back; it knows nothing about particular los
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import (has_training_batchnorm, per_sample_batchnorm, recorded_batchnorm_statistics,
-                                     resolve_strategy, running_batchnorm_statistics)
+from jacdistill_cli.jacobian import (has_training_batchnorm, jacobian_forward, per_sample_batchnorm,
+                                     recorded_batchnorm_statistics, resolve_strategy, running_batchnorm_statistics,
+                                     statistics_closed)
 from jacdistill_cli.methods import METHODS, Matched, Passes, method_term
 
 
@@ -89,34 +90,31 @@ class Objective:
         with torch.set_grad_enabled(uses_gradients):
             teacher_logits = teacher(teacher_inputs)
 
-        # BatchNorm in train mode couples the samples of a batch, so (unless `coupled`) the
-        # Jacobian comes from a second, per-sample forward pass; the first one, for the other
-        # terms, then needs no input-gradient.
-        separate = uses_gradients and self.batchnorm != "coupled" and has_training_batchnorm(student)
+        # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
+        # statistics are closed to the input-gradients (jacobian_forward). `running`, and the
+        # `func` strategy: a second, per-sample forward pass for the Jacobian, so the first one
+        # needs no input-gradient. `coupled`: BatchNorm as it is.
+        mode = self.batchnorm if uses_gradients and has_training_batchnorm(student) else "coupled"
+        student_strategy = self.resolve(student, inputs.device, mode) if uses_gradients else None
+        separate = mode == "running" or (mode == "batch" and student_strategy == "func")
         student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
-        statistics = None
-        if separate and self.batchnorm == "running":
-            # Taken before this step's pass updates them, so the term depends on the parameters
-            # only through the network itself.
-            statistics = running_statistics(student)
-        recording = (recorded_batchnorm_statistics(student) if separate and self.batchnorm == "batch"
-                     else contextlib.nullcontext(statistics))
-        with recording as statistics:
+        with self.first_pass(student, uses_gradients, mode, separate, student_strategy) as statistics:
             logits = student(student_inputs)
         terms = {"distill": self.distill(logits, teacher_logits.detach(), self.temperature)}
 
         matched = None
         if uses_gradients:
-            with per_sample_batchnorm(student, self.batchnorm if separate else "coupled", statistics):
+            with per_sample_batchnorm(student, mode if separate else "coupled", statistics), statistics_closed():
                 if separate:
                     jacobian_inputs = inputs.detach().requires_grad_(True)
-                    jacobian_logits = student(jacobian_inputs)
+                    with self.prepared(student, student_strategy, gate_batchnorm=False):
+                        jacobian_logits = student(jacobian_inputs)
                 else:
                     jacobian_inputs, jacobian_logits = student_inputs, logits
                 passes = Passes(jacobian_logits, jacobian_inputs, teacher_logits, teacher_inputs, labels,
                                 self.settings, create_graph=self.alpha > 0, generator=self.generator,
-                                student_strategy=self.resolve(student, inputs.device, separate),
-                                teacher_strategy=self.resolve(teacher, inputs.device, True),
+                                student_strategy=student_strategy,
+                                teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
                                 student_forward=student, teacher_forward=teacher)
                 per_sample, matched = method_term(self.method, passes)
             terms["jacobian"] = per_sample.mean()
@@ -133,10 +131,33 @@ class Objective:
         terms["total"] = total
         return logits, terms, matched
 
-    def resolve(self, model: nn.Module, device: torch.device, per_sample: bool) -> str:
+    @contextlib.contextmanager
+    def first_pass(self, student: nn.Module, uses_gradients: bool, mode: str, separate: bool,
+                   strategy: str | None) -> Iterator[Any]:
+        """Context of the student's train-mode pass; yields the BatchNorm statistics a separate
+        per-sample pass will use (None without one)."""
+        if not uses_gradients:
+            yield None
+        elif separate and mode == "running":
+            # Taken before this pass updates them, so that the term depends on the parameters
+            # only through the network itself.
+            yield running_statistics(student)
+        elif separate:
+            with recorded_batchnorm_statistics(student) as statistics:
+                yield statistics
+        else:
+            with self.prepared(student, strategy, gate_batchnorm=mode == "batch"):
+                yield None
+
+    @staticmethod
+    def prepared(student: nn.Module, strategy: str | None, gate_batchnorm: bool):
+        """jacobian_forward, except for `func`: torch.func cannot trace its autograd.Functions."""
+        return contextlib.nullcontext() if strategy == "func" else jacobian_forward(student, gate_batchnorm)
+
+    def resolve(self, model: nn.Module, device: torch.device, batchnorm: str) -> str:
         """The backward strategy for one network; `func` needs a per-sample forward pass."""
         strategy = resolve_strategy(self.strategy, model, device)
-        if strategy == "func" and not per_sample and has_training_batchnorm(model):
+        if strategy == "func" and batchnorm == "coupled" and has_training_batchnorm(model):
             raise UsageError("jacobian.strategy='func' is not allowed with jacobian.batchnorm='coupled' and a "
                              "student with BatchNorm: torch.func sees one sample at a time; use "
                              "jacobian.batchnorm=batch or running, or another strategy")

@@ -166,6 +166,9 @@ def build_data(cfg: DictConfig) -> DataBundle:
         raise UsageError(f"dataset.name={name!r} is not allowed: it must be one of {', '.join(DATASETS)}")
     bundle = DATASETS[name](cfg)
     bundle.config = OmegaConf.to_container(cfg, resolve=True)
+    if bundle.config.get("root") is not None:
+        # stored in checkpoints: `jacdistill evaluate` finds the files from any working directory
+        bundle.config["root"] = str(data_root(cfg))
     samples = cfg.get("samples_per_class")
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -325,7 +328,7 @@ def fake(cfg: DictConfig) -> DataBundle:
 # ---------------------------------------------------------------- files on disk (torchvision's loaders)
 
 def data_root(cfg: DictConfig) -> Path:
-    return Path(os.path.expanduser(str(cfg.root)))
+    return Path(os.path.expanduser(str(cfg.root))).resolve()
 
 
 def download_flag(cfg: DictConfig) -> bool:
@@ -336,7 +339,8 @@ def download_flag(cfg: DictConfig) -> bool:
 
 
 def failed_download(name: str, root: Path, err: Exception, how: str) -> UsageError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
     return UsageError(f"dataset {name}: could not download into {root} ({reason}); {how}")
 
 

@@ -83,6 +83,12 @@ class Objective:
     def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
         """As calling it, plus the gradients the Jacobian term matched (None for methods without)."""
+        # Input-gradients need autograd even where the caller has turned it off (an evaluation).
+        with torch.set_grad_enabled(self.method.uses_gradients or torch.is_grad_enabled()):
+            return self._evaluate(student, teacher, inputs, labels)
+
+    def _evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
         if self.method.perturbs_inputs:
             inputs, labels = self.perturb(inputs, labels)
         uses_gradients = self.method.uses_gradients

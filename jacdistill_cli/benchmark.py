@@ -1,0 +1,275 @@
+"""Timing one optimisation step of each Jacobian method, for `jacdistill bench`.
+
+Every candidate is one full step on the same batch: zero_grad, the objective (teacher and student
+forward passes, every term), backward, SGD step. Each candidate has its own copy of the student
+and its own optimizer. Steps are timed in rounds, every round running each candidate once (in a
+rotating order, so that a burst of load from other processes hits them alike), and each
+candidate's time is the median over rounds.
+
+The naive reference is the question's code made to work: a Python loop over classes with
+`create_graph=True` for the teacher and the student alike, each gradient copied into a zeros
+buffer, each Jacobian divided by its norm, the plain l2 distance, and the distillation loss on
+the teacher's logits as they come (not detached).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from jacdistill_cli.objective import Objective, kl
+
+
+def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:
+    """The question's get_jacobian with create_graph=True: [batch, classes * input]."""
+    batch_size, output_dim = output.shape
+    input_dim = x[0].numel()
+    jacobian = torch.zeros(batch_size, output_dim, input_dim, device=x.device, dtype=x.dtype)
+    for i in range(output_dim):
+        (grad_input,) = torch.autograd.grad(output[:, i], x, grad_outputs=torch.ones_like(output[:, i]),
+                                            create_graph=True)
+        jacobian[:, i, :] = grad_input.view(batch_size, input_dim)
+    return jacobian.view(batch_size, -1)
+
+
+def naive_loss(student: nn.Module, teacher: nn.Module, x: Tensor, alpha: float, temperature: float) -> Tensor:
+    """The question's jacobian_loss with the full Jacobian (KL distillation, no hard targets)."""
+    inputs = x.detach().requires_grad_(True)
+    scores = student(inputs)
+    targets = teacher(inputs)
+    t_jac = naive_jacobian(targets, inputs)
+    s_jac = naive_jacobian(scores, inputs)
+    s_jac = torch.div(s_jac, torch.norm(s_jac, 2, dim=-1).unsqueeze(1))
+    t_jac = torch.div(t_jac, torch.norm(t_jac, 2, dim=-1).unsqueeze(1))
+    jacobian_loss = torch.norm(t_jac - s_jac, 2, dim=1).mean()
+    distill_loss = kl(scores, targets, temperature)
+    return (1 - alpha) * distill_loss + alpha * jacobian_loss
+
+
+@dataclass
+class Candidate:
+    name: str                       # the row's label
+    kind: str                       # kd | method | exact | naive
+    step: Callable[[], None]
+    method: str | None = None
+    strategy: str | None = None     # exact: the strategy asked for
+    resolved: str | None = None     # exact: what it runs (auto's choice)
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+
+def optimiser_step(student: nn.Module, loss_of: Callable[[], Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of().backward()
+        optimizer.step()
+
+    return step
+
+
+def objective_step(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, settings: Any,
+                   alpha: float, temperature: float, seed: int) -> Callable[[], None]:
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    objective = Objective("kl", temperature, alpha, 0.0, settings, generator)
+    return optimiser_step(student, lambda: objective(student, teacher, x, y)[1]["total"])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(candidates: list[Candidate], warmup: int, repeats: int, budget_seconds: float,
+                device: torch.device, min_repeats: int = 3) -> None:
+    """Fill each candidate's `times`. After `min_repeats`, a candidate whose steps have used
+    `budget_seconds` is not repeated further (the slow strategies at many classes)."""
+    for candidate in candidates:
+        for _ in range(warmup):
+            candidate.step()
+    synchronize(device)
+    for index in range(repeats):
+        order = candidates[index % len(candidates):] + candidates[:index % len(candidates)]
+        for candidate in order:
+            if len(candidate.times) >= min_repeats and sum(candidate.times) >= budget_seconds:
+                continue
+            synchronize(device)
+            started = time.perf_counter()
+            candidate.step()
+            synchronize(device)
+            candidate.times.append(time.perf_counter() - started)
+
+
+def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strategies: list[str],
+                       seed: int) -> dict[str, float]:
+    """Max relative difference between the Jacobians of each exact strategy (as training computes
+    them) and the naive loop's, on the same per-sample functions (BatchNorm's statistics held at
+    the batch's, see verify.per_sample_reference)."""
+    from jacdistill_cli.verify import per_sample_reference
+
+    inputs = x.detach().requires_grad_(True)
+    reference_student = per_sample_reference(student, x, "batch")
+    naive_student = naive_jacobian(reference_student(inputs), inputs).detach()
+    naive_teacher = naive_jacobian(teacher(inputs), inputs).detach()
+    errors = {}
+    for strategy in strategies:
+        settings = OmegaConf.create({"name": "exact", "normalize": True, "squared": True, "batchnorm": "batch",
+                                     "strategy": strategy})
+        objective = Objective("kl", 1.0, 1.0, 0.0, settings, torch.Generator(device=x.device).manual_seed(seed))
+        work = copy.deepcopy(student)
+        _, _, matched = objective.evaluate(work, teacher, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        ours_student = matched.student.movedim(0, 1).reshape(len(x), -1).detach()
+        ours_teacher = matched.teacher.movedim(0, 1).reshape(len(x), -1)
+        scale = max(naive_student.abs().max().item(), naive_teacher.abs().max().item(), 1e-30)
+        errors[strategy] = max((ours_student - naive_student).abs().max().item(),
+                               (ours_teacher - naive_teacher).abs().max().item()) / scale
+    return errors
+
+
+def method_settings(name: str, load: Callable[[str], Any]) -> Any:
+    """A method's shipped settings, with one projection and one noise sample as the targets say."""
+    settings = load(name)
+    if name == "projected":
+        settings.num_projections = 1
+    if name == "noise":
+        settings.samples = 1
+    return settings
+
+
+def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, methods: list[str],
+                     strategies: list[str], naive: bool, alpha: float, temperature: float, seed: int,
+                     load: Callable[[str], Any]) -> list[Candidate]:
+    from jacdistill_cli.jacobian import resolve_strategy
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(student)
+
+    candidates = [Candidate("plain KD (jacobian=none)", "kd", objective_step(
+        fresh(), teacher, x, y, OmegaConf.create({"name": "none"}), alpha, temperature, seed))]
+    for name in methods:
+        if name == "exact":
+            continue
+        settings = method_settings(name, load)
+        label = {"projected": "projected (1 projection)", "noise": "noise (1 sample)"}.get(name, name)
+        candidates.append(Candidate(label, "method", objective_step(fresh(), teacher, x, y, settings, alpha,
+                                                                    temperature, seed), method=name))
+    if "exact" in methods:
+        for strategy in ["auto", *strategies]:
+            settings = load("exact")
+            settings.strategy = strategy
+            student_side = resolve_strategy(strategy, student, x.device)
+            teacher_side = resolve_strategy(strategy, teacher, x.device)
+            resolved = student_side if student_side == teacher_side else f"{student_side}/{teacher_side}"
+            label = f"exact (auto = {resolved})" if strategy == "auto" else f"exact ({strategy})"
+            candidates.append(Candidate(label, "exact", objective_step(fresh(), teacher, x, y, settings, alpha,
+                                                                       temperature, seed),
+                                        method="exact", strategy=strategy, resolved=resolved))
+    if naive:
+        work = fresh()
+        candidates.append(Candidate("naive reference (question)", "naive",
+                                    optimiser_step(work, lambda: naive_loss(work, teacher, x, alpha, temperature))))
+    return candidates
+
+
+@dataclass
+class Targets:
+    gradient_methods: float = 2.5    # top1, target, projected (1 projection): x plain KD at most
+    noise: float = 1.5               # noise (1 sample): x plain KD at most
+    exact_speedup: dict[int, float] = field(default_factory=lambda: {10: 1.5, 100: 4.0})   # x faster than naive
+    auto_slack: float = 1.10         # auto at most this x the best fixed strategy
+    jacobian_agreement: float = 1e-5
+
+
+def summarise(candidates: list[Candidate], classes: int, agreement: dict[str, float],
+              targets: Targets) -> dict[str, Any]:
+    """Rows (ratios and targets) and the checks of one class count."""
+    kd = next(c for c in candidates if c.kind == "kd").median
+    naive = next((c for c in candidates if c.kind == "naive"), None)
+    rows, checks = [], []
+    for c in candidates:
+        row = {"step": c.name, "method": c.method, "strategy": c.strategy, "resolved": c.resolved,
+               "median_ms": 1000 * c.median, "steps_timed": len(c.times),
+               "times_ms": [round(1000 * t, 3) for t in c.times], "x_kd": c.median / kd}
+        target = None
+        if c.kind == "method" and c.method == "noise":
+            target = ("x_kd", targets.noise)
+        elif c.kind == "method":
+            target = ("x_kd", targets.gradient_methods)
+        if naive is not None and c.kind == "exact":
+            row["speedup_vs_naive"] = naive.median / c.median
+            if c.strategy == "auto" and classes in targets.exact_speedup:
+                target = ("speedup_vs_naive", targets.exact_speedup[classes])
+        if target is not None:
+            key, bound = target
+            value = row[key]
+            passed = value <= bound if key == "x_kd" else value >= bound
+            row["target"] = f"<= {bound:g}x plain KD" if key == "x_kd" else f">= {bound:g}x faster than naive"
+            row["met"] = bool(passed)
+            checks.append({"what": f"{c.name}: {row['target']}", "value": value, "met": bool(passed)})
+        rows.append(row)
+    exact_rows = [c for c in candidates if c.kind == "exact"]
+    auto = next((c for c in exact_rows if c.strategy == "auto"), None)
+    fixed = [c for c in exact_rows if c.strategy != "auto"]
+    summary: dict[str, Any] = {"classes": classes, "rows": rows, "checks": checks}
+    if auto is not None and fixed:
+        best = min(fixed, key=lambda c: c.median)
+        ratio = auto.median / best.median
+        summary["auto_vs_best"] = {"auto": auto.resolved, "best": best.strategy, "ratio": ratio}
+        checks.append({"what": f"exact auto ({auto.resolved}) within {targets.auto_slack - 1:.0%} of the best "
+                               f"fixed strategy ({best.strategy})", "value": ratio,
+                       "met": bool(ratio <= targets.auto_slack)})
+    if agreement:
+        worst = max(agreement.values())
+        summary["jacobian_agreement"] = agreement
+        checks.append({"what": f"exact Jacobians of every strategy equal the naive loop's to "
+                               f"{targets.jacobian_agreement:g} (relative)", "value": worst,
+                       "met": bool(worst <= targets.jacobian_agreement)})
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    header = ("step", "median ms", "x plain KD", "x faster than naive", "target", "met")
+    rows = []
+    for r in summary["rows"]:
+        speedup = r.get("speedup_vs_naive")
+        rows.append((r["step"], f"{r['median_ms']:.1f}", f"{r['x_kd']:.2f}",
+                     "" if speedup is None else f"{speedup:.2f}", r.get("target", ""),
+                     "" if "met" not in r else ("yes" if r["met"] else "NO")))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    out = [f"{summary['classes']} classes", line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    if "auto_vs_best" in summary:
+        a = summary["auto_vs_best"]
+        out.append(f"exact strategy=auto runs {a['auto']}; the fastest fixed strategy is {a['best']}: "
+                   f"auto takes {a['ratio']:.2f}x its time")
+    if "jacobian_agreement" in summary:
+        out.append("exact Jacobians vs the naive loop's (max relative difference): " + ", ".join(
+            f"{k} {v:.1e}" for k, v in summary["jacobian_agreement"].items()))
+    return "\n".join(out)
+
+
+def model_cost(model: nn.Module, x: Tensor, device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of one no-grad forward pass on x."""
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            model(x)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)

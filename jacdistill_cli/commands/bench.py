@@ -1,0 +1,155 @@
+"""`jacdistill bench`: time one step of each Jacobian method against plain distillation and the
+naive reference; print a table per class count and write bench.json in the run directory.
+
+Exit status 0 whether or not the timing targets are met (times depend on the machine and its
+load); bench.json and the table say which are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
+from jacdistill_cli.runtime import register_resolvers
+
+register_resolvers()
+
+
+def integer_list(cfg: DictConfig, key: str, low: int, allowed: str) -> list[int]:
+    raw = OmegaConf.select(cfg, key)
+    values = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_list(raw) else raw
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values]
+    if (not isinstance(values, list) or not values
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values)):
+        raise setting_error(key, raw, allowed)
+    return values
+
+
+def name_list(cfg: DictConfig, key: str, options: list[str]) -> list[str]:
+    raw = OmegaConf.select(cfg, key)
+    values = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_list(raw) else raw
+    if isinstance(values, str):
+        values = [values]
+    if values is None:
+        values = []
+    if not isinstance(values, list) or any(v not in options for v in values):
+        raise setting_error(key, raw, f"it must be a list of {', '.join(options)}")
+    return list(dict.fromkeys(values))
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    from jacdistill_cli import settings
+    from jacdistill_cli.jacobian import EXACT_STRATEGIES
+    from jacdistill_cli.verify import checkable_methods
+
+    checked = {
+        "classes": integer_list(cfg, "classes", 2, "it must be a list of integers >= 2, e.g. classes=[10,100]"),
+        "input_shape": integer_list(cfg, "input_shape", 1, "it must be a list of positive integers, e.g. [3,32,32]"),
+        "methods": name_list(cfg, "methods", checkable_methods()),
+        "strategies": name_list(cfg, "strategies", [s for s in EXACT_STRATEGIES if s != "auto"]),
+        "batch_size": settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2"),
+        "warmup": settings.integer(cfg, "warmup", low=0, allowed="it must be an integer >= 0"),
+        "repeats": settings.integer(cfg, "repeats", low=1, allowed="it must be an integer >= 1"),
+        "budget_seconds": settings.real(cfg, "budget_seconds", low=0, low_open=True, allowed="it must be a number > 0"),
+        "alpha": settings.real(cfg, "alpha", low=0, high=1, allowed="it must be a number in [0, 1]"),
+        "temperature": settings.real(cfg, "temperature", low=0, low_open=True, allowed="it must be a number > 0"),
+        "naive": settings.flag(cfg, "naive"),
+        "device": settings.choice(cfg, "device", settings.DEVICES),
+        "seed": settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0"),
+    }
+    threads = cfg.threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise setting_error("threads", threads, "it must be null (torch's default) or an integer >= 1")
+    checked["threads"] = threads
+    return checked
+
+
+def shipped_jacobian(name: str) -> DictConfig:
+    from jacdistill_cli.commands.check import shipped_jacobian as load
+
+    return load(name)
+
+
+@one_line_errors("bench")
+def run(cfg: DictConfig) -> dict[str, Any]:
+    options = validate(cfg)
+
+    import logging
+    import os
+    import platform
+
+    import torch
+
+    from jacdistill_cli import benchmark
+    from jacdistill_cli.models import architecture, build_model, count_parameters
+    from jacdistill_cli.runtime import run_directory, save_resolved_config, select_device, write_json
+    from jacdistill_cli.teacher import freeze
+
+    log = logging.getLogger("jacdistill")
+    if options["device"] == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device='cuda' is not allowed: torch sees no CUDA GPU on this machine; use device=auto or cpu")
+    device = select_device(options["device"])
+    if options["threads"] is not None:
+        torch.set_num_threads(options["threads"])
+    run_dir = run_directory()
+    save_resolved_config(cfg, run_dir)
+    shape = tuple(options["input_shape"])
+    described = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
+          f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
+          f"warm-up; load average {load_before:.2f}" if load_before is not None else "")
+    if load_before is not None and device.type == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
+        print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
+
+    results: dict[str, Any] = {
+        "device": str(device), "device_description": described, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "batch_size": options["batch_size"], "input_shape": list(shape),
+        "teacher": architecture(cfg.teacher), "student": architecture(cfg.student),
+        "warmup": options["warmup"], "repeats": options["repeats"], "load_average_before": load_before,
+        "tables": [],
+    }
+    for classes in options["classes"]:
+        torch.manual_seed(options["seed"])
+        teacher = freeze(build_model(architecture(cfg.teacher), shape, classes, "teacher").to(device))
+        student = build_model(architecture(cfg.student), shape, classes, "student").to(device).train()
+        generator = torch.Generator().manual_seed(options["seed"])
+        x = torch.randn((options["batch_size"], *shape), generator=generator).to(device)
+        y = torch.randint(0, classes, (options["batch_size"],), generator=generator).to(device)
+        teacher_ms = 1000 * benchmark.model_cost(teacher, x, device)
+        student_ms = 1000 * benchmark.model_cost(student.eval(), x, device)
+        student.train()
+        print(f"\nteacher {architecture(cfg.teacher)}: {count_parameters(teacher)} parameters, forward {teacher_ms:.1f} ms; "
+              f"student {architecture(cfg.student)}: {count_parameters(student)} parameters, forward {student_ms:.1f} ms")
+        candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],
+                                                options["naive"], options["alpha"], options["temperature"],
+                                                options["seed"], shipped_jacobian)
+        benchmark.time_rounds(candidates, options["warmup"], options["repeats"], options["budget_seconds"], device)
+        agreement = {}
+        if options["naive"] and "exact" in options["methods"]:
+            agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
+                                                     options["seed"])
+        summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())
+        summary.update({"teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
+                        "teacher_forward_ms": teacher_ms, "student_forward_ms": student_ms})
+        print(benchmark.format_summary(summary))
+        results["tables"].append(summary)
+        write_json(run_dir / "bench.json", results)
+
+    results["load_average_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    missed = [c["what"] for t in results["tables"] for c in t["checks"] if not c["met"]]
+    results["targets_met"] = not missed
+    write_json(run_dir / "bench.json", results)
+    print("\nall targets met" if not missed else "\ntargets missed:\n  " + "\n  ".join(missed))
+    log.info(f"bench.json: {run_dir / 'bench.json'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="pkg://jacdistill_cli.conf", config_name="bench")
+def main(cfg: DictConfig) -> Any:
+    run(cfg)

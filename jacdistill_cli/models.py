@@ -213,11 +213,13 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
                                           nn.BatchNorm2d(out_channels))
+        # modules rather than F.relu, so that the Jacobian engine can swap in its cheaper backward
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class Backbone(nn.Module):
@@ -274,11 +276,12 @@ class WideBlock(nn.Module):
         self.project = None
         if stride != 1 or in_channels != out_channels:
             self.project = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        activated = F.relu(self.bn1(x))
+        activated = self.relu1(self.bn1(x))
         out = self.conv1(activated)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
         return out + (x if self.project is None else self.project(activated))
 
 

@@ -28,7 +28,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run the installed `jacdistill` console script and capture its output."""
     script = Path(sys.executable).with_name("jacdistill")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "jacdistill_cli"]
-    full_env = {**os.environ, **(env or {})}
+    # One torch thread per run: the models are tiny, and threads that wait on a busy CPU cost more.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -263,14 +263,35 @@ def per_sample_batchnorm(model: nn.Module, mode: str, statistics: BatchStatistic
 _statistics_closed = 0   # > 0 inside `statistics_closed()`; global, as a backward pass may run on another thread
 
 
+class _BatchNormScale(torch.autograd.Function):
+    """weight / sqrt(var(x) + eps) per channel, from the mean and 1/std that BatchNorm's forward
+    saved (no pass over x), differentiable in x and weight: d(1/std)/dx = -(x - mean) / (n std^3)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return invstd * weight if weight is not None else invstd.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        grad_invstd = grad * weight if weight is not None else grad
+        count = x.numel() // x.shape[1]
+        coefficient = (-grad_invstd * invstd.pow(3) / count).view(shape)
+        grad_x = (x - mean.view(shape)) * coefficient if ctx.needs_input_grad[0] else None
+        grad_weight = grad * invstd if weight is not None and ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None
+
+
 class _GatedBatchNorm(torch.autograd.Function):
     """Train-mode BatchNorm (PyTorch's fused kernels) whose backward has two modes.
 
     Ordinarily its backward is nn.BatchNorm's: the statistics are functions of the batch.
     Inside `statistics_closed()` it returns the input-gradient of the per-sample function that
-    holds the batch statistics constant, grad * weight / std, with std recomputed differentiably
-    from the saved input: the input-gradients are per-sample, and a loss built from them still
-    sees the statistics as the functions of the parameters they are.
+    holds the batch statistics constant, grad * weight / std, with std differentiable in the
+    saved input (`_BatchNormScale`): the input-gradients are per-sample, and a loss built from
+    them still sees the statistics as the functions of the parameters they are.
     """
 
     @staticmethod
@@ -288,11 +309,8 @@ class _GatedBatchNorm(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         if _statistics_closed:
             if ctx.scale is None or ctx.scale_graph != torch.is_grad_enabled():
-                # Computed once per forward pass, shared by every input-gradient taken from it.
-                variance, _ = torch.var_mean(x, dim=_channel_dims(x), unbiased=False)
-                scale = torch.rsqrt(variance + ctx.eps)
-                if weight is not None:
-                    scale = scale * weight
+                # Once per forward pass, shared by every input-gradient taken from it.
+                scale = _BatchNormScale.apply(x, weight, mean, invstd)
                 ctx.scale, ctx.scale_graph = scale.view([1, -1] + [1] * (x.dim() - 2)), torch.is_grad_enabled()
             return grad * ctx.scale, None, None, None, None
         needs = ctx.needs_input_grad

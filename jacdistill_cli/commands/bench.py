@@ -17,6 +17,9 @@ from jacdistill_cli.runtime import register_resolvers
 
 register_resolvers()
 
+# The naive references: the question's code (backward + x.grad), and its autograd.grad variant.
+NAIVE_VARIANTS = ("backward", "grad")
+
 
 def integer_list(cfg: DictConfig, key: str, low: int, allowed: str) -> list[int]:
     raw = OmegaConf.select(cfg, key)
@@ -57,7 +60,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         "budget_seconds": settings.real(cfg, "budget_seconds", low=0, low_open=True, allowed="it must be a number > 0"),
         "alpha": settings.real(cfg, "alpha", low=0, high=1, allowed="it must be a number in [0, 1]"),
         "temperature": settings.real(cfg, "temperature", low=0, low_open=True, allowed="it must be a number > 0"),
-        "naive": settings.flag(cfg, "naive"),
+        "naive": name_list(cfg, "naive", list(NAIVE_VARIANTS)),
         "device": settings.choice(cfg, "device", settings.DEVICES),
         "seed": settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0"),
     }
@@ -98,13 +101,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_directory()
     save_resolved_config(cfg, run_dir)
     shape = tuple(options["input_shape"])
+    threads = torch.get_num_threads()
     described = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+                 else f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}")
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
     print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
           f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
-          f"warm-up; load average {load_before:.2f}" if load_before is not None else "")
-    if load_before is not None and device.type == "cpu" and load_before > 0.5 * (os.cpu_count() or 1):
+          f"warm-up{load}")
+    if load_before is not None and device.type == "cpu" and load_before > 0.5:
         print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
 
     results: dict[str, Any] = {
@@ -131,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                 options["seed"], shipped_jacobian)
         benchmark.time_rounds(candidates, options["warmup"], options["repeats"], options["budget_seconds"], device)
         agreement = {}
-        if options["naive"] and "exact" in options["methods"]:
+        if "backward" in options["naive"] and "exact" in options["methods"]:
             agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
                                                      options["seed"])
         summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())

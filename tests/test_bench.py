@@ -1,0 +1,103 @@
+"""`jacdistill bench` on tiny networks: the table and bench.json, the naive reference's Jacobians.
+Timing targets are for the command; they are not asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from jacdistill_cli import benchmark
+from jacdistill_cli.jacobian import full_jacobian
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run_inprocess import run_command  # noqa: E402
+
+TINY = ["classes=[10]", "batch_size=4", "input_shape=[1,8,8]", "warmup=1", "repeats=2", "student.channels=[4,4]",
+        "student.hidden=8", "teacher.channels=[6,6]", "teacher.hidden=8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
+    results = run_command("bench", TINY, tmp_path)
+    out = capsys.readouterr().out
+    for label in ("plain KD (jacobian=none)", "top1", "target", "projected (1 projection)", "noise (1 sample)",
+                  "exact (auto = loop)", "exact (loop)", "exact (batched)", "exact (func)",
+                  "naive: backward + x.grad", "naive: autograd.grad loop"):
+        assert any(line.startswith(label) for line in out.splitlines()), label
+    assert "exact strategy=auto runs loop" in out
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["device"] == "cpu" and saved["threads"] == 1 and saved["input_shape"] == [1, 8, 8]
+    assert saved == json.loads(json.dumps(results))
+    (table,) = saved["tables"]
+    assert table["classes"] == 10
+    rows = {row["step"]: row for row in table["rows"]}
+    assert rows["plain KD (jacobian=none)"]["x_kd"] == 1.0
+    for row in rows.values():
+        assert row["steps_timed"] >= 1 and math.isfinite(row["median_ms"]) and row["median_ms"] > 0
+    assert rows["naive: backward + x.grad"]["speedup_vs_naive"] == 1.0
+    assert rows["exact (auto = loop)"]["target"] == ">= 1.5x faster than naive"
+    assert rows["top1"]["target"] == "<= 2.5x plain KD" and rows["noise (1 sample)"]["target"] == "<= 1.5x plain KD"
+    assert all(isinstance(c["met"], bool) for c in table["checks"])
+    # Every exact strategy computes the naive loop's Jacobians.
+    assert set(table["jacobian_agreement"]) == {"auto", "loop", "batched", "func"}
+    assert max(table["jacobian_agreement"].values()) < 1e-5
+    assert table["auto_vs_best"]["auto"] == "loop"
+    assert {c["what"].split(":")[0] for c in table["checks"]} >= {"top1", "noise (1 sample)"}
+
+
+def test_targets_follow_the_issue_at_10_and_100_classes():
+    targets = benchmark.Targets()
+    assert targets.exact_speedup == {10: 1.5, 100: 4.0}
+    assert (targets.gradient_methods, targets.noise, targets.auto_slack) == (2.5, 1.5, 1.10)
+
+
+@pytest.mark.parametrize("variant", ["backward", "grad"])
+def test_naive_jacobians_are_the_jacobian(variant):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5)).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    naive = benchmark.NAIVE_JACOBIANS[variant](model(x), x)
+    assert naive.requires_grad, "the naive loop keeps graphs (create_graph=True)"
+    expected = full_jacobian(model(x), x, create_graph=False).reshape(3, -1)
+    torch.testing.assert_close(naive, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_naive_step_trains_with_the_right_gradient():
+    """The naive loop leaves gradients in the student's .grad; the step must not use them."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double().requires_grad_(False)
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    loss = benchmark.naive_loss(student, teacher, x, 0.5, 2.0)
+    assert all(p.grad is None for p in student.parameters())
+    expected = torch.autograd.grad(loss, list(student.parameters()), retain_graph=True)
+    loss.backward()
+    for p, g in zip(student.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("classes=[1]", "classes=[1] is not allowed: it must be a list of integers >= 2"),
+    ("naive=[slow]", "naive=['slow'] is not allowed: it must be a list of backward, grad"),
+    ("threads=0", "threads=0 is not allowed: it must be null (torch's default) or an integer >= 1"),
+])
+def test_bench_refuses_bad_settings_in_one_line(override, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_command("bench", [override], tmp_path)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bench.json").exists()

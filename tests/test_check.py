@@ -1,0 +1,102 @@
+"""`jacdistill check`: passes on the default configuration, fails (exit 1) on planted faults."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jacdistill_cli.methods import METHODS, Matched, Method, matched_along, one_hot_vectors
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run_inprocess import run_command  # noqa: E402
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ROWS = ("top1", "target", "exact", "projected", "noise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_check_exits_0_on_the_default_configuration_for_every_method(cli, tmp_path):
+    result = cli("check", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for method in ROWS:
+        row = next(line for line in lines if line.split()[:1] == [method])
+        assert row.endswith("ok"), row
+    assert ("the common mistake, the student's gradient taken with retain_graph=True instead of "
+            "create_graph=True: 0 of 4 student parameters receive a gradient") in result.stdout
+    assert "all checks passed" in result.stdout
+    report = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert report["passed"] and [m["method"] for m in report["methods"]] == list(ROWS)
+    for method in report["methods"]:
+        assert method["jacobian_error_student"] is None or method["jacobian_error_student"] < 1e-9
+        assert set(method["dependent"]) <= set(method["receiving"]) and method["dependent"]
+    # A ReLU MLP's input-gradients do not depend on its biases; the noise term does.
+    exact = next(m for m in report["methods"] if m["method"] == "exact")
+    assert exact["without_effect"] == ["1.bias", "3.bias"]
+    noise = next(m for m in report["methods"] if m["method"] == "noise")
+    assert noise["without_effect"] == [] and len(noise["receiving"]) == 4
+
+
+def detached_student(p) -> Matched:
+    """top1 with the student's gradient cut from the graph (the question's mistake, hidden)."""
+    matched = matched_along(p, one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), True)
+    return Matched(matched.student.detach(), matched.teacher, matched.vectors, matched.joint)
+
+
+def wrong_values(p) -> Matched:
+    """top1 whose student gradient is slightly off (still differentiable)."""
+    matched = matched_along(p, one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), True)
+    return Matched(matched.student * 1.001, matched.teacher, matched.vectors, matched.joint)
+
+
+@pytest.mark.parametrize("fault,failure", [
+    (detached_student, "parameter(s) the term depends on receive no gradient"),
+    (wrong_values, "student Jacobian differs from torch.func.jacrev"),
+])
+def test_check_exits_1_on_a_planted_fault(fault, failure, monkeypatch, tmp_path, capsys):
+    name = f"planted_{fault.__name__}"
+    monkeypatch.setitem(METHODS, name, Method(name, fault))
+    with pytest.raises(SystemExit) as exit:
+        run_command("check", ["student=cnn", "jacobian=top1", f"jacobian.name={name}",
+                              f"methods=[top1,{name}]", "features=none"], tmp_path)
+    assert exit.value.code == 1
+    out = capsys.readouterr().out
+    assert f"{name}: FAILED: " in out and failure in out
+    assert f"checks FAILED for: {name}" in out
+    report = json.loads((tmp_path / "check.json").read_text())
+    by_name = {m["method"]: m for m in report["methods"]}
+    assert by_name["top1"]["passed"] and not by_name[name]["passed"]
+    assert not report["passed"]
+
+
+@pytest.mark.parametrize("batchnorm", ["running", "coupled"])
+def test_check_passes_with_every_batchnorm_mode(batchnorm, tmp_path, capsys):
+    run_command("check", ["student=cnn", "jacobian=exact", f"jacobian.batchnorm={batchnorm}",
+                          "methods=[exact,top1]", "features=none"], tmp_path)
+    assert "all checks passed" in capsys.readouterr().out
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["methods"][0]["settings"]["batchnorm"] == batchnorm
+
+
+@pytest.mark.parametrize("override,message", [
+    ("methods=[top1,nope]", "methods=['top1', 'nope'] is not allowed: it must be all or a list of"),
+    ("batch_size=1", "batch_size=1 is not allowed: it must be an integer >= 2"),
+])
+def test_check_refuses_bad_settings_in_one_line(override, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_command("check", [override], tmp_path)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "check.json").exists()

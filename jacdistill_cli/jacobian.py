@@ -378,6 +378,45 @@ class _MaxPool2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _InputConv2d(torch.autograd.Function):
+    """A convolution of the network's input itself. Its input-gradient is computed only inside
+    `statistics_closed()`, where the Jacobian is taken; the loss's backward pass, later, needs only
+    the weight's gradient (nothing asks for the input's), and for an image of few channels that
+    input-gradient costs more than the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.settings = (list(stride), list(padding), list(dilation), groups)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.settings
+        needs = ctx.needs_input_grad
+        if _statistics_closed:
+            mask = [needs[0], False, False]
+        else:
+            mask = [False, needs[1], needs[2] and ctx.bias_sizes is not None]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _input_conv_forward(module: nn.Conv2d, inputs: Tensor):
+    original = module.forward
+
+    def forward(x: Tensor) -> Tensor:
+        if x is not inputs:
+            return original(x)
+        return _InputConv2d.apply(x, module.weight, module.bias, module.stride, module.padding, module.dilation,
+                                  module.groups)
+
+    return forward
+
+
 def _pair(value) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
@@ -394,11 +433,13 @@ def _max_pool_forward(module: nn.MaxPool2d):
 
 
 @contextlib.contextmanager
-def jacobian_forward(model: nn.Module, gate_batchnorm: bool) -> Iterator[None]:
+def jacobian_forward(model: nn.Module, gate_batchnorm: bool, inputs: Tensor | None = None) -> Iterator[None]:
     """A forward pass of the student prepared for input-gradients that are differentiated again.
 
     nn.ReLU and nn.MaxPool2d modules compute the same values and gradients with backward passes
-    that are cheaper to differentiate (see `_ReLU`). With `gate_batchnorm`, train-mode
+    that are cheaper to differentiate (see `_ReLU`). An nn.Conv2d applied to `inputs` itself (the
+    leaf the Jacobian is taken with respect to) computes its input-gradient only where the
+    Jacobian is taken (`_InputConv2d`). With `gate_batchnorm`, train-mode
     BatchNorm layers become `_GatedBatchNorm`: a forward pass inside gives the train-mode outputs
     and updates the running statistics as usual; its input-gradients taken inside
     `statistics_closed()` are the per-sample ones of `per_sample_batchnorm(mode='batch')`, and
@@ -413,6 +454,9 @@ def jacobian_forward(model: nn.Module, gate_batchnorm: bool) -> Iterator[None]:
             m.forward = _max_pool_forward(m)
         elif gate_batchnorm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             m.forward = _gated_forward(m)
+        elif (inputs is not None and type(m) is nn.Conv2d and m.padding_mode == "zeros"
+              and not isinstance(m.padding, str)):
+            m.forward = _input_conv_forward(m, inputs)
         else:
             continue
         swapped.append(m)

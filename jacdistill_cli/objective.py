@@ -104,7 +104,7 @@ class Objective:
         student_strategy = self.resolve(student, inputs.device, mode) if uses_gradients else None
         separate = mode == "running" or (mode == "batch" and student_strategy == "func")
         student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
-        with self.first_pass(student, uses_gradients, mode, separate, student_strategy) as statistics:
+        with self.first_pass(student, student_inputs, uses_gradients, mode, separate, student_strategy) as statistics:
             logits = student(student_inputs)
         terms = {"distill": self.distill(logits, teacher_logits.detach(), self.temperature)}
 
@@ -113,7 +113,7 @@ class Objective:
             with per_sample_batchnorm(student, mode if separate else "coupled", statistics), statistics_closed():
                 if separate:
                     jacobian_inputs = inputs.detach().requires_grad_(True)
-                    with self.prepared(student, student_strategy, gate_batchnorm=False):
+                    with self.prepared(student, student_strategy, jacobian_inputs, gate_batchnorm=False):
                         jacobian_logits = student(jacobian_inputs)
                 else:
                     jacobian_inputs, jacobian_logits = student_inputs, logits
@@ -138,7 +138,7 @@ class Objective:
         return logits, terms, matched
 
     @contextlib.contextmanager
-    def first_pass(self, student: nn.Module, uses_gradients: bool, mode: str, separate: bool,
+    def first_pass(self, student: nn.Module, inputs: Tensor, uses_gradients: bool, mode: str, separate: bool,
                    strategy: str | None) -> Iterator[Any]:
         """Context of the student's train-mode pass; yields the BatchNorm statistics a separate
         per-sample pass will use (None without one)."""
@@ -152,13 +152,15 @@ class Objective:
             with recorded_batchnorm_statistics(student) as statistics:
                 yield statistics
         else:
-            with self.prepared(student, strategy, gate_batchnorm=mode == "batch"):
+            with self.prepared(student, strategy, inputs, gate_batchnorm=mode == "batch"):
                 yield None
 
     @staticmethod
-    def prepared(student: nn.Module, strategy: str | None, gate_batchnorm: bool):
+    def prepared(student: nn.Module, strategy: str | None, inputs: Tensor, gate_batchnorm: bool):
         """jacobian_forward, except for `func`: torch.func cannot trace its autograd.Functions."""
-        return contextlib.nullcontext() if strategy == "func" else jacobian_forward(student, gate_batchnorm)
+        if strategy == "func":
+            return contextlib.nullcontext()
+        return jacobian_forward(student, gate_batchnorm, inputs)
 
     def resolve(self, model: nn.Module, device: torch.device, batchnorm: str) -> str:
         """The backward strategy for one network; `func` needs a per-sample forward pass."""

@@ -319,6 +319,15 @@ class _GatedBatchNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+# The BatchNorm layers `jacobian_forward` can gate; others (SyncBatchNorm, ...) take the separate
+# per-sample pass of `per_sample_batchnorm`.
+GATED_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def can_gate_batchnorm(model: nn.Module) -> bool:
+    return all(type(m) in GATED_BATCHNORMS for m in training_batchnorms(model))
+
+
 @contextlib.contextmanager
 def statistics_closed() -> Iterator[None]:
     """Input-gradients taken inside see gated BatchNorm statistics as constants."""
@@ -452,7 +461,7 @@ def jacobian_forward(model: nn.Module, gate_batchnorm: bool, inputs: Tensor | No
             m.forward = _relu_forward(m)
         elif type(m) is nn.MaxPool2d and not m.return_indices:
             m.forward = _max_pool_forward(m)
-        elif gate_batchnorm and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        elif gate_batchnorm and type(m) in GATED_BATCHNORMS and m.training:
             m.forward = _gated_forward(m)
         elif (inputs is not None and type(m) is nn.Conv2d and m.padding_mode == "zeros"
               and not isinstance(m.padding, str)):

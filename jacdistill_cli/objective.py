@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import (has_training_batchnorm, jacobian_forward, per_sample_batchnorm,
-                                     recorded_batchnorm_statistics, resolve_strategy, running_batchnorm_statistics,
-                                     statistics_closed)
+from jacdistill_cli.jacobian import (can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
+                                     per_sample_batchnorm, recorded_batchnorm_statistics, resolve_strategy,
+                                     running_batchnorm_statistics, statistics_closed)
 from jacdistill_cli.methods import METHODS, Matched, Passes, method_term
 
 
@@ -102,7 +102,8 @@ class Objective:
         # needs no input-gradient. `coupled`: BatchNorm as it is.
         mode = self.batchnorm if uses_gradients and has_training_batchnorm(student) else "coupled"
         student_strategy = self.resolve(student, inputs.device, mode) if uses_gradients else None
-        separate = mode == "running" or (mode == "batch" and student_strategy == "func")
+        separate = mode == "running" or (mode == "batch" and (student_strategy == "func"
+                                                              or not can_gate_batchnorm(student)))
         student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
         with self.first_pass(student, student_inputs, uses_gradients, mode, separate, student_strategy) as statistics:
             logits = student(student_inputs)

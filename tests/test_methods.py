@@ -121,6 +121,22 @@ def test_jacobians_equal_jacrev_per_sample(method, network, batchnorm, strategy)
     assert torch.isfinite(terms["jacobian"]) and terms["jacobian"].requires_grad
 
 
+class OwnBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm the engine does not gate: it takes the separate per-sample pass."""
+
+
+def test_other_batchnorm_layers_are_per_sample_too():
+    student, teacher = cnn(seed=0), frozen(cnn(seed=1))
+    student[1] = OwnBatchNorm(3).train()
+    inputs = torch.randn(5, 1, 4, 4)
+    reference = documented_function(student, inputs, "batch")
+    objective = Objective("kl", 4.0, 0.5, 0.0, settings("exact"))
+    _, terms, matched = objective.evaluate(student, teacher, inputs, torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(matched.student, jacrev_rows(reference, inputs, matched.vectors), rtol=1e-10,
+                               atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in student.modules())
+
+
 def test_coupled_batchnorm_is_the_gradient_of_the_batch_sum():
     """`coupled` keeps train-mode BatchNorm: sample b's row is d sum_b' S(x_b')_c / d x_b."""
     student, teacher = cnn(seed=0), frozen(cnn(seed=1))

@@ -97,15 +97,16 @@ class Objective:
             teacher_logits = teacher(teacher_inputs)
 
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
-        # statistics are closed to the input-gradients (jacobian_forward). `running`, and the
-        # `func` strategy: a second, per-sample forward pass for the Jacobian, so the first one
-        # needs no input-gradient. `coupled`: BatchNorm as it is.
+        # statistics are closed to the input-gradients (jacobian_forward). `running`, `func`, and
+        # BatchNorm layers that cannot be gated: a second, per-sample forward pass for the
+        # Jacobian, so the first one needs no input-gradient. `coupled`: BatchNorm as it is.
         mode = self.batchnorm if uses_gradients and has_training_batchnorm(student) else "coupled"
         student_strategy = self.resolve(student, inputs.device, mode) if uses_gradients else None
         separate = mode == "running" or (mode == "batch" and (student_strategy == "func"
                                                               or not can_gate_batchnorm(student)))
         student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
-        with self.first_pass(student, student_inputs, uses_gradients, mode, separate, student_strategy) as statistics:
+        first_pass = self.first_pass(student, student_inputs, uses_gradients, mode, separate, student_strategy)
+        with first_pass as statistics:
             logits = student(student_inputs)
         terms = {"distill": self.distill(logits, teacher_logits.detach(), self.temperature)}
 

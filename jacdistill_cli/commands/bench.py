@@ -129,8 +129,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher_ms = 1000 * benchmark.model_cost(teacher, x, device)
         student_ms = 1000 * benchmark.model_cost(student.eval(), x, device)
         student.train()
-        print(f"\nteacher {architecture(cfg.teacher)}: {count_parameters(teacher)} parameters, forward {teacher_ms:.1f} ms; "
-              f"student {architecture(cfg.student)}: {count_parameters(student)} parameters, forward {student_ms:.1f} ms")
+        print(f"\nteacher {architecture(cfg.teacher)}: {count_parameters(teacher)} parameters, "
+              f"forward {teacher_ms:.1f} ms; student {architecture(cfg.student)}: {count_parameters(student)} "
+              f"parameters, forward {student_ms:.1f} ms")
         candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],
                                                 options["naive"], options["alpha"], options["temperature"],
                                                 options["seed"], shipped_jacobian)
@@ -140,7 +141,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
                                                      options["seed"])
         summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())
-        summary.update({"teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
+        summary.update({"teacher_parameters": count_parameters(teacher),
+                        "student_parameters": count_parameters(student),
                         "teacher_forward_ms": teacher_ms, "student_forward_ms": student_ms})
         print(benchmark.format_summary(summary))
         results["tables"].append(summary)

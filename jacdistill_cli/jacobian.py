@@ -474,3 +474,34 @@ def jacobian_forward(model: nn.Module, gate_batchnorm: bool, inputs: Tensor | No
     finally:
         for m in swapped:
             del m.forward
+
+
+def _affine_forward(module: nn.modules.batchnorm._BatchNorm):
+    def forward(x: Tensor) -> Tensor:
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+    return forward
+
+
+@contextlib.contextmanager
+def affine_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Eval-mode BatchNorm layers computed as the per-channel affine maps they are: the same
+    values, and an input-gradient of one multiplication, where nn.BatchNorm's backward runs its
+    general kernel (for the frozen teacher's input-gradients)."""
+    swapped = [m for m in model.modules() if type(m) in GATED_BATCHNORMS and not m.training
+               and m.running_mean is not None and m.running_var is not None]
+    for m in swapped:
+        m.forward = _affine_forward(m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+

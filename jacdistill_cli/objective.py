@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import (can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
+from jacdistill_cli.jacobian import (affine_batchnorm, can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
                                      per_sample_batchnorm, recorded_batchnorm_statistics, resolve_strategy,
                                      running_batchnorm_statistics, statistics_closed)
 from jacdistill_cli.methods import METHODS, Matched, Passes, method_term
@@ -93,7 +93,8 @@ class Objective:
             inputs, labels = self.perturb(inputs, labels)
         uses_gradients = self.method.uses_gradients
         teacher_inputs = inputs.detach().requires_grad_(uses_gradients)
-        with torch.set_grad_enabled(uses_gradients):
+        with torch.set_grad_enabled(uses_gradients), (affine_batchnorm(teacher) if uses_gradients
+                                                      else contextlib.nullcontext()):
             teacher_logits = teacher(teacher_inputs)
 
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose

@@ -184,6 +184,21 @@ def test_cheap_relu_and_max_pool_give_the_same_second_derivatives():
         torch.testing.assert_close(a, b)
 
 
+def test_affine_batchnorm_is_eval_mode_batchnorm():
+    model = cnn_with_batchnorm()
+    with torch.no_grad():
+        model(torch.randn(8, 2, 6, 6) * 3 + 1)   # running statistics away from 0 and 1
+    model.eval()
+    inputs = torch.randn(4, 2, 6, 6)
+    a, b = inputs.clone().requires_grad_(True), inputs.clone().requires_grad_(True)
+    native = model(a)
+    with J.affine_batchnorm(model):
+        affine = model(b)
+    torch.testing.assert_close(affine, native)
+    torch.testing.assert_close(J.full_jacobian(affine, b, False), J.full_jacobian(native, a, False))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 @pytest.mark.parametrize("squared", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matching_distance_is_finite_at_zero(normalize, squared):

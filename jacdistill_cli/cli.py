@@ -58,8 +58,13 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, ctypes.c_int(32 * 2**20))   # glibc's largest: blocks below come from the heap
-    mallopt(m_trim_threshold, ctypes.c_int(2**30))         # and the heap keeps up to 1 GiB it no longer uses
+    global FREED_MEMORY_KEPT
+    FREED_MEMORY_KEPT = bool(mallopt(m_mmap_threshold, ctypes.c_int(32 * 2**20))   # glibc's largest: blocks
+                             and mallopt(m_trim_threshold, ctypes.c_int(2**30)))    # below come from the heap,
+    # which keeps up to 1 GiB it no longer uses.
+
+
+FREED_MEMORY_KEPT = False   # whether keep_freed_memory() took effect in this process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import torch
 
-    from jacdistill_cli import benchmark
+    from jacdistill_cli import benchmark, cli
     from jacdistill_cli.models import architecture, build_model, count_parameters
     from jacdistill_cli.runtime import run_directory, save_resolved_config, select_device, write_json
     from jacdistill_cli.teacher import freeze
@@ -117,6 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "batch_size": options["batch_size"], "input_shape": list(shape),
         "teacher": architecture(cfg.teacher), "student": architecture(cfg.student),
         "warmup": options["warmup"], "repeats": options["repeats"], "load_average_before": load_before,
+        "freed_memory_kept": cli.FREED_MEMORY_KEPT,
         "tables": [],
     }
     for classes in options["classes"]:

@@ -36,3 +36,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def float64_one_thread():
+    """float64 everywhere in a module, so that comparisons can be tight; one thread, as its
+    tensors are tiny and threads that wait on a busy CPU make them 10-100x slower.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("float64_one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(threads)

@@ -10,16 +10,7 @@ from torch import nn
 
 from jacdistill_cli import jacobian as J
 
-@pytest.fixture(autouse=True, scope="module")
-def float64_one_thread():
-    """float64 everywhere in this module, so that comparisons can be tight; one thread, as these
-    tensors are tiny and threads that wait on a busy CPU make them 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def mlp(classes: int = 4) -> nn.Module:

@@ -21,16 +21,7 @@ from jacdistill_cli.verify import retain_graph_mistake
 GRADIENT_METHODS = ["top1", "target", "exact", "projected"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64_one_thread():
-    """float64 everywhere in this module, so that comparisons can be tight; one thread, as these
-    tensors are tiny and threads that wait on a busy CPU make them 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 
 def settings(name: str, **overrides):

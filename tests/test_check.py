@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jacdistill_cli.methods import METHODS, Matched, Method, matched_along, one_hot_vectors
+from jacdistill_cli.engine.methods import METHODS, Matched, Method, matched_along, one_hot_vectors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_inprocess import run_command  # noqa: E402

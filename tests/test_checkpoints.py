@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.checkpoints import (check_fits, load_checkpoint, make_checkpoint, matching_overrides,
+from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, matching_overrides,
                                         model_from_checkpoint, save_checkpoint)
-from jacdistill_cli.data import build_data
+from jacdistill_cli.zoo.data import build_data
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.models import build_model
+from jacdistill_cli.zoo.models import build_model
 
 CNN = {"name": "cnn", "channels": [4, 8], "hidden": 8, "batchnorm": True}
 

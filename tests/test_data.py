@@ -16,10 +16,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from jacdistill_cli.data import (Augment, DataBundle, IndexedSplit, TensorSplit, batches, build_data,
+from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, TensorSplit, batches, build_data,
                                  per_class_indices)
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.teacher import cache_path
+from jacdistill_cli.run.teacher import cache_path
 
 CPU = torch.device("cpu")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.checkpoints import make_checkpoint, save_checkpoint
+from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
 from jacdistill_cli.commands.evaluate import noise_accuracy
-from jacdistill_cli.data import build_data
-from jacdistill_cli.models import build_model
-from jacdistill_cli.trainer import evaluate
+from jacdistill_cli.zoo.data import build_data
+from jacdistill_cli.zoo.models import build_model
+from jacdistill_cli.run.trainer import evaluate
 from run_inprocess import run_command
 
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def models_of(paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
-    from jacdistill_cli.checkpoints import load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.checkpoints import load_checkpoint, model_from_checkpoint
 
     return {name: model_from_checkpoint(load_checkpoint(path, name), name).eval() for name, path in paths.items()}
 

@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from jacdistill_cli import features
+from jacdistill_cli.engine import features
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import matching_distance
-from jacdistill_cli.models import build_model
+from jacdistill_cli.engine.jacobian import matching_distance
+from jacdistill_cli.zoo.models import build_model
 
 SHAPE = (2, 8, 8)
 # These models are tiny: one thread computes them fastest, and spares cores shared with other jobs.
@@ -176,9 +176,9 @@ def test_no_hook_handle_or_captured_tensor_survives_many_steps(monkeypatch):
 
 
 def test_hint_regressor_is_optimised_with_the_student_by_fit(tmp_path):
-    from jacdistill_cli.data import DataBundle, TensorSplit
-    from jacdistill_cli.logger import RunLogger
-    from jacdistill_cli.trainer import fit
+    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
+    from jacdistill_cli.run.logger import RunLogger
+    from jacdistill_cli.run.trainer import fit
 
     teacher, student = small_pair(dtype=torch.float32)
     cfg, objective, matching = objective_for(teacher, student, "features=hint")
@@ -236,7 +236,7 @@ def test_feature_jacobian_equals_jacrev_of_the_summary_per_sample(batchnorm):
     else:
         reference_student = batch_statistics_as_running(student, inputs)
 
-    from jacdistill_cli.jacobian import per_sample_batchnorm
+    from jacdistill_cli.engine.jacobian import per_sample_batchnorm
 
     teacher_grads, locations = features.feature_input_gradients(
         teacher, [p.teacher_path for p in pairs], inputs, features.keep_graph, None, [None] * 2, False)
@@ -314,7 +314,7 @@ def test_check_command_covers_features_and_exits_1_on_a_planted_detach(tmp_path)
     import sys
 
     script = (
-        "import jacdistill_cli.features as features\n"
+        "import jacdistill_cli.engine.features as features\n"
         "from jacdistill_cli.cli import main\n"
         "codes = []\n"
         "for planted in (False, True):\n"
@@ -396,7 +396,7 @@ def test_default_pairs_for_the_zoo_are_stage_ends():
     (("features=attention", "features.squared=maybe"), "features.squared='maybe' is not allowed"),
 ])
 def test_bad_feature_settings_are_one_clear_line(overrides, message):
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     with pytest.raises(UsageError) as error:
         settings.validate_train(compose_train(*overrides))
@@ -423,8 +423,8 @@ ACTIVATION_RECIPES = {  # recipe -> (loss, jacobian, jacobian.of, features, alph
 
 
 def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
-    from jacdistill_cli import settings
-    from jacdistill_cli.models import architecture
+    from jacdistill_cli.config import settings
+    from jacdistill_cli.zoo.models import architecture
 
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=paper_cifar100"], return_hydra_config=True)
@@ -479,7 +479,7 @@ def test_short_feature_runs_on_digits_log_loss_features(cli, tmp_path):
     result = cli("train", "-m", "features=attention,hint", "jacobian.of=logits,features", "trainer.epochs=1",
                  "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    from jacdistill_cli.report import build_report
+    from jacdistill_cli.run.report import build_report
 
     report = build_report(sweep)  # the report groups runs by their feature settings
     assert report.varying == ["features", "jacobian.of"] and len(report.groups) == 4

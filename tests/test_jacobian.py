@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from jacdistill_cli import jacobian as J
+from jacdistill_cli.engine import jacobian as J
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
 

@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import full_jacobian
-from jacdistill_cli.methods import METHODS
-from jacdistill_cli.objective import Objective
-from jacdistill_cli.verify import retain_graph_mistake
+from jacdistill_cli.engine.jacobian import full_jacobian
+from jacdistill_cli.engine.methods import METHODS
+from jacdistill_cli.engine.objective import Objective
+from jacdistill_cli.proofs.verify import retain_graph_mistake
 
 GRADIENT_METHODS = ["top1", "target", "exact", "projected"]
 
@@ -243,7 +243,7 @@ def test_an_all_zero_jacobian_gives_a_finite_loss_and_gradients(method, normaliz
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_the_jacobian_term_alone_trains_the_student(method):
     """alpha = 1 and loss = none: only the Jacobian term, and a short training lowers it."""
-    from jacdistill_cli.data import digits_arrays
+    from jacdistill_cli.zoo.data import digits_arrays
 
     torch.set_default_dtype(torch.float32)
     try:

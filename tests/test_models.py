@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.models import MODELS, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
+from jacdistill_cli.zoo.models import MODELS, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
 from run_inprocess import run_command
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 40, 48)]

@@ -14,9 +14,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from jacdistill_cli import settings
-from jacdistill_cli.models import architecture, build_model
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.config import settings
+from jacdistill_cli.zoo.models import architecture, build_model
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 

@@ -26,9 +26,9 @@ from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.backend_context import Context as HParamsContext
 
 from conftest import FAST, run_cli
-from jacdistill_cli.report import build_report
-from jacdistill_cli.runtime import MAX_DIRNAME, job_dirname
-from jacdistill_cli.saliency import TILE, saliency_grid, saliency_image
+from jacdistill_cli.run.report import build_report
+from jacdistill_cli.run.runtime import MAX_DIRNAME, job_dirname
+from jacdistill_cli.run.saliency import TILE, saliency_grid, saliency_image
 
 ALPHAS, SEEDS = ("0.2", "0.8"), ("0", "1")
 # Hydra's override_dirname: every override of the job, keys sorted.
@@ -222,10 +222,10 @@ def test_saliency_grid_shows_inputs_and_both_maps_for_one_and_three_channels():
 def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path):
     from omegaconf import OmegaConf
 
-    from jacdistill_cli.data import DataBundle, TensorSplit
-    from jacdistill_cli.logger import RunLogger
-    from jacdistill_cli.objective import cross_entropy_objective
-    from jacdistill_cli.trainer import fit
+    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
+    from jacdistill_cli.run.logger import RunLogger
+    from jacdistill_cli.engine.objective import cross_entropy_objective
+    from jacdistill_cli.run.trainer import fit
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
     data = DataBundle("toy", split, split, split, 2, (1, 4, 4))

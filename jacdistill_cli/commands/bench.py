@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -45,9 +45,9 @@ def name_list(cfg: DictConfig, key: str, options: list[str]) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
-    from jacdistill_cli import settings
-    from jacdistill_cli.jacobian import EXACT_STRATEGIES
-    from jacdistill_cli.verify import checkable_methods
+    from jacdistill_cli.config import settings
+    from jacdistill_cli.engine.jacobian import EXACT_STRATEGIES
+    from jacdistill_cli.proofs.verify import checkable_methods
 
     checked = {
         "classes": integer_list(cfg, "classes", 2, "it must be a list of integers >= 2, e.g. classes=[10,100]"),
@@ -87,10 +87,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import torch
 
-    from jacdistill_cli import benchmark, cli
-    from jacdistill_cli.models import architecture, build_model, count_parameters
-    from jacdistill_cli.runtime import run_directory, save_resolved_config, select_device, write_json
-    from jacdistill_cli.teacher import freeze
+    from jacdistill_cli import cli
+    from jacdistill_cli.proofs import benchmark
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, select_device, write_json
+    from jacdistill_cli.run.teacher import freeze
 
     log = logging.getLogger("jacdistill")
     if options["device"] == "cuda" and not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """`jacdistill check`: prove each Jacobian method right on the configured networks and data.
 
 Prints one row per method and one line on the common mistake; writes check.json in the run
-directory; exit status 1 when any check fails (see jacdistill_cli.verify for what is checked).
+directory; exit status 1 when any check fails (see jacdistill_cli.proofs.verify for what is checked).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
 
 def selected_methods(cfg: DictConfig) -> list[str]:
-    from jacdistill_cli.verify import checkable_methods
+    from jacdistill_cli.proofs.verify import checkable_methods
 
     available = checkable_methods()
     raw = cfg.methods
@@ -33,13 +33,13 @@ def selected_methods(cfg: DictConfig) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0")
     settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
     settings.choice(cfg, "device", settings.DEVICES)
     settings.validate_jacobian(cfg)
-    from jacdistill_cli.features import validate_features
+    from jacdistill_cli.engine.features import validate_features
 
     validate_features(cfg)
     return selected_methods(cfg)
@@ -59,9 +59,9 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     """(student in train mode, frozen teacher, where the teacher comes from)."""
     import torch
 
-    from jacdistill_cli.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
-    from jacdistill_cli.models import architecture, build_model
-    from jacdistill_cli.teacher import freeze
+    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.models import architecture, build_model
+    from jacdistill_cli.run.teacher import freeze
 
     torch.manual_seed(cfg.seed)
     student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student").to(device)
@@ -119,10 +119,10 @@ def run(cfg: DictConfig) -> int:
 
     import torch
 
-    from jacdistill_cli.data import batches, build_data
-    from jacdistill_cli.models import architecture
-    from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
-    from jacdistill_cli.verify import check_method, method_settings, retain_graph_mistake
+    from jacdistill_cli.zoo.data import batches, build_data
+    from jacdistill_cli.zoo.models import architecture
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
 
     log = logging.getLogger("jacdistill")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -146,7 +146,7 @@ def run(cfg: DictConfig) -> int:
     configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
     mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))
     print(format_report(reports, mistake))
-    from jacdistill_cli.features import feature_checks
+    from jacdistill_cli.engine.features import feature_checks
 
     # Features captured by hooks: attention and hint, each with the Jacobian of its features.
     feature_reports = feature_checks(cfg, student, teacher, inputs, configured)

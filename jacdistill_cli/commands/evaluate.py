@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -18,7 +18,7 @@ SPLIT_NEUTRAL = {"samples_per_class", "augment", "download", "root", "verify"}
 
 def validate(cfg: DictConfig) -> list[float]:
     """Check the settings before any work; returns the sigmas."""
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     if cfg.checkpoint is None or str(cfg.checkpoint).strip() == "":
         raise UsageError("checkpoint=null is not allowed: give a checkpoint written by `jacdistill train` or "
@@ -61,7 +61,7 @@ def noise_accuracy(models: dict[str, Any], split, sigmas: list[float], batch_siz
     drawn on the CPU from `seed` so that it does not depend on the device."""
     import torch
 
-    from jacdistill_cli.data import batches, derived_seed
+    from jacdistill_cli.zoo.data import batches, derived_seed
 
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for sigma in sigmas:
@@ -97,11 +97,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import logging
 
-    from jacdistill_cli.checkpoints import check_fits, describe_architecture, load_checkpoint, model_from_checkpoint
-    from jacdistill_cli.data import build_data
-    from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
-    from jacdistill_cli.teacher import freeze
-    from jacdistill_cli.trainer import evaluate
+    from jacdistill_cli.zoo.checkpoints import check_fits, describe_architecture, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.teacher import freeze
+    from jacdistill_cli.run.trainer import evaluate
 
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device)

@@ -30,7 +30,7 @@ def translate_argv(args: list[str]) -> list[str]:
 @one_line_errors("report")
 def run(cfg: DictConfig) -> None:
     from jacdistill_cli.errors import UsageError
-    from jacdistill_cli.report import OUTPUT_NAMES, write_report
+    from jacdistill_cli.run.report import OUTPUT_NAMES, write_report
 
     if cfg.dir is None or str(cfg.dir).strip() == "":
         raise UsageError("dir=null is not allowed: give the run or sweep directory, as in "

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from jacdistill_cli.errors import one_line_errors
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -14,19 +14,19 @@ register_resolvers()
 @one_line_errors("teacher")
 def run(cfg: DictConfig) -> float:
     """Returns the teacher's validation accuracy."""
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     settings.validate_trainer(cfg)
     settings.validate_teacher_training(cfg)
 
     import logging
 
-    from jacdistill_cli.checkpoints import save_checkpoint
-    from jacdistill_cli.data import build_data
-    from jacdistill_cli.logger import RunLogger
-    from jacdistill_cli.models import architecture, build_model
-    from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
-    from jacdistill_cli.teacher import train_teacher
+    from jacdistill_cli.zoo.checkpoints import save_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.run.logger import RunLogger
+    from jacdistill_cli.zoo.models import architecture, build_model
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.teacher import train_teacher
 
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device)
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> float:
     save_checkpoint(payload, path)
     write_json(run_dir / "metrics.json", payload["metrics"])
     log.info(f"teacher test accuracy {payload['metrics']['test_accuracy']:.4f}; checkpoint: {path}")
-    from jacdistill_cli.checkpoints import matching_overrides
+    from jacdistill_cli.zoo.checkpoints import matching_overrides
 
     dataset = "" if data.name == "digits" else f"dataset={data.name} "
     log.info(f"use it with: jacdistill train {dataset}{matching_overrides(payload['architecture'], 'teacher')} "

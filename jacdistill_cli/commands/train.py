@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import one_line_errors
-from jacdistill_cli.runtime import register_resolvers
+from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -21,7 +21,7 @@ NOT_HPARAMS = {"cache_dir"}
 
 def compact(node: DictConfig) -> str:
     """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
-    from jacdistill_cli.models import architecture
+    from jacdistill_cli.zoo.models import architecture
 
     settings = architecture(node)
     name = settings.pop("name", "?")
@@ -43,7 +43,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     hparams["student"] = compact(cfg.student)
     hparams["dataset"] = cfg.dataset.name
     hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
-    from jacdistill_cli.features import parse_pairs
+    from jacdistill_cli.engine.features import parse_pairs
 
     hparams["features"] = OmegaConf.select(cfg, "features.name", default="none")
     if hparams["features"] != "none":
@@ -61,7 +61,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
 @one_line_errors("train")
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
 
@@ -69,15 +69,15 @@ def run(cfg: DictConfig) -> float:
 
     import torch
 
-    from jacdistill_cli.checkpoints import make_checkpoint, save_checkpoint
-    from jacdistill_cli.data import build_data
-    from jacdistill_cli.logger import RunLogger
-    from jacdistill_cli.models import architecture, build_model, count_parameters
-    from jacdistill_cli.features import build_objective_with_features, check_feature_paths
-    from jacdistill_cli.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
-    from jacdistill_cli.saliency import fixed_inputs
-    from jacdistill_cli.teacher import obtain_teacher
-    from jacdistill_cli.trainer import evaluate, fit
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.run.logger import RunLogger
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+    from jacdistill_cli.engine.features import build_objective_with_features, check_feature_paths
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.saliency import fixed_inputs
+    from jacdistill_cli.run.teacher import obtain_teacher
+    from jacdistill_cli.run.trainer import evaluate, fit
 
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device)

@@ -18,15 +18,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from jacdistill_cli.checkpoints import (check_fits, load_checkpoint, make_checkpoint, model_from_checkpoint,
+from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, model_from_checkpoint,
                                         save_checkpoint)
-from jacdistill_cli.data import DataBundle
+from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.logger import RunLogger
-from jacdistill_cli.models import architecture, build_model
-from jacdistill_cli.objective import cross_entropy_objective
-from jacdistill_cli.runtime import cache_directory
-from jacdistill_cli.trainer import evaluate, fit
+from jacdistill_cli.run.logger import RunLogger
+from jacdistill_cli.zoo.models import architecture, build_model
+from jacdistill_cli.engine.objective import cross_entropy_objective
+from jacdistill_cli.run.runtime import cache_directory
+from jacdistill_cli.run.trainer import evaluate, fit
 
 log = logging.getLogger("jacdistill")
 

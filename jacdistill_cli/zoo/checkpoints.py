@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from jacdistill_cli.data import DataBundle
+from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.models import build_model
+from jacdistill_cli.zoo.models import build_model
 
 log = logging.getLogger("jacdistill")
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.jacobian import matching_distance, one_hot_vectors, training_batchnorms
-from jacdistill_cli.methods import METHODS, Matched
-from jacdistill_cli.objective import Objective
+from jacdistill_cli.engine.jacobian import matching_distance, one_hot_vectors, training_batchnorms
+from jacdistill_cli.engine.methods import METHODS, Matched
+from jacdistill_cli.engine.objective import Objective
 
 JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float64
 FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth

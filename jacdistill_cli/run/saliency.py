@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacdistill_cli.jacobian import class_gradients
+from jacdistill_cli.engine.jacobian import class_gradients
 
 TILE = 48  # pixels per image side in the grid: 8x8 digits are scaled up to be seen
 

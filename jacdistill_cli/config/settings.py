@@ -98,7 +98,7 @@ def validate_optim(cfg: DictConfig) -> None:
 
 
 def validate_jacobian(cfg: DictConfig) -> None:
-    from jacdistill_cli.methods import METHODS
+    from jacdistill_cli.engine.methods import METHODS
 
     name = choice(cfg, "jacobian.name", METHODS)
     if name == "none":
@@ -111,7 +111,7 @@ def validate_jacobian(cfg: DictConfig) -> None:
     flag(cfg, "jacobian.squared")
     choice(cfg, "jacobian.batchnorm", BATCHNORM_MODES)
     if name == "exact":
-        from jacdistill_cli.jacobian import EXACT_STRATEGIES
+        from jacdistill_cli.engine.jacobian import EXACT_STRATEGIES
 
         choice(cfg, "jacobian.strategy", EXACT_STRATEGIES)
     if name == "projected":
@@ -120,14 +120,14 @@ def validate_jacobian(cfg: DictConfig) -> None:
 
 
 def validate_objective(cfg: DictConfig) -> None:
-    from jacdistill_cli.objective import DISTILL_LOSSES
+    from jacdistill_cli.engine.objective import DISTILL_LOSSES
 
     real(cfg, "alpha", low=0, high=1, allowed="alpha must be a number in [0, 1]")
     real(cfg, "temperature", low=0, low_open=True, allowed="temperature must be a number > 0")
     real(cfg, "hard_weight", low=0, allowed="hard_weight must be a number >= 0")
     choice(cfg, "loss.name", DISTILL_LOSSES)
     validate_jacobian(cfg)
-    from jacdistill_cli.features import validate_features
+    from jacdistill_cli.engine.features import validate_features
 
     validate_features(cfg)  # the features group and jacobian.of
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from jacdistill_cli.objective import Objective, kl
+from jacdistill_cli.engine.objective import Objective, kl
 
 
 def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strate
     """Max relative difference between the Jacobians of each exact strategy (as training computes
     them) and the naive loop's, on the same per-sample functions (BatchNorm's statistics held at
     the batch's, see verify.per_sample_reference)."""
-    from jacdistill_cli.verify import per_sample_reference
+    from jacdistill_cli.proofs.verify import per_sample_reference
 
     inputs = x.detach().requires_grad_(True)
     reference_student = per_sample_reference(student, x, "batch")
@@ -187,7 +187,7 @@ def method_settings(name: str, load: Callable[[str], Any]) -> Any:
 def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, methods: list[str],
                      strategies: list[str], naive: list[str], alpha: float, temperature: float, seed: int,
                      load: Callable[[str], Any]) -> list[Candidate]:
-    from jacdistill_cli.jacobian import resolve_strategy
+    from jacdistill_cli.engine.jacobian import resolve_strategy
 
     def fresh() -> nn.Module:
         return copy.deepcopy(student)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from jacdistill_cli.jacobian import (basis_vectors, func_jacobian, matching_distance, one_hot_vectors,
+from jacdistill_cli.engine.jacobian import (basis_vectors, func_jacobian, matching_distance, one_hot_vectors,
                                      vector_jacobian_products)
 
 

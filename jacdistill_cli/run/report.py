@@ -19,7 +19,7 @@ from typing import Iterable
 from omegaconf import OmegaConf
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.runtime import job_dirname
+from jacdistill_cli.run.runtime import job_dirname
 
 SEED_KEY = "seed"
 # Columns of the printed table; the CSV has every numeric metric of metrics.json.

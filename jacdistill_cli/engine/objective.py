@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.jacobian import (affine_batchnorm, can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
+from jacdistill_cli.engine.jacobian import (affine_batchnorm, can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
                                      per_sample_batchnorm, recorded_batchnorm_statistics, resolve_strategy,
                                      running_batchnorm_statistics, statistics_closed)
-from jacdistill_cli.methods import METHODS, Matched, Passes, method_term
+from jacdistill_cli.engine.methods import METHODS, Matched, Passes, method_term
 
 
 def kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:

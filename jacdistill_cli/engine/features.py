@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli import jacobian as jacobians
-from jacdistill_cli.jacobian import matching_distance
+from jacdistill_cli.engine import jacobian as jacobians
+from jacdistill_cli.engine.jacobian import matching_distance
 
 FEATURE_METHODS = ("none", "attention", "hint")
 JACOBIAN_OF = ("logits", "features")
@@ -83,7 +83,7 @@ def parse_pairs(raw: Any, key: str = "features.pairs") -> list[tuple[str, str]] 
 
 def validate_features(cfg: DictConfig) -> None:
     """Check the `features` node and `jacobian.of`; raises UsageError naming the key and value."""
-    from jacdistill_cli import settings
+    from jacdistill_cli.config import settings
 
     of = jacobian_of(cfg)
     if of not in JACOBIAN_OF:
@@ -715,7 +715,7 @@ def build_objective_with_features(cfg: DictConfig, teacher: nn.Module, student: 
     """The run's objective: the distillation objective, wrapped with feature matching when
     features != none. Returns (objective, matching or None); the matching's parameters (hint
     regressors) are to be optimised with the student."""
-    from jacdistill_cli.objective import build_objective
+    from jacdistill_cli.engine.objective import build_objective
 
     matching = build_feature_matching(cfg, teacher, student, input_shape, device)
     if matching is None:
@@ -733,7 +733,7 @@ def check_feature_paths(cfg: DictConfig, student: nn.Module, input_shape: tuple[
     untrained model of the teacher's architecture (one line naming the nearest valid paths if not)."""
     if OmegaConf.select(cfg, "features.name", default="none") == "none":
         return
-    from jacdistill_cli.models import architecture, build_model
+    from jacdistill_cli.zoo.models import architecture, build_model
 
     teacher = build_model(architecture(cfg.teacher), input_shape, num_classes, "teacher")
     validate_paths(cfg, teacher, student, input_shape)

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jacdistill_cli.data import DataBundle, batches
-from jacdistill_cli.jacobian import class_gradients
-from jacdistill_cli.logger import RunLogger
-from jacdistill_cli.saliency import saliency_image
+from jacdistill_cli.zoo.data import DataBundle, batches
+from jacdistill_cli.engine.jacobian import class_gradients
+from jacdistill_cli.run.logger import RunLogger
+from jacdistill_cli.run.saliency import saliency_image
 
 log = logging.getLogger("jacdistill")
 

@@ -11,6 +11,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from jacdistill_cli.config.registry import label
 from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
@@ -21,6 +22,9 @@ def selected_methods(cfg: DictConfig) -> list[str]:
     from jacdistill_cli.proofs.verify import checkable_methods
 
     available = checkable_methods()
+    configured = label("jacobian", cfg.jacobian)
+    if configured not in available and configured != "none":
+        available.append(configured)   # a user's own method, checked as configured
     raw = cfg.methods
     if raw == "all":
         return available
@@ -38,10 +42,7 @@ def validate(cfg: DictConfig) -> list[str]:
     settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0")
     settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
     settings.choice(cfg, "device", settings.DEVICES)
-    settings.validate_jacobian(cfg)
-    from jacdistill_cli.engine.features import validate_features
-
-    validate_features(cfg)
+    settings.validate_methods(cfg)
     return selected_methods(cfg)
 
 
@@ -146,10 +147,11 @@ def run(cfg: DictConfig) -> int:
     configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
     mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))
     print(format_report(reports, mistake))
-    from jacdistill_cli.engine.features import feature_checks
+    from jacdistill_cli.config.registry import build
+    from jacdistill_cli.proofs.feature_checks import feature_checks
 
     # Features captured by hooks: attention and hint, each with the Jacobian of its features.
-    feature_reports = feature_checks(cfg, student, teacher, inputs, configured)
+    feature_reports = feature_checks(cfg, student, teacher, inputs, build("jacobian", configured))
     for feature_report in feature_reports:
         print("\n".join(feature_report.lines()))
     failed = [r.method for r in reports if not r.passed] + [f"features={r.method}" for r in feature_reports

@@ -7,6 +7,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from jacdistill_cli.config.registry import label
 from jacdistill_cli.errors import one_line_errors
 from jacdistill_cli.run.runtime import register_resolvers
 
@@ -24,7 +25,9 @@ def compact(node: DictConfig) -> str:
     from jacdistill_cli.zoo.models import architecture
 
     settings = architecture(node)
-    name = settings.pop("name", "?")
+    name = label("model", settings)
+    settings.pop("name", None)
+    settings.pop("_target_", None)
     return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
 
@@ -34,24 +37,24 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
     hparams: dict[str, Any] = {key: value for key, value in cfg.items()
                                if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
-    hparams["loss"] = cfg.loss.name
-    hparams["jacobian"] = cfg.jacobian.name
+    hparams["loss"] = label("loss", cfg.loss)
+    hparams["jacobian"] = label("jacobian", cfg.jacobian)
     for key, value in cfg.jacobian.items():
-        if key != "name" and isinstance(value, (int, float, str, bool)):
+        if key not in ("name", "_target_") and isinstance(value, (int, float, str, bool)):
             hparams[f"jacobian.{key}"] = value
     hparams["teacher"] = str(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else compact(cfg.teacher)
     hparams["student"] = compact(cfg.student)
-    hparams["dataset"] = cfg.dataset.name
+    hparams["dataset"] = label("dataset", cfg.dataset)
     hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
-    from jacdistill_cli.engine.features import parse_pairs
+    from jacdistill_cli.engine.pairs import parse_pairs
 
-    hparams["features"] = OmegaConf.select(cfg, "features.name", default="none")
+    hparams["features"] = label("features", cfg.features) if OmegaConf.select(cfg, "features") else "none"
     if hparams["features"] != "none":
         for key, value in cfg.features.items():
-            if key != "name":
+            if key not in ("name", "_target_"):
                 hparams[f"features.{key}"] = value if isinstance(value, (int, float, str, bool)) else (
                     "architecture defaults" if value is None else str([list(p) for p in parse_pairs(value)]))
-    hparams["optim"] = cfg.optim.name
+    hparams["optim"] = label("optim", cfg.optim)
     hparams["optim.lr"] = cfg.optim.lr
     hparams["trainer.epochs"] = cfg.trainer.epochs
     hparams["trainer.batch_size"] = cfg.trainer.batch_size
@@ -63,7 +66,7 @@ def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
     from jacdistill_cli.config import settings
 
-    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    objective_settings, optim_settings = settings.validate_train(cfg)  # before any work: nothing is written
 
     import logging
 
@@ -73,7 +76,7 @@ def run(cfg: DictConfig) -> float:
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
-    from jacdistill_cli.engine.features import build_objective_with_features, check_feature_paths
+    from jacdistill_cli.engine.objective import objective_from_settings
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
@@ -91,7 +94,10 @@ def run(cfg: DictConfig) -> float:
     data = build_data(cfg.dataset).to(device)
     spec = architecture(cfg.student)
     student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
-    check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
+    features = objective_settings.features
+    if features.name != "none":   # a wrong module path stops here, before a teacher is trained
+        features.matching(build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher"),
+                          student, data.input_shape)
     logger = RunLogger(run_dir)
     logger.layout(CHARTS)
     logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
@@ -105,13 +111,13 @@ def run(cfg: DictConfig) -> float:
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
         log.info(f"student {spec}: {count_parameters(student)} parameters; teacher: {count_parameters(teacher)}")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        objective, feature_matching = build_objective_with_features(cfg, teacher, student, data.input_shape, device,
-                                                                    generator)
+        objective, feature_matching = objective_from_settings(objective_settings, teacher, student,
+                                                              data.input_shape, device, generator)
         if feature_matching is not None:
             log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
         history = fit(student, teacher, objective, data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
-                      optim=cfg.optim, device=device, logger=logger,
+                      optim=optim_settings, device=device, logger=logger,
                       generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
                       objective_parameters=feature_matching.parameters() if feature_matching is not None else ())

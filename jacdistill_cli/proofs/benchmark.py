@@ -17,6 +17,7 @@ cleared before the loss's backward pass, so that its step is right.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from jacdistill_cli.engine.objective import Objective, kl
+from jacdistill_cli.engine.losses import kl
+from jacdistill_cli.engine.methods import Exact, NoJacobian
+from jacdistill_cli.engine.objective import distillation_objective
 
 
 def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:
@@ -109,8 +112,11 @@ def optimiser_step(student: nn.Module, loss_of: Callable[[], Tensor]) -> Callabl
 
 def objective_step(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, settings: Any,
                    alpha: float, temperature: float, seed: int) -> Callable[[], None]:
+    from jacdistill_cli.config.registry import build
+
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    objective = Objective("kl", temperature, alpha, 0.0, settings, generator)
+    objective = distillation_objective(functools.partial(kl, temperature=temperature), alpha, 0.0,
+                                       build("jacobian", settings), generator=generator)
     return optimiser_step(student, lambda: objective(student, teacher, x, y)[1]["total"])
 
 
@@ -161,9 +167,9 @@ def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strate
         naive_teacher = naive_jacobian(teacher(inputs), inputs).detach()
     errors = {}
     for strategy in strategies:
-        settings = OmegaConf.create({"name": "exact", "normalize": True, "squared": True, "batchnorm": "batch",
-                                     "strategy": strategy})
-        objective = Objective("kl", 1.0, 1.0, 0.0, settings, torch.Generator(device=x.device).manual_seed(seed))
+        method = Exact(normalize=True, squared=True, batchnorm="batch", strategy=strategy)
+        objective = distillation_objective(kl, 1.0, 0.0, method,
+                                           generator=torch.Generator(device=x.device).manual_seed(seed))
         work = copy.deepcopy(student)
         _, _, matched = objective.evaluate(work, teacher, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         ours_student = matched.student.movedim(0, 1).reshape(len(x), -1).detach()
@@ -193,7 +199,7 @@ def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tenso
         return copy.deepcopy(student)
 
     candidates = [Candidate("plain KD (jacobian=none)", "kd", objective_step(
-        fresh(), teacher, x, y, OmegaConf.create({"name": "none"}), alpha, temperature, seed))]
+        fresh(), teacher, x, y, OmegaConf.create({"_target_": f"{NoJacobian.__module__}.NoJacobian", "name": "none"}), alpha, temperature, seed))]
     for name in methods:
         if name == "exact":
             continue

@@ -8,6 +8,7 @@ so it is not part of the key; `teacher.samples_per_class` (when set) limits the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.logger import RunLogger
 from jacdistill_cli.zoo.models import architecture, build_model
+from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import cross_entropy_objective
 from jacdistill_cli.run.runtime import cache_directory
 from jacdistill_cli.run.trainer import evaluate, fit
@@ -75,8 +77,8 @@ def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logge
     data = data.for_teacher(samples, int(cfg.dataset.get("split_seed", cfg.seed)))
     torch.manual_seed(cfg.seed)
     model = build_model(spec, data.input_shape, data.num_classes, "teacher").to(device)
-    optim = OmegaConf.create({"name": "adam", "lr": cfg.teacher.lr, "weight_decay": cfg.teacher.weight_decay,
-                              "schedule": "cosine"})
+    optim = OptimSettings("adam", functools.partial(torch.optim.Adam, lr=cfg.teacher.lr,
+                                                    weight_decay=cfg.teacher.weight_decay), "cosine")
     generator = torch.Generator().manual_seed(cfg.seed)
     log.info(f"training teacher {spec} on {data.name} ({len(data.train)} training samples) "
              f"for {cfg.teacher.epochs} epochs")

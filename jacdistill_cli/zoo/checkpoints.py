@@ -23,7 +23,7 @@ from torch import nn
 
 from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.zoo.models import build_model
+from jacdistill_cli.zoo.models import build_model, with_target
 
 log = logging.getLogger("jacdistill")
 
@@ -86,7 +86,7 @@ def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
 
 def describe_architecture(spec: dict[str, Any]) -> str:
     """`resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
-    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "_target_"))
     return f"{spec.get('name')}({settings})"
 
 
@@ -100,7 +100,7 @@ def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[s
     if tuple(payload["input_shape"]) != tuple(data.input_shape):
         raise UsageError(f"{key} does not fit this run: the checkpoint takes inputs of shape "
                          f"{tuple(payload['input_shape'])}, dataset {data.name!r} gives {tuple(data.input_shape)}")
-    if spec is not None and dict(payload["architecture"]) != dict(spec):
+    if spec is not None and with_target(dict(payload["architecture"])) != with_target(dict(spec)):
         raise UsageError(f"{key} does not fit this run: the checkpoint is a "
                          f"{describe_architecture(payload['architecture'])}, the run asks for a "
                          f"{describe_architecture(spec)}; run with "
@@ -132,8 +132,8 @@ def matching_overrides(spec: dict[str, Any], group: str) -> str:
         if option.get("name") != spec.get("name"):
             continue
         differing = [f"{group}.{k}={_hydra_value(v)}" for k, v in spec.items()
-                     if k != "name" and option.get(k) != v]
-        differing += [f"~{group}.{k}" for k in option if k not in spec and k != "name"]
+                     if k not in ("name", "_target_") and option.get(k) != v]
+        differing += [f"~{group}.{k}" for k in option if k not in spec and k not in ("name", "_target_")]
         if best is None or len(differing) < best[0]:
             best = (len(differing), entry.name[:-len(".yaml")], differing)
     if best is None:
@@ -151,8 +151,11 @@ def _hydra_value(value: Any) -> str:
     return str(value)
 
 
-def model_from_checkpoint(payload: dict[str, Any], key: str) -> nn.Module:
-    model = build_model(payload["architecture"], tuple(payload["input_shape"]), payload["num_classes"], key)
+def model_from_checkpoint(payload: dict[str, Any], key: str, trusted: tuple[str, ...] = ()) -> nn.Module:
+    """The checkpoint's model with its weights. Its architecture's `_target_` must be jacdistill's own
+    or one of `trusted` (the targets the user's configuration names)."""
+    model = build_model(payload["architecture"], tuple(payload["input_shape"]), payload["num_classes"], key,
+                        trusted=tuple(trusted))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

@@ -27,15 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from jacdistill_cli.errors import UsageError, setting_error
 
-DATASETS: dict[str, Callable[[DictConfig], "DataBundle"]] = {}
+def dataset_builder(builder: Callable[[DictConfig], "DataBundle"]) -> Callable[..., "DataBundle"]:
+    """A shipped dataset's builder, called (as every dataset `_target_` is) with the node's settings as
+    keywords; it reads them as a node."""
 
+    def build(**settings: Any) -> "DataBundle":
+        return builder(OmegaConf.create(settings))
 
-def register_dataset(name: str):
-    def add(builder):
-        DATASETS[name] = builder
-        return builder
-
-    return add
+    build.__name__, build.__qualname__, build.__doc__ = builder.__name__, builder.__qualname__, builder.__doc__
+    build.__module__ = builder.__module__
+    return build
 
 
 @dataclass
@@ -161,10 +162,9 @@ class DataBundle:
 
 def build_data(cfg: DictConfig) -> DataBundle:
     """The bundle of the `dataset` node: the builder's splits, then `samples_per_class`."""
-    name = cfg.name
-    if name not in DATASETS:
-        raise UsageError(f"dataset.name={name!r} is not allowed: it must be one of {', '.join(DATASETS)}")
-    bundle = DATASETS[name](cfg)
+    from jacdistill_cli.config import registry
+
+    bundle = registry.build("dataset", cfg)
     bundle.config = OmegaConf.to_container(cfg, resolve=True)
     if bundle.config.get("root") is not None:
         # stored in checkpoints: `jacdistill evaluate` finds the files from any working directory
@@ -275,7 +275,7 @@ def digits_arrays() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(raw.target, dtype=torch.long)
 
 
-@register_dataset("digits")
+@dataset_builder
 def digits(cfg: DictConfig) -> DataBundle:
     """scikit-learn's handwritten digits: 1797 images of 1x8x8 in [0, 16], 10 classes.
     Augmentation: shifts of one pixel (no flips: digits are not mirror-symmetric)."""
@@ -290,7 +290,7 @@ def digits(cfg: DictConfig) -> DataBundle:
                       num_classes=10, input_shape=(1, 8, 8), mean=[mean], std=[std])
 
 
-@register_dataset("fake")
+@dataset_builder
 def fake(cfg: DictConfig) -> DataBundle:
     """Synthetic images of any shape and class count, in memory, the same for the same `data_seed`.
 
@@ -396,13 +396,13 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
                           10, (1, 28, 28), mean, std, augment)
 
 
-@register_dataset("mnist")
+@dataset_builder
 def mnist(cfg: DictConfig) -> DataBundle:
     """MNIST handwritten digits. Augmentation: shifts of up to 2 pixels, no flips."""
     return mnist_like(cfg, "mnist", "MNIST", flip=False)
 
 
-@register_dataset("fashion_mnist")
+@dataset_builder
 def fashion_mnist(cfg: DictConfig) -> DataBundle:
     """Fashion-MNIST clothing images. Augmentation: shifts of up to 2 pixels and horizontal flips."""
     return mnist_like(cfg, "fashion_mnist", "FashionMNIST", flip=True)
@@ -478,14 +478,14 @@ def pickle_errors() -> tuple[type[Exception], ...]:
     return (pickle.UnpicklingError, EOFError, KeyError, ValueError)
 
 
-@register_dataset("cifar10")
+@dataset_builder
 def cifar10(cfg: DictConfig) -> DataBundle:
     """CIFAR-10: 50000 training and 10000 test images, 10 classes. Augmentation: shifts of up to 4
     pixels (pad 4, crop 32) and horizontal flips."""
     return cifar(cfg, "cifar10", "CIFAR10", 10)
 
 
-@register_dataset("cifar100")
+@dataset_builder
 def cifar100(cfg: DictConfig) -> DataBundle:
     """CIFAR-100: 50000 training and 10000 test images, 100 classes. Augmentation as CIFAR-10."""
     return cifar(cfg, "cifar100", "CIFAR100", 100)
@@ -496,7 +496,7 @@ def cifar100(cfg: DictConfig) -> DataBundle:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-@register_dataset("imagefolder")
+@dataset_builder
 def imagefolder(cfg: DictConfig) -> DataBundle:
     """A directory of class folders (ROOT/<class>/<image>), read by torchvision's ImageFolder.
 

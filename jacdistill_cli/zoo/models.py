@@ -20,58 +20,57 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jacdistill_cli.errors import UsageError, setting_error
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from jacdistill_cli.config.checks import SettingError
+from jacdistill_cli.errors import UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
-NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class"}
-
-
-class ModelSettingError(Exception):
-    """A model setting out of range; `build_model` names it under its role (teacher./student.)."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        super().__init__(key, value, allowed)
-        self.key, self.value, self.allowed = key, value, allowed
-
-
-def register_model(name: str):
-    def add(builder):
-        MODELS[name] = builder
-        return builder
-
-    return add
+NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "weights"}
+PACKAGE_TARGETS = "jacdistill_cli."
+# Checkpoints written before models were chosen by `_target_` name their builder.
+LEGACY_NAMES = {"mlp": "mlp", "cnn": "cnn", "lenet5": "lenet5", "vgg": "vgg", "resnet_cifar": "resnet_cifar",
+                "wrn": "wrn", "torchvision": "torchvision_model"}
+ModelSettingError = SettingError   # a model setting out of range, named under its role by build_model
 
 
 def architecture(node: DictConfig) -> dict[str, Any]:
-    """The architecture of a teacher/student node as a plain dict: {"name": ..., settings...}."""
+    """The architecture of a teacher/student node as a plain dict: {"_target_": ..., "name": ..., settings...}."""
     spec = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
 
 
-def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, role: str = "model") -> nn.Module:
-    """role names the config group (teacher/student) in error messages."""
-    settings = dict(spec)
-    name = settings.pop("name", None)
-    if name not in MODELS:
-        raise UsageError(f"{role}.name={name!r} is not allowed: it must be one of {', '.join(sorted(MODELS))}")
-    builder = MODELS[name]
-    accepted = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
-    unknown = sorted(set(settings) - set(accepted))
-    if unknown:
-        raise UsageError(f"{role}.{unknown[0]} is not a setting of model {name!r}; its settings are: {', '.join(accepted)}")
-    try:
-        return builder(input_shape=tuple(input_shape), num_classes=num_classes, **settings)
-    except ModelSettingError as err:
-        raise setting_error(f"{role}.{err.key}", err.value, err.allowed) from None
+def with_target(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its `_target_` (a checkpoint of the legacy layout names only its builder)."""
+    if "_target_" in spec or spec.get("name") not in LEGACY_NAMES:
+        return spec
+    return {"_target_": f"{__name__}.{LEGACY_NAMES[spec['name']]}", **spec}
+
+
+def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, role: str = "model",
+                trusted: tuple[str, ...] | None = None) -> nn.Module:
+    """The model of `spec` (its `_target_` called as (input_shape, num_classes, **settings)), made
+    Jacobian-ready (engine/layers.py). `role` names the config group (teacher/student) in error
+    messages. A spec read from a checkpoint passes `trusted`, the targets the user's configuration
+    names: a target outside this package is then imported only if it is one of them."""
+    from jacdistill_cli.config import registry
+    from jacdistill_cli.engine.layers import make_jacobian_ready
+
+    spec = with_target(dict(spec))
+    target = str(spec.get("_target_", ""))
+    if trusted is not None and not target.startswith(PACKAGE_TARGETS) and target not in trusted:
+        raise UsageError(f"{role}: the checkpoint's model is built by {spec.get('_target_')!r}, which is not part of "
+                         f"jacdistill; give the same {role}._target_ in your configuration to trust it")
+    model = registry.build(role, spec, exclude=NOT_ARCHITECTURE, input_shape=tuple(input_shape),
+                           num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{role}._target_={spec.get('_target_')!r} is not allowed: it must return an nn.Module, "
+                         f"it returned {type(model).__name__}")
+    return make_jacobian_ready(model)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@register_model("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (64,), batchnorm: bool = False,
         dropout: float = 0.0) -> nn.Module:
     """Flatten, then Linear-(BatchNorm)-ReLU blocks of the given widths, then a linear classifier."""
@@ -89,7 +88,6 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (64,
     return nn.Sequential(*layers)
 
 
-@register_model("cnn")
 def cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (32, 64), hidden: int = 128,
         batchnorm: bool = True) -> nn.Module:
     """3x3 conv-(BatchNorm)-ReLU blocks, each max-pooled by 2 while the map is at least 4 wide,
@@ -123,7 +121,6 @@ def positive_number(key: str, value: Any) -> float:
     return float(value)
 
 
-@register_model("lenet5")
 def lenet5(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (6, 16),
            hidden: Sequence[int] = (120, 84), activation: str = "relu") -> nn.Module:
     """LeCun et al.'s LeNet-5: conv 5x5 (6) - pool 2 - conv 5x5 (16) - pool 2 - linear 120 - 84 - classes.
@@ -169,7 +166,6 @@ VGG_LAYOUTS: dict[int, list[int | str]] = {
 }
 
 
-@register_model("vgg")
 def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: float = 1.0,
         batchnorm: bool = True) -> nn.Module:
     """CIFAR-style VGG: 3x3 conv-(BatchNorm)-ReLU layers with 2x2 max pools (see VGG_LAYOUTS), global
@@ -238,7 +234,6 @@ class Backbone(nn.Module):
 RESNET_DEPTHS = "6n+2: 8, 14, 20, 32, 44, 56, 110"
 
 
-@register_model("resnet_cifar")
 def resnet_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 20,
                  channels: Sequence[int] = (16, 16, 32, 64)) -> nn.Module:
     """He et al.'s CIFAR ResNet in the CRD/mdistiller layout: a 3x3 stem of channels[0], then three
@@ -285,7 +280,6 @@ class WideBlock(nn.Module):
         return out + (x if self.project is None else self.project(activated))
 
 
-@register_model("wrn")
 def wrn(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: int = 2,
         dropout: float = 0.0) -> nn.Module:
     """Zagoruyko & Komodakis' wide ResNet WRN-depth-width: a 3x3 stem of 16 channels, three stages of
@@ -373,7 +367,6 @@ def _takes(model: nn.Module, channels: int, height: int, width: int) -> bool:
         return False
 
 
-@register_model("torchvision")
 def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resnet18",
                       image_size: int | None = None) -> nn.Module:
     """Any classification network of torchvision.models by name, randomly initialised, with the

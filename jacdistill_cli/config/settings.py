@@ -61,6 +61,20 @@ def validate_trainer(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         integer(cfg, "trainer.threads", low=1, allowed="it must be null (torch's default) or an integer >= 1")
     choice(cfg, "trainer.device", DEVICES)
+    integer(cfg, "trainer.devices", low=1, allowed="it must be an integer >= 1 (processes of data-parallel training)")
+    from jacdistill_cli.run.precision import PRECISIONS
+
+    precision = str(value(cfg, "trainer.precision"))
+    if precision not in PRECISIONS:
+        raise setting_error("trainer.precision", value(cfg, "trainer.precision"),
+                            f"it must be one of {', '.join(PRECISIONS)}")
+    if flag(cfg, "trainer.sync_batchnorm") and OmegaConf.select(cfg, "jacobian.batchnorm") == "batch":
+        raise setting_error("trainer.sync_batchnorm", True, "with jacobian.batchnorm=batch the per-sample Jacobians "
+                            "hold each rank's own BatchNorm statistics; use jacobian.batchnorm=running or coupled "
+                            "with synchronised BatchNorm, or trainer.sync_batchnorm=false")
+    if value(cfg, "trainer.devices") > 1 and OmegaConf.select(cfg, "jacobian.strategy") == "func":
+        raise setting_error("jacobian.strategy", "func", "with trainer.devices > 1 the student runs inside "
+                            "DistributedDataParallel, which torch.func cannot trace; use loop, batched or auto")
 
 
 def existing_file(cfg: DictConfig, key: str) -> None:

@@ -63,6 +63,11 @@ def keep_graph(output: Tensor) -> Tensor:
     return output
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (module paths are the model's own)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 class CaptureComplete(Exception):
     """Raised by the last hook of a capture with `stop_when_complete`: the rest of the forward
     pass is not needed."""
@@ -102,7 +107,7 @@ class FeatureCapture:
     def __enter__(self) -> "FeatureCapture":
         try:
             for index, (model, path, keep) in enumerate(self.targets):
-                module = model.get_submodule(path)
+                module = unwrapped(model).get_submodule(path)
                 self.handles.append(module.register_forward_hook(self._hook(index, path, keep)))
         except BaseException:
             self.close()

@@ -47,6 +47,7 @@ class Passes:
     teacher_strategy: str = "loop"
     student_forward: Callable[[Tensor], Tensor] | None = None   # the per-sample function, for `func`
     teacher_forward: Callable[[Tensor], Tensor] | None = None
+    scale: float = 1.0   # float16: input-gradients are taken of scale * logits and divided by it (AMP's recipe)
 
 
 @dataclass
@@ -69,22 +70,27 @@ def matching_term(matched: Matched, normalize: bool, squared: bool) -> Tensor:
 
 
 def _along(logits: Tensor, inputs: Tensor, vectors: Tensor, create_graph: bool, strategy: str,
-           forward: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """vectors [K, batch, classes] -> gradients [K, batch, *input] of one network."""
+           forward: Callable[[Tensor], Tensor] | None, scale: float = 1.0) -> Tensor:
+    """vectors [K, batch, classes] -> gradients [K, batch, *input] of one network. With `scale`, the
+    backward pass starts from scale * vectors (float16 keeps small gradients) and the result is
+    divided by it."""
     if strategy == "func":
         if forward is None:
             raise ValueError("strategy 'func' needs the network's forward function")
         jacobian = func_jacobian(forward, inputs)   # [batch, classes, *input]
         grads = torch.einsum("kbc,bc...->kb...", vectors, jacobian)
         return grads if create_graph else grads.detach()
+    if scale != 1.0:
+        return vector_jacobian_products(logits, inputs, vectors * scale, create_graph, strategy) / scale
     return vector_jacobian_products(logits, inputs, vectors, create_graph, strategy)
 
 
 def matched_along(p: Passes, vectors: Tensor, joint: bool) -> Matched:
     """Both networks' gradients along the same vectors [K, batch, classes]."""
     student = _along(p.student_logits, p.student_inputs, vectors, p.create_graph, p.student_strategy,
-                     p.student_forward)
-    teacher = _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward)
+                     p.student_forward, p.scale)
+    teacher = _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward,
+                     p.scale)
     return Matched(student, teacher, vectors, joint)
 
 

@@ -68,20 +68,21 @@ class Objective:
         self.needs = frozenset().union(*(t.needs for t in self.terms))
         self.weights = {t.name: float(t.weight) for t in self.terms}
 
-    def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, terms, _ = self.evaluate(student, teacher, inputs, labels)
+    def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale)
         return logits, terms
 
-    def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
-        """As calling it, plus the gradients the Jacobian term matched (None for methods without)."""
+    def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+        """As calling it, plus the gradients the Jacobian term matched (None for methods without).
+        `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale)."""
         make_jacobian_ready(student)
         make_jacobian_ready(teacher)
         gradients = "gradients" in self.needs and self.method.uses_gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
         with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
-            step = self.step(student, teacher, inputs, labels, gradients)
+            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale)
             values = {term.name: term(step) for term in self.terms}
             total = sum((self.weights[name] * value for name, value in values.items()),
                         step.student_logits.new_zeros(()))
@@ -89,7 +90,7 @@ class Objective:
         return step.student_logits, values, step.matched
 
     def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-             gradients: bool) -> Step:
+             gradients: bool, gradient_scale: float = 1.0) -> Step:
         if self.method.perturbs_inputs:
             inputs, labels = self.method.perturb(inputs, labels, self.generator)
         student_gate, teacher_gate = gate_of(student), gate_of(teacher)
@@ -130,7 +131,7 @@ class Objective:
                                 create_graph=create_graph, generator=self.generator,
                                 student_strategy=strategy,
                                 teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
-                                student_forward=student, teacher_forward=teacher)
+                                student_forward=student, teacher_forward=teacher, scale=gradient_scale)
                 step.jacobian_distance, step.matched = self.method.term(passes)
         return step
 
@@ -207,8 +208,8 @@ def objective_from_settings(settings: Any, teacher: nn.Module, student: nn.Modul
     return objective, matching
 
 
-def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor,
-                            labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor, labels: Tensor,
+                            gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain supervised training (of a teacher): the hard-label term only."""
     import torch.nn.functional as F
 

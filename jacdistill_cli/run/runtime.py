@@ -55,11 +55,15 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
 
-def select_device(name: str):
+def select_device(name: str, local_rank: int | None = None):
+    """The training device; under torch.distributed each rank takes GPU `local_rank` (CPU ranks share the CPU)."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("trainer.device='cuda' is not allowed: torch sees no CUDA GPU on this machine; "
                          "use trainer.device=auto or trainer.device=cpu")

@@ -27,6 +27,7 @@ from jacdistill_cli.run.logger import RunLogger
 from jacdistill_cli.zoo.models import architecture, build_model
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import cross_entropy_objective
+from jacdistill_cli.run.distributed import SINGLE, World, broadcast
 from jacdistill_cli.run.runtime import cache_directory
 from jacdistill_cli.run.trainer import evaluate, fit
 
@@ -90,9 +91,23 @@ def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logge
     return model, make_checkpoint(model, "teacher", spec, data, metrics)
 
 
-def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
-                   logger: RunLogger) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher and facts about it: source (checkpoint|cache|trained), path, metrics."""
+def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logger: RunLogger,
+                   world: World = SINGLE) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen teacher and facts about it: source (checkpoint|cache|trained), path, metrics. Under
+    torch.distributed rank 0 obtains it (trains it at most once) and shares it with the other ranks."""
+    shared = teacher_payload(cfg, data, device, logger) if world.main else None
+    payload, source, path = broadcast(shared, world)
+    model = freeze(model_from_checkpoint(payload, "teacher.checkpoint").to(device))
+    metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
+    test = evaluate(model, None, data.test, cfg.trainer.eval_batch_size, device)["accuracy"]
+    metrics["teacher_test_accuracy"] = test
+    log.info(f"teacher ({source}: {path}) test accuracy {test:.4f}")
+    return model, {"source": source, "path": str(path), **metrics}
+
+
+def teacher_payload(cfg: DictConfig, data: DataBundle, device: torch.device,
+                    logger: RunLogger) -> tuple[dict[str, Any], str, Path]:
+    """(the teacher's checkpoint payload, its source, its path): loaded, cached, or trained and cached."""
     spec = architecture(cfg.teacher)
     if cfg.teacher.checkpoint is not None:
         key = "teacher.checkpoint"
@@ -114,9 +129,4 @@ def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
             model, payload = train_teacher(cfg, data, device, logger)
             save_checkpoint(payload, path)
             source = "trained"
-    model = freeze(model_from_checkpoint(payload, "teacher.checkpoint").to(device))
-    metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
-    test = evaluate(model, None, data.test, cfg.trainer.eval_batch_size, device)["accuracy"]
-    metrics["teacher_test_accuracy"] = test
-    log.info(f"teacher ({source}: {path}) test accuracy {test:.4f}")
-    return model, {"source": source, "path": str(path), **metrics}
+    return payload, source, path

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, model_from_checkpoint,
-                                        save_checkpoint)
+from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, load_teacher_checkpoint, make_checkpoint,
+                                            model_from_checkpoint, save_checkpoint)
 from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.logger import RunLogger
@@ -94,7 +94,7 @@ def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
     spec = architecture(cfg.teacher)
     if cfg.teacher.checkpoint is not None:
         key = "teacher.checkpoint"
-        payload = load_checkpoint(cfg.teacher.checkpoint, key)
+        payload = load_teacher_checkpoint(cfg.teacher.checkpoint, key, spec, data)
         check_fits(payload, key, data, spec, group="teacher")
         source, path = "checkpoint", Path(str(cfg.teacher.checkpoint)).expanduser().resolve()
     else:

@@ -175,8 +175,9 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
     """CIFAR-style VGG: 3x3 conv-(BatchNorm)-ReLU layers with 2x2 max pools (see VGG_LAYOUTS), global
     average pooling, one linear classifier. `depth` counts the weight layers: VGG-9 (8 convs, the
     conv stack of VGG-11) and VGG-4 (3 convs) are the ICML 2018 paper's teacher and student; depth 6
-    is the layout CRD/mdistiller call vgg8. `width` scales every channel count. A pool is skipped
-    where the map is narrower than 2, so small inputs (8x8, 28x28) fit.
+    has the channels of CRD/mdistiller's vgg8 but not its pooling or conv biases (`vgg_cifar` is
+    that network). `width` scales every channel count. A pool is skipped where the map is narrower
+    than 2, so small inputs (8x8, 28x28) fit.
     """
     if depth not in VGG_LAYOUTS:
         raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_LAYOUTS))}")
@@ -197,6 +198,66 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
     return nn.Sequential(*layers)
+
+
+# CRD/mdistiller's CIFAR VGGs (models/vgg.py of RepDistiller): five blocks of 3x3 convolutions by depth.
+VGG_CIFAR_BLOCKS: dict[int, list[list[int]]] = {
+    8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+    13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    19: [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+class BlockVGG(nn.Module):
+    """block0 .. block4 (each conv3x3 with bias - BatchNorm - ReLU, repeated), pool0 .. pool3 after the
+    first four (a 2x2 max pool, or nothing where `pooled` says no), global average pooling, `classifier`.
+    The module names are those of the published files, so their state_dicts load as they are."""
+
+    def __init__(self, blocks: list[nn.Sequential], pooled: list[bool], features: int, num_classes: int):
+        super().__init__()
+        for i, block in enumerate(blocks):
+            setattr(self, f"block{i}", block)
+        for i, pool in enumerate(pooled):
+            setattr(self, f"pool{i}", nn.MaxPool2d(2) if pool else nn.Identity())
+        self.depth = len(blocks)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x)
+            if i < self.depth - 1:
+                x = getattr(self, f"pool{i}")(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model("vgg_cifar")
+def vgg_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 8, width: float = 1.0) -> nn.Module:
+    """CRD/mdistiller's BatchNorm VGG for CIFAR (their vgg8_bn, vgg13_bn, ...; the published vgg8 and
+    vgg13 teachers): five blocks of conv3x3 (with bias) - BatchNorm - ReLU layers (VGG_CIFAR_BLOCKS;
+    `depth` is the number in the name, the convolutions plus three as ImageNet VGG counts: vgg8 has 5
+    convolutions, vgg13 has 10), a 2x2 max pool after blocks 0, 1 and 2, and after block 3 while the map
+    is still wider than 4 (32x32 inputs reach blocks 3 and 4 at 4x4, 64x64 inputs are pooled once more,
+    as in the original code), global average pooling, one linear layer. A pool is skipped where the map
+    is narrower than 2. `width` scales every channel count (1.0: the published network)."""
+    if depth not in VGG_CIFAR_BLOCKS:
+        raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_CIFAR_BLOCKS))}")
+    width = positive_number("width", width)
+    in_channels, size = input_shape[0], min(input_shape[1], input_shape[2])
+    blocks, pooled = [], []
+    for i, convs in enumerate(VGG_CIFAR_BLOCKS[depth]):
+        layers: list[nn.Module] = []
+        for channels in convs:
+            out_channels = scaled(channels, width)
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+            in_channels = out_channels
+        blocks.append(nn.Sequential(*layers))
+        if i < 4:
+            pool = size >= 2 and (i < 3 or size > 4)
+            pooled.append(pool)
+            size = size // 2 if pool else size
+    return BlockVGG(blocks, pooled, in_channels, num_classes)
 
 
 class BasicBlock(nn.Module):

@@ -92,7 +92,15 @@ def validate_teacher_training(cfg: DictConfig) -> None:
 def validate_optim(cfg: DictConfig) -> None:
     real(cfg, "optim.lr", low=0, low_open=True, allowed="it must be a number > 0")
     real(cfg, "optim.weight_decay", low=0, allowed="it must be a number >= 0")
-    choice(cfg, "optim.schedule", ("cosine", "constant"))
+    if choice(cfg, "optim.schedule", ("cosine", "constant", "multistep")) == "multistep":
+        milestones = OmegaConf.select(cfg, "optim.milestones", default=None)
+        listed = OmegaConf.to_container(milestones) if OmegaConf.is_list(milestones) else milestones
+        if not (isinstance(listed, list) and listed and all(isinstance(m, int) and not isinstance(m, bool)
+                                                            and m >= 1 for m in listed)
+                and listed == sorted(set(listed))):
+            raise setting_error("optim.milestones", listed, "with optim.schedule=multistep it must be a list of "
+                                "increasing epochs >= 1, e.g. [150,180,210]")
+        real(cfg, "optim.gamma", low=0, high=1, low_open=True, allowed="it must be a number in (0, 1]")
     if cfg.optim.name == "sgd":
         real(cfg, "optim.momentum", low=0, high=1, allowed="it must be a number in [0, 1]")
 

@@ -90,9 +90,16 @@ def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logge
 
 def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
                    logger: RunLogger) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher and facts about it: source (checkpoint|cache|trained), path, metrics."""
+    """The frozen teacher and facts about it: source (weights|checkpoint|cache|trained), path, metrics."""
     spec = architecture(cfg.teacher)
-    if cfg.teacher.checkpoint is not None:
+    model = None
+    if cfg.teacher.checkpoint is None and spec.get("weights") is not None:
+        # Published weights (torchvision's ImageNet teachers): used as they are, never trained or cached.
+        model = build_model(spec, data.input_shape, data.num_classes, "teacher")
+        payload = make_checkpoint(model, "teacher", spec, data, {})
+        source, path = "weights", spec["weights"]
+        log.info(f"teacher {spec['arch']} with weights {path}")
+    elif cfg.teacher.checkpoint is not None:
         key = "teacher.checkpoint"
         payload = load_teacher_checkpoint(cfg.teacher.checkpoint, key, spec, data)
         check_fits(payload, key, data, spec, group="teacher")
@@ -109,10 +116,12 @@ def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
                 log.warning(f"ignoring the cached teacher at {path} and training anew: {err}")
                 payload = None
         if payload is None:
-            model, payload = train_teacher(cfg, data, device, logger)
+            _, payload = train_teacher(cfg, data, device, logger)
             save_checkpoint(payload, path)
             source = "trained"
-    model = freeze(model_from_checkpoint(payload, "teacher.checkpoint").to(device))
+    if model is None:
+        model = model_from_checkpoint(payload, "teacher.checkpoint")
+    model = freeze(model.to(device))
     metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
     test = evaluate(model, None, data.test, cfg.trainer.eval_batch_size, device)["accuracy"]
     metrics["teacher_test_accuracy"] = test

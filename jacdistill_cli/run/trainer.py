@@ -21,7 +21,8 @@ log = logging.getLogger("jacdistill")
 
 
 def make_optimizer(params, optim: Any, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam or SGD from the `optim` node, with a per-epoch cosine or constant schedule."""
+    """Adam or SGD from the `optim` node, with a per-epoch cosine, constant or multistep schedule
+    (multistep: lr times `gamma` after each epoch listed in `milestones`, as the CIFAR benchmark's recipe)."""
     if optim.name == "sgd":
         optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=bool(optim.nesterov),
                                     weight_decay=optim.weight_decay)
@@ -29,6 +30,9 @@ def make_optimizer(params, optim: Any, epochs: int) -> tuple[torch.optim.Optimiz
         optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
     if optim.get("schedule", "cosine") == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    elif optim.schedule == "multistep":
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(optim.milestones),
+                                                        gamma=optim.gamma)
     else:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     return optimizer, schedule

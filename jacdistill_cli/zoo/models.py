@@ -434,14 +434,67 @@ def _takes(model: nn.Module, channels: int, height: int, width: int) -> bool:
         return False
 
 
+WEIGHTS_ALLOWED = ("it must be null (random initialisation), a torchvision weights name of the model such as "
+                   "ResNet18_Weights.IMAGENET1K_V1 (downloaded where there is network), or the path of a state_dict "
+                   "file of it (such as the file that name downloads)")
+
+
+def pretrained_network(arch: str, num_classes: int, weights: str, options: dict[str, Any]) -> nn.Module:
+    """torchvision network `arch` with `weights`: a weights name of torchvision (torch's hub cache holds
+    the download), or the path of a state_dict file of the network, loaded strictly and weights-only."""
+    import os
+
+    import torchvision
+
+    if not isinstance(weights, str) or not weights:
+        raise ModelSettingError("weights", weights, WEIGHTS_ALLOWED)
+    path = os.path.expanduser(weights)
+    if os.path.isfile(path) or os.sep in weights or weights.endswith((".pt", ".pth")):
+        if not os.path.isfile(path):
+            raise ModelSettingError("weights", weights, f"no such file; {WEIGHTS_ALLOWED}")
+        from jacdistill_cli.zoo.checkpoints import unpickling_reason
+
+        net = torchvision.models.get_model(arch, **options)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ModelSettingError("weights", weights, f"{unpickling_reason(path, err)}; {WEIGHTS_ALLOWED}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ModelSettingError("weights", weights, f"the file holds no state_dict; {WEIGHTS_ALLOWED}")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelSettingError("weights", weights, f"its tensors do not fit {arch} with {num_classes} classes: "
+                                    f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}")
+        return net
+    try:
+        enum = torchvision.models.get_weight(weights)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelSettingError("weights", weights, f"it names no weights of torchvision; {WEIGHTS_ALLOWED}") from None
+    if not isinstance(enum, torchvision.models.get_model_weights(arch)):
+        raise ModelSettingError("weights", weights, f"they are not weights of {arch}; its weights are "
+                                + ", ".join(str(w) for w in torchvision.models.get_model_weights(arch)))
+    classes = len(enum.meta.get("categories") or [])
+    if classes != num_classes:
+        raise ModelSettingError("weights", weights, f"they classify {classes} classes, the dataset has {num_classes}")
+    options = {k: v for k, v in options.items() if k not in ("weights", "init_weights")}
+    try:
+        return torchvision.models.get_model(arch, **{**options, "weights": enum})
+    except OSError as err:  # no network: urllib's URLError is an OSError
+        raise ModelSettingError("weights", weights, f"downloading {enum.url} failed ({err}); on a machine without "
+                                "network, download that file elsewhere and give its path") from None
+
+
 @register_model("torchvision")
 def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resnet18",
-                      image_size: int | None = None) -> nn.Module:
-    """Any classification network of torchvision.models by name, randomly initialised, with the
-    dataset's class count. `image_size`: the square size inputs are resized to; null picks the
-    input's own size when at least 32 and the network takes it, else the smallest of 32, 64, 96,
-    128, 160, 224, 299 that it takes. In-place activations are switched off and hard-sigmoid/swish
-    replaced by equal twice-differentiable ones, for double backward."""
+                      image_size: int | None = None, weights: str | None = None) -> nn.Module:
+    """Any classification network of torchvision.models by name, with the dataset's class count:
+    randomly initialised, or with `weights` (a torchvision weights name such as
+    ResNet18_Weights.IMAGENET1K_V1, or a state_dict file: see `pretrained_network`), for the
+    ImageNet-scale teachers torchvision publishes. `image_size`: the square size inputs are resized
+    to; null picks the input's own size when at least 32 and the network takes it, else the smallest
+    of 32, 64, 96, 128, 160, 224, 299 that it takes. In-place activations are switched off and
+    hard-sigmoid/swish replaced by equal twice-differentiable ones, for double backward."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -452,7 +505,11 @@ def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str 
     options: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         options.update(aux_logits=False, init_weights=True)
-    net = twice_differentiable(torchvision.models.get_model(arch, **options))
+    if weights is None:
+        net = torchvision.models.get_model(arch, **options)
+    else:
+        net = pretrained_network(arch, num_classes, weights, options)
+    net = twice_differentiable(net)
     adapted = TorchvisionClassifier(net, input_shape[0], None)
     adapted.eval()
     height, width = input_shape[1], input_shape[2]

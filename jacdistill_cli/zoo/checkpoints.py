@@ -81,7 +81,8 @@ def numpy_globals() -> list:
     allowed: list = [np.dtype, np.ndarray]
     for name in ("scalar", "_reconstruct"):
         function = getattr(core, name)
-        allowed += [function, (function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
+        allowed += [function, (function, f"numpy.core.multiarray.{name}"),
+                    (function, f"numpy._core.multiarray.{name}")]
     for kind in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                  np.float16, np.float32, np.float64):
         allowed.append(type(np.dtype(kind)))  # numpy.dtypes.Float64DType, ...

@@ -139,6 +139,14 @@ def test_torchvision_weights_from_a_state_dict_file_load_strictly(tmp_path):
     with pytest.raises(UsageError, match=r"teacher.weights='.*missing.pth' is not allowed: no such file"):
         build_model({"name": "torchvision", "arch": "squeezenet1_1", "weights": str(tmp_path / "missing.pth")},
                     (3, 32, 32), 10, "teacher")
+    # A checkpoint of a network started from weights is read back without their file (or a download).
+    from jacdistill_cli.zoo.checkpoints import model_from_checkpoint
+
+    payload = {"architecture": {"name": "torchvision", "arch": "squeezenet1_1", "weights": str(path)},
+               "input_shape": [3, 32, 32], "num_classes": 10, "state_dict": loaded.state_dict()}
+    path.unlink()
+    rebuilt = model_from_checkpoint(payload, "checkpoint")
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in loaded.state_dict().items())
 
 
 @pytest.mark.parametrize("weights,message", [

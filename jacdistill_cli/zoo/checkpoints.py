@@ -196,7 +196,7 @@ def matching_overrides(spec: dict[str, Any], group: str) -> str:
             continue
         differing = [f"{group}.{k}={_hydra_value(v)}" for k, v in spec.items()
                      if k != "name" and option.get(k) != v]
-        differing += [f"~{group}.{k}" for k in option if k not in spec and k != "name"]
+        differing += [f"~{group}.{k}" for k in option if k not in spec and k != "name" and option[k] is not None]
         if best is None or len(differing) < best[0]:
             best = (len(differing), entry.name[:-len(".yaml")], differing)
     if best is None:
@@ -215,7 +215,10 @@ def _hydra_value(value: Any) -> str:
 
 
 def model_from_checkpoint(payload: dict[str, Any], key: str) -> nn.Module:
-    model = build_model(payload["architecture"], tuple(payload["input_shape"]), payload["num_classes"], key)
+    # The state_dict replaces any initial weights: a network started from published `weights` is rebuilt
+    # without them, so that reading its checkpoint needs neither their file nor a download.
+    spec = {k: v for k, v in payload["architecture"].items() if k != "weights"}
+    model = build_model(spec, tuple(payload["input_shape"]), payload["num_classes"], key)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

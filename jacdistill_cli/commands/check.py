@@ -60,7 +60,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     """(student in train mode, frozen teacher, where the teacher comes from)."""
     import torch
 
-    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.checkpoints import check_fits, load_teacher_checkpoint, model_from_checkpoint
     from jacdistill_cli.zoo.models import architecture, build_model
     from jacdistill_cli.run.teacher import freeze
 
@@ -68,7 +68,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student").to(device)
     student.train()
     if cfg.teacher.checkpoint is not None:
-        payload = load_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
+        payload = load_teacher_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint", architecture(cfg.teacher), data)
         check_fits(payload, "teacher.checkpoint", data, architecture(cfg.teacher))
         teacher = model_from_checkpoint(payload, "teacher.checkpoint")
         source = f"checkpoint {cfg.teacher.checkpoint}"

@@ -102,13 +102,17 @@ def validate_optim(cfg: DictConfig) -> "OptimSettings":
     real(cfg, "optim.lr", low=0, low_open=True, allowed="it must be a number > 0")
     real(cfg, "optim.weight_decay", low=0, allowed="it must be a number >= 0")
     schedule = choice(cfg, "optim.schedule", SCHEDULES)
+    if schedule == "multistep":
+        milestones = OmegaConf.select(cfg, "optim.milestones", default=None)
+        listed = OmegaConf.to_container(milestones) if OmegaConf.is_list(milestones) else milestones
+        if not (isinstance(listed, list) and listed and all(isinstance(m, int) and not isinstance(m, bool)
+                                                            and m >= 1 for m in listed)
+                and listed == sorted(set(listed))):
+            raise setting_error("optim.milestones", listed, "with optim.schedule=multistep it must be a list of "
+                                "increasing epochs >= 1, e.g. [150,180,210]")
+        real(cfg, "optim.gamma", low=0, high=1, low_open=True, allowed="it must be a number in (0, 1]")
     if OmegaConf.select(cfg, "optim.momentum") is not None:
         real(cfg, "optim.momentum", low=0, high=1, allowed="it must be a number in [0, 1]")
-    if schedule == "multistep":
-        milestones = value(cfg, "optim.milestones")
-        if not OmegaConf.is_list(milestones) or not all(isinstance(m, int) and m >= 1 for m in milestones):
-            raise setting_error("optim.milestones", milestones, "it must be a list of epochs (integers >= 1)")
-        real(cfg, "optim.gamma", low=0, low_open=True, high=1, allowed="it must be a number in (0, 1]")
     exclude = ("schedule", "milestones", "gamma")
     build = registry.bind("optim", cfg.optim, exclude=exclude, positional=1)
     return OptimSettings(registry.label("optim", cfg.optim), build, schedule,

@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, model_from_checkpoint,
-                                        save_checkpoint)
+from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, load_teacher_checkpoint, make_checkpoint,
+                                            model_from_checkpoint, save_checkpoint)
 from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.logger import RunLogger
@@ -93,7 +93,7 @@ def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logge
 
 def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logger: RunLogger,
                    world: World = SINGLE) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen teacher and facts about it: source (checkpoint|cache|trained), path, metrics. Under
+    """The frozen teacher and facts about it: source (weights|checkpoint|cache|trained), path, metrics. Under
     torch.distributed rank 0 obtains it (trains it at most once) and shares it with the other ranks."""
     shared = teacher_payload(cfg, data, device, logger) if world.main else None
     payload, source, path = broadcast(shared, world)
@@ -109,9 +109,15 @@ def teacher_payload(cfg: DictConfig, data: DataBundle, device: torch.device,
                     logger: RunLogger) -> tuple[dict[str, Any], str, Path]:
     """(the teacher's checkpoint payload, its source, its path): loaded, cached, or trained and cached."""
     spec = architecture(cfg.teacher)
-    if cfg.teacher.checkpoint is not None:
+    if cfg.teacher.checkpoint is None and spec.get("weights") is not None:
+        # Published weights (torchvision's ImageNet teachers): used as they are, never trained or cached.
+        model = build_model(spec, data.input_shape, data.num_classes, "teacher")
+        payload = make_checkpoint(model, "teacher", spec, data, {})
+        source, path = "weights", spec["weights"]
+        log.info(f"teacher {spec['arch']} with weights {path}")
+    elif cfg.teacher.checkpoint is not None:
         key = "teacher.checkpoint"
-        payload = load_checkpoint(cfg.teacher.checkpoint, key)
+        payload = load_teacher_checkpoint(cfg.teacher.checkpoint, key, spec, data)
         check_fits(payload, key, data, spec, group="teacher")
         source, path = "checkpoint", Path(str(cfg.teacher.checkpoint)).expanduser().resolve()
     else:
@@ -126,7 +132,7 @@ def teacher_payload(cfg: DictConfig, data: DataBundle, device: torch.device,
                 log.warning(f"ignoring the cached teacher at {path} and training anew: {err}")
                 payload = None
         if payload is None:
-            model, payload = train_teacher(cfg, data, device, logger)
+            _, payload = train_teacher(cfg, data, device, logger)
             save_checkpoint(payload, path)
             source = "trained"
     return payload, source, path

@@ -28,7 +28,7 @@ NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", 
 PACKAGE_TARGETS = "jacdistill_cli."
 # Checkpoints written before models were chosen by `_target_` name their builder.
 LEGACY_NAMES = {"mlp": "mlp", "cnn": "cnn", "lenet5": "lenet5", "vgg": "vgg", "resnet_cifar": "resnet_cifar",
-                "wrn": "wrn", "torchvision": "torchvision_model"}
+                "wrn": "wrn", "torchvision": "torchvision_model", "vgg_cifar": "vgg_cifar"}
 ModelSettingError = SettingError   # a model setting out of range, named under its role by build_model
 
 
@@ -171,8 +171,9 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
     """CIFAR-style VGG: 3x3 conv-(BatchNorm)-ReLU layers with 2x2 max pools (see VGG_LAYOUTS), global
     average pooling, one linear classifier. `depth` counts the weight layers: VGG-9 (8 convs, the
     conv stack of VGG-11) and VGG-4 (3 convs) are the ICML 2018 paper's teacher and student; depth 6
-    is the layout CRD/mdistiller call vgg8. `width` scales every channel count. A pool is skipped
-    where the map is narrower than 2, so small inputs (8x8, 28x28) fit.
+    has the channels of CRD/mdistiller's vgg8 but not its pooling or conv biases (`vgg_cifar` is
+    that network). `width` scales every channel count. A pool is skipped where the map is narrower
+    than 2, so small inputs (8x8, 28x28) fit.
     """
     if depth not in VGG_LAYOUTS:
         raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_LAYOUTS))}")
@@ -193,6 +194,65 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
     return nn.Sequential(*layers)
+
+
+# CRD/mdistiller's CIFAR VGGs (models/vgg.py of RepDistiller): five blocks of 3x3 convolutions by depth.
+VGG_CIFAR_BLOCKS: dict[int, list[list[int]]] = {
+    8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+    13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    19: [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+class BlockVGG(nn.Module):
+    """block0 .. block4 (each conv3x3 with bias - BatchNorm - ReLU, repeated), pool0 .. pool3 after the
+    first four (a 2x2 max pool, or nothing where `pooled` says no), global average pooling, `classifier`.
+    The module names are those of the published files, so their state_dicts load as they are."""
+
+    def __init__(self, blocks: list[nn.Sequential], pooled: list[bool], features: int, num_classes: int):
+        super().__init__()
+        for i, block in enumerate(blocks):
+            setattr(self, f"block{i}", block)
+        for i, pool in enumerate(pooled):
+            setattr(self, f"pool{i}", nn.MaxPool2d(2) if pool else nn.Identity())
+        self.depth = len(blocks)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x)
+            if i < self.depth - 1:
+                x = getattr(self, f"pool{i}")(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def vgg_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 8, width: float = 1.0) -> nn.Module:
+    """CRD/mdistiller's BatchNorm VGG for CIFAR (their vgg8_bn, vgg13_bn, ...; the published vgg8 and
+    vgg13 teachers): five blocks of conv3x3 (with bias) - BatchNorm - ReLU layers (VGG_CIFAR_BLOCKS;
+    `depth` is the number in the name, the convolutions plus three as ImageNet VGG counts: vgg8 has 5
+    convolutions, vgg13 has 10), a 2x2 max pool after blocks 0, 1 and 2, and after block 3 while the map
+    is still wider than 4 (32x32 inputs reach blocks 3 and 4 at 4x4, 64x64 inputs are pooled once more,
+    as in the original code), global average pooling, one linear layer. A pool is skipped where the map
+    is narrower than 2. `width` scales every channel count (1.0: the published network)."""
+    if depth not in VGG_CIFAR_BLOCKS:
+        raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_CIFAR_BLOCKS))}")
+    width = positive_number("width", width)
+    in_channels, size = input_shape[0], min(input_shape[1], input_shape[2])
+    blocks, pooled = [], []
+    for i, convs in enumerate(VGG_CIFAR_BLOCKS[depth]):
+        layers: list[nn.Module] = []
+        for channels in convs:
+            out_channels = scaled(channels, width)
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+            in_channels = out_channels
+        blocks.append(nn.Sequential(*layers))
+        if i < 4:
+            pool = size >= 2 and (i < 3 or size > 4)
+            pooled.append(pool)
+            size = size // 2 if pool else size
+    return BlockVGG(blocks, pooled, in_channels, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -367,13 +427,66 @@ def _takes(model: nn.Module, channels: int, height: int, width: int) -> bool:
         return False
 
 
+WEIGHTS_ALLOWED = ("it must be null (random initialisation), a torchvision weights name of the model such as "
+                   "ResNet18_Weights.IMAGENET1K_V1 (downloaded where there is network), or the path of a state_dict "
+                   "file of it (such as the file that name downloads)")
+
+
+def pretrained_network(arch: str, num_classes: int, weights: str, options: dict[str, Any]) -> nn.Module:
+    """torchvision network `arch` with `weights`: a weights name of torchvision (torch's hub cache holds
+    the download), or the path of a state_dict file of the network, loaded strictly and weights-only."""
+    import os
+
+    import torchvision
+
+    if not isinstance(weights, str) or not weights:
+        raise ModelSettingError("weights", weights, WEIGHTS_ALLOWED)
+    path = os.path.expanduser(weights)
+    if os.path.isfile(path) or os.sep in weights or weights.endswith((".pt", ".pth")):
+        if not os.path.isfile(path):
+            raise ModelSettingError("weights", weights, f"no such file; {WEIGHTS_ALLOWED}")
+        from jacdistill_cli.zoo.checkpoints import unpickling_reason
+
+        net = torchvision.models.get_model(arch, **options)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ModelSettingError("weights", weights, f"{unpickling_reason(path, err)}; {WEIGHTS_ALLOWED}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ModelSettingError("weights", weights, f"the file holds no state_dict; {WEIGHTS_ALLOWED}")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelSettingError("weights", weights, f"its tensors do not fit {arch} with {num_classes} classes: "
+                                    f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}")
+        return net
+    try:
+        enum = torchvision.models.get_weight(weights)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelSettingError("weights", weights, f"it names no weights of torchvision; {WEIGHTS_ALLOWED}") from None
+    if not isinstance(enum, torchvision.models.get_model_weights(arch)):
+        raise ModelSettingError("weights", weights, f"they are not weights of {arch}; its weights are "
+                                + ", ".join(str(w) for w in torchvision.models.get_model_weights(arch)))
+    classes = len(enum.meta.get("categories") or [])
+    if classes != num_classes:
+        raise ModelSettingError("weights", weights, f"they classify {classes} classes, the dataset has {num_classes}")
+    options = {k: v for k, v in options.items() if k not in ("weights", "init_weights")}
+    try:
+        return torchvision.models.get_model(arch, **{**options, "weights": enum})
+    except OSError as err:  # no network: urllib's URLError is an OSError
+        raise ModelSettingError("weights", weights, f"downloading {enum.url} failed ({err}); on a machine without "
+                                "network, download that file elsewhere and give its path") from None
+
+
 def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resnet18",
-                      image_size: int | None = None) -> nn.Module:
-    """Any classification network of torchvision.models by name, randomly initialised, with the
-    dataset's class count. `image_size`: the square size inputs are resized to; null picks the
-    input's own size when at least 32 and the network takes it, else the smallest of 32, 64, 96,
-    128, 160, 224, 299 that it takes. In-place activations are switched off and hard-sigmoid/swish
-    replaced by equal twice-differentiable ones, for double backward."""
+                      image_size: int | None = None, weights: str | None = None) -> nn.Module:
+    """Any classification network of torchvision.models by name, with the dataset's class count:
+    randomly initialised, or with `weights` (a torchvision weights name such as
+    ResNet18_Weights.IMAGENET1K_V1, or a state_dict file: see `pretrained_network`), for the
+    ImageNet-scale teachers torchvision publishes. `image_size`: the square size inputs are resized
+    to; null picks the input's own size when at least 32 and the network takes it, else the smallest
+    of 32, 64, 96, 128, 160, 224, 299 that it takes. In-place activations are switched off and
+    hard-sigmoid/swish replaced by equal twice-differentiable ones, for double backward."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -384,7 +497,11 @@ def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str 
     options: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         options.update(aux_logits=False, init_weights=True)
-    net = twice_differentiable(torchvision.models.get_model(arch, **options))
+    if weights is None:
+        net = torchvision.models.get_model(arch, **options)
+    else:
+        net = pretrained_network(arch, num_classes, weights, options)
+    net = twice_differentiable(net)
     adapted = TorchvisionClassifier(net, input_shape[0], None)
     adapted.eval()
     height, width = input_shape[1], input_shape[2]

@@ -146,7 +146,7 @@ def test_crd_cifar100_is_the_five_published_pairs_by_two_recipes_and_three_seeds
         assert (cfg.dataset.name, cfg.temperature, cfg.trainer.epochs, cfg.trainer.batch_size) == (
             "cifar100", 4.0, 240, 64)
         optim = OmegaConf.to_container(cfg.optim)
-        assert optim == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0005,
+        assert optim == {"_target_": "torch.optim.SGD", "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0005,
                          "schedule": "multistep", "milestones": [150, 180, 210], "gamma": 0.1}
     # Job directories are named by what varies, not by the teacher folder's path.
     with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):

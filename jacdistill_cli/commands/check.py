@@ -43,6 +43,10 @@ def validate(cfg: DictConfig) -> list[str]:
     settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
     settings.choice(cfg, "device", settings.DEVICES)
     settings.validate_methods(cfg)
+    from jacdistill_cli.run.precision import PRECISIONS
+
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
     return selected_methods(cfg)
 
 
@@ -82,19 +86,26 @@ def format_report(reports, mistake: tuple[int, int]) -> str:
     def error(value) -> str:
         return "-" if value is None else f"{value:.1e}"
 
+    precision = reports[0].precision if reports else "32"
     header = ("method", "jacobian error (student / teacher)", "parameters with gradient",
-              "finite differences", "result")
+              "finite differences", *([f"error at {precision}"] if precision != "32" else []), "result")
     rows = []
     for r in reports:
         depends = len(r.dependent)
         untouched = len(r.parameters) - depends
         receiving = len([n for n in r.receiving if n in r.dependent])
         gradient = f"{receiving} of {depends}" + (f" (+{untouched} without effect)" if untouched else "")
+        at_precision = [error(r.precision_error)] if precision != "32" else []
         rows.append((r.method, f"{error(r.jacobian_error_student)} / {error(r.jacobian_error_teacher)}",
-                     gradient, f"{r.fd_error:.1e}", "ok" if r.passed else "FAILED"))
+                     gradient, f"{r.fd_error:.1e}", *at_precision, "ok" if r.passed else "FAILED"))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    if precision != "32":
+        from jacdistill_cli.proofs.verify import PRECISION_TOLERANCE
+
+        out.append(f"error at {precision}: the input-gradients computed in float32 under autocast({precision}) "
+                   f"against the float64 reference, relative l2; tolerance {PRECISION_TOLERANCE[precision]}")
     without_effect: dict[tuple[str, ...], list[str]] = {}
     for r in reports:
         without = tuple(n for n in r.parameters if n not in r.dependent)
@@ -134,15 +145,17 @@ def run(cfg: DictConfig) -> int:
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset).to(device)
     student, teacher, source = networks(cfg, data, device)
+    precision = str(cfg.trainer.precision)
     inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),
                                        device)))
     print(f"jacdistill check: student {architecture(cfg.student)} (train mode), teacher {architecture(cfg.teacher)} "
-          f"({source}), {data.name}: {len(labels)} samples, float64, {device}")
+          f"({source}), {data.name}: {len(labels)} samples, float64"
+          + (f" and float32 under autocast({precision})" if precision != "32" else "") + f", {device}")
 
     reports = []
     for name in methods:
         settings = method_settings(name, cfg.jacobian, shipped_jacobian)
-        reports.append(check_method(settings, student, teacher, inputs, labels, cfg.seed))
+        reports.append(check_method(settings, student, teacher, inputs, labels, cfg.seed, precision))
         log.debug(f"checked {name}")
     configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
     mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))

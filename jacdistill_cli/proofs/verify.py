@@ -34,6 +34,9 @@ from jacdistill_cli.engine.objective import distillation_objective
 from jacdistill_cli.proofs.finite_differences import analytic_gradients, directional_check
 
 JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float64
+# Under trainer.precision: ||ours - reference|| / ||reference|| over the batch, the networks in float32
+# under autocast (bf16 keeps 8 bits of mantissa, float16 11), against the float64 reference.
+PRECISION_TOLERANCE = {"32": 1e-4, "bf16": 0.25, "16": 0.01}
 FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth
 
 
@@ -50,6 +53,8 @@ class MethodReport:
     fd_error: float = 0.0                # along one random direction in all parameters
     fd_analytic: float = 0.0
     fd_numeric: float = 0.0
+    precision: str = "32"
+    precision_error: float | None = None   # worst of student and teacher, under `precision` (None: not run)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -65,6 +70,8 @@ class MethodReport:
             "without_effect": [n for n in self.parameters if n not in self.dependent],
             "parameter_fd_error": self.parameter_fd_error, "fd_error": self.fd_error,
             "fd_analytic": self.fd_analytic, "fd_numeric": self.fd_numeric,
+            "precision": self.precision, "precision_error": self.precision_error,
+            "precision_tolerance": PRECISION_TOLERANCE[self.precision],
         }
 
 
@@ -167,14 +174,43 @@ def relative_error(value: Tensor, reference: Tensor) -> float:
 # One method
 # ---------------------------------------------------------------------------------------------
 
+def l2_error(value: Tensor, reference: Tensor) -> float:
+    reference = reference.detach().double()
+    return float((value.detach().double() - reference).norm() / reference.norm().clamp_min(1e-300))
+
+
+def precision_error(method: JacobianMethod, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                    seed: int, precision: str) -> float | None:
+    """The method's input-gradients as training computes them under `precision` (float32 copies of the
+    networks, autocast; float16 with the loss scale's recipe) against the float64 reference: the worse
+    relative l2 error of student and teacher. None for a method without input-gradients."""
+    from jacdistill_cli.run.precision import Precision
+
+    if not method.uses_gradients:
+        return None
+    student32, teacher32 = copy.deepcopy(student).float(), copy.deepcopy(teacher).float()
+    objective = distillation_objective(no_distillation, 1.0, 0.0, method,
+                                       generator=torch.Generator(device=inputs.device).manual_seed(seed))
+    with Precision(precision, inputs.device.type).autocast():
+        _, _, matched = objective.evaluate(student32, teacher32, inputs.float(), labels,
+                                           gradient_scale=1024.0 if precision == "16" else 1.0)
+    vectors = matched.vectors.detach().double()
+    student64, teacher64, inputs64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double(), inputs.double()
+    return max(l2_error(matched.student, reference_gradients(student64, inputs64, vectors, method.batchnorm)),
+               l2_error(matched.teacher, reference_gradients(teacher64, inputs64, vectors, method.batchnorm)))
+
+
 def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 seed: int) -> MethodReport:
-    """All checks of one method (its `jacobian` node) on float64 copies of the networks."""
+                 seed: int, precision: str = "32") -> MethodReport:
+    """All checks of one method (its `jacobian` node) on float64 copies of the networks; with a
+    `precision` other than 32, also its input-gradients under that precision (`precision_error`)."""
     from omegaconf import OmegaConf
 
     from jacdistill_cli.config import registry
 
     method = registry.build("jacobian", settings)
+    error_at_precision = (precision_error(method, student, teacher, inputs, labels, seed, precision)
+                          if precision != "32" else None)
     student = copy.deepcopy(student).double()
     teacher = copy.deepcopy(teacher).double()
     inputs = inputs.double()
@@ -184,6 +220,10 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
     plain = OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else dict(settings)
     report = MethodReport(registry.label("jacobian", settings), {k: v for k, v in plain.items() if k != "_target_"},
                           parameters=names)
+    report.precision, report.precision_error = precision, error_at_precision
+    if error_at_precision is not None and error_at_precision > PRECISION_TOLERANCE[precision]:
+        report.failures.append(f"under precision {precision} the input-gradients differ from the float64 reference "
+                               f"by {error_at_precision:.1e} (relative l2; tolerance {PRECISION_TOLERANCE[precision]})")
     term = TermFunction(method, student, teacher, inputs, labels, seed)
     generator = torch.Generator().manual_seed(seed)
 

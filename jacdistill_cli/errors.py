@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable
+
+
+# errno values that mean a file cannot be written: disk full, quota exceeded, read-only file system, too large.
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 class UsageError(Exception):
@@ -33,6 +38,13 @@ def one_line_errors(command: str) -> Callable:
             except UsageError as err:
                 print(f"jacdistill {command}: error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
+            except OSError as err:
+                if err.errno not in UNWRITABLE and type(err).__name__ != "CheckpointWriteError":
+                    raise
+                # a full disk or a read-only file system: the environment, not the input
+                where = f" ({err.filename})" if err.filename else ""
+                print(f"jacdistill {command}: error: {err.strerror or err}{where}", file=sys.stderr)
+                raise SystemExit(1) from None
 
         return run
 

@@ -85,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     # Hydra reads sys.argv itself; it sees only this command's overrides.
     # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
-    sys.argv = [f"jacdistill {command}", *getattr(module, "translate_argv", list)(args[1:])]
+    overrides = getattr(module, "translate_argv", list)(args[1:])
+    from jacdistill_cli.config.keys import check_composition
+
+    problem = check_composition(command, overrides)  # Hydra would say it in several lines
+    if problem is not None:
+        print(f"jacdistill {command}: error: {problem}", file=sys.stderr)
+        return 2
+    sys.argv = [f"jacdistill {command}", *overrides]
     module.main()
     return 0
 

@@ -34,6 +34,9 @@ def one_line_errors(command: str) -> Callable:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
+                from jacdistill_cli.config.keys import check_added_keys
+
+                check_added_keys()  # `+trainer.epoch=2` would otherwise be ignored in silence
                 return fn(*args, **kwargs)
             except UsageError as err:
                 print(f"jacdistill {command}: error: {err}", file=sys.stderr)

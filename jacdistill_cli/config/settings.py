@@ -130,6 +130,19 @@ def validate_objective(cfg: DictConfig) -> None:
     from jacdistill_cli.engine.features import validate_features
 
     validate_features(cfg)  # the features group and jacobian.of
+    something_to_train(cfg)
+
+
+def something_to_train(cfg: DictConfig) -> None:
+    """At least one term of the loss has a weight: a student with no gradient cannot be trained."""
+    alpha, hard = float(cfg.alpha), float(cfg.hard_weight)
+    features = OmegaConf.select(cfg, "features.name", default="none") != "none" and float(
+        OmegaConf.select(cfg, "features.weight", default=1.0)) > 0
+    if (cfg.loss.name == "none" or alpha == 1) and (cfg.jacobian.name == "none" or alpha == 0) and hard == 0 \
+            and not features:
+        raise UsageError(f"loss={cfg.loss.name} jacobian={cfg.jacobian.name} alpha={alpha:g} hard_weight={hard:g} "
+                         "is not allowed: no term of the loss has a weight, so there is nothing to train; "
+                         "give a loss, a jacobian method with alpha > 0, or hard_weight > 0")
 
 
 def validate_train(cfg: DictConfig) -> None:

@@ -63,15 +63,22 @@ def cache_path(cfg: DictConfig) -> Path:
     return cache_directory(cfg) / "teachers" / f"{cfg.teacher.name}-{cfg.dataset.name}-{digest}.pt"
 
 
+def check_teacher_settings(cfg: DictConfig, data: DataBundle) -> int | None:
+    """Stop on a bad teacher setting before anything is trained or locked; returns teacher.samples_per_class."""
+    samples = cfg.teacher.get("samples_per_class")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise UsageError(f"teacher.samples_per_class={samples} is not allowed: it must be null (the full "
+                         "training split) or an integer >= 1")
+    build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher")
+    return samples
+
+
 def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logger: RunLogger,
                   prefix: str = "teacher/") -> tuple[nn.Module, dict[str, Any]]:
     """Train the configured teacher with cross-entropy on the full training split (or on
     `teacher.samples_per_class` per class); returns it and its checkpoint payload."""
     spec = architecture(cfg.teacher)
-    samples = cfg.teacher.get("samples_per_class")
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise UsageError(f"teacher.samples_per_class={samples} is not allowed: it must be null (the full "
-                         "training split) or an integer >= 1")
+    samples = check_teacher_settings(cfg, data)
     data = data.for_teacher(samples, split_seed(cfg.dataset) if "split_seed" in cfg.dataset else cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, data.input_shape, data.num_classes, "teacher").to(device)
@@ -143,6 +150,7 @@ def cached_teacher(cfg: DictConfig, data: DataBundle, device: torch.device,
     from filelock import FileLock, Timeout
 
     spec = architecture(cfg.teacher)
+    check_teacher_settings(cfg, data)
     path = cache_path(cfg)
     lock = None
     unwritable = None

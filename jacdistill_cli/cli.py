@@ -6,6 +6,7 @@ Kept free of torch imports so that `jacdistill --help` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module holding the Hydra app `main`, one-line description)
@@ -86,14 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra reads sys.argv itself; it sees only this command's overrides.
     # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
     overrides = getattr(module, "translate_argv", list)(args[1:])
-    from jacdistill_cli.config.keys import check_composition
-
-    problem = check_composition(command, overrides)  # Hydra would say it in several lines
-    if problem is not None:
-        print(f"jacdistill {command}: error: {problem}", file=sys.stderr)
-        return 2
     sys.argv = [f"jacdistill {command}", *overrides]
-    module.main()
+    # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
+    # several lines; asked for full errors, it raises it instead, and it is said here in one line.
+    # A user who set HYDRA_FULL_ERROR gets Hydra's own output.
+    user_asked = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        module.main()
+    except Exception as err:
+        from hydra.errors import CompactHydraException
+
+        if user_asked or not isinstance(err, CompactHydraException):
+            raise
+        from jacdistill_cli.config.keys import composition_message
+
+        print(f"jacdistill {command}: error: {composition_message(command, overrides, err)}", file=sys.stderr)
+        return 2
+    finally:
+        if not user_asked:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
 
 

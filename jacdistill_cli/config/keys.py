@@ -1,7 +1,7 @@
 """Overrides that name no setting: refused in one line with the nearest valid key.
 
 Hydra refuses `trainer.epoch=2` (no such key) itself, in several lines, before a command runs;
-`check_composition` composes the config first and turns such errors into one line. Hydra accepts
+`composition_message` says such an error in one line (the console script catches it). Hydra accepts
 `+trainer.epoch=2` (add a key) silently, and nothing would read it; `check_added_keys` compares the
 composed config with the one the same selection of shipped options gives without the added keys.
 A model setting that the model's builder takes but its yaml does not list (`+student.dropout=0.1`
@@ -115,22 +115,6 @@ def _present(cfg: DictConfig, key: str) -> bool:
             return False
         node = node._get_node(part)
     return True
-
-
-def check_composition(command: str, args: list[str]) -> str | None:
-    """Compose the command's config with `args` (plain overrides only) as Hydra will; the error in one
-    line, or None when it composes (or the arguments are Hydra flags, which Hydra handles itself)."""
-    if not args or any(not re.match(r"^[~+]{0,2}[\w.@/-]+=", a) and not re.match(r"^~[\w.@/-]+$", a)
-                       for a in args):
-        return None  # -m, --cfg, --help, ...: Hydra's own business
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        compose_without(command, args)
-    except (HydraException, OmegaConfBaseException) as err:
-        return composition_message(command, args, err)
-    return None
 
 
 def composition_message(command: str, args: list[str], err: Exception) -> str:

@@ -130,3 +130,36 @@ def test_a_crafted_cifar_folder_is_refused_whatever_verify_says(tmp_path):
             build_data(dataset_cfg("cifar10", f"dataset.root={root}", f"dataset.verify={verify}"))
         assert "\n" not in str(err.value)
     assert not (tmp_path / "marker").exists()
+
+
+def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_given(tmp_path, capsys):
+    from test_bad_input import write_student
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "data", 10, train_per_class=10, test_per_class=1)
+    write_student(tmp_path / "student.pt", tmp_path / "elsewhere")  # records a directory never given
+    result = run_command("evaluate", [f"checkpoint={tmp_path / 'student.pt'}", f"dataset_root={tmp_path / 'data'}",
+                                      "sigmas=[0.1]"], tmp_path / "run")
+    assert result["dataset"] == "cifar10" and result["samples"] == 10
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_command("evaluate", [f"checkpoint={tmp_path / 'student.pt'}"], tmp_path / "run2")
+    assert exit_.value.code == 2
+    assert f"add dataset_root={tmp_path / 'elsewhere'} if you trust it" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "evaluation.json").exists()
+
+
+def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path):
+    from test_bad_input import hydra_run
+
+    from jacdistill_cli.run.report import write_report
+
+    for name, alpha, accuracy in (("a", "0.1", "NaN"), ("b", "0.3", "0.5")):
+        run = hydra_run(tmp_path / name)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- alpha={alpha}\n")
+        (run / "metrics.json").write_text(f'{{"test_accuracy": {accuracy}}}\n')
+    (hydra_run(tmp_path / "c") / ".hydra" / "overrides.yaml").write_text("- alpha=[\n  - : x\n")
+    report, text = write_report(tmp_path)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| 0.")}
+    assert "| nan |" in rows["0.1"].replace("  ", " ") and "0.5000" in rows["0.3"]
+    assert "c: unreadable (.hydra/overrides.yaml is not valid YAML" in text

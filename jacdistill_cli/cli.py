@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = getattr(module, "translate_argv", list)(args[1:])
     sys.argv = [f"jacdistill {command}", *overrides]
     # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
-    # several lines; asked for full errors, it raises it instead, and it is said here in one line.
-    # A user who set HYDRA_FULL_ERROR gets Hydra's own output.
+    # several lines; asked for full errors, it raises it instead, and it is said here in one line. The
+    # job itself unsets the request (errors.composition_done), so its errors get Hydra's usual report.
+    # A user who set HYDRA_FULL_ERROR gets Hydra's own output throughout.
+    from jacdistill_cli import errors
+
     user_asked = "HYDRA_FULL_ERROR" in os.environ
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if not user_asked:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        errors.hydra_full_error_for_composition = True
     try:
         module.main()
     except Exception as err:
@@ -105,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jacdistill {command}: error: {composition_message(command, overrides, err)}", file=sys.stderr)
         return 2
     finally:
-        if not user_asked:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+        errors.composition_done()
     return 0
 
 

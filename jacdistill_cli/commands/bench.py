@@ -69,6 +69,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
     if checked["precision"] not in PRECISIONS:
         raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
+    if len(checked["input_shape"]) != 3:
+        raise setting_error("input_shape", checked["input_shape"], "it must be [channels, height, width], e.g. "
+                            "[3,32,32]")
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise setting_error("threads", threads, "it must be null (torch's default) or an integer >= 1")

@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
     succeeded = False
     feature_matching = None
     try:
-        teacher, teacher_info = obtain_teacher(cfg, data, device, logger, world)
+        teacher, teacher_info = obtain_teacher(cfg, data, device, logger, world, run_dir)
         logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
 
         seed_everything(cfg.seed)

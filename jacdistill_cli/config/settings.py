@@ -144,8 +144,11 @@ class ObjectiveSettings:
 
     @property
     def nothing_to_train(self) -> bool:
-        return (self.loss_name == "none" and self.hard_weight == 0 and getattr(self.features, "weight", 0) == 0
-                and (self.alpha == 0 or not (self.method.uses_gradients or self.method.perturbs_inputs)))
+        """No term of the loss has a weight: a student with no gradient cannot be trained."""
+        distill = self.loss_name != "none" and self.alpha < 1
+        jacobian = self.alpha > 0 and (self.method.uses_gradients or self.method.perturbs_inputs)
+        features = getattr(self.features, "weight", 0) > 0
+        return not (distill or jacobian or features or self.hard_weight > 0 or self.terms)
 
 
 def validate_methods(cfg: DictConfig) -> tuple[Any, Any]:
@@ -190,9 +193,9 @@ def validate_train(cfg: DictConfig) -> tuple[ObjectiveSettings, OptimSettings]:
     validate_trainer(cfg)
     objective = validate_objective(cfg)
     if objective.nothing_to_train:
-        raise UsageError("loss=none with hard_weight=0, no Jacobian term and no feature term is not allowed: "
-                         "nothing would train the student; choose a loss, a Jacobian method with alpha > 0, "
-                         "hard_weight > 0 or a feature term")
+        raise UsageError(f"loss={objective.loss_name} jacobian={objective.method.name} alpha={objective.alpha:g} "
+                         f"hard_weight={objective.hard_weight:g} is not allowed: no term of the loss has a weight, so "
+                         "there is nothing to train; give a loss, a jacobian method with alpha > 0, or hard_weight > 0")
     optim = validate_optim(cfg)
     validate_teacher_training(cfg)
     return objective, optim

@@ -13,8 +13,11 @@ published CIFAR-100 teacher file (see published.py): `load_teacher_checkpoint` r
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 import re
 import zipfile
 from pathlib import Path
@@ -46,13 +49,39 @@ def make_checkpoint(model: nn.Module, role: str, spec: dict[str, Any], data: Dat
     }
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, no permission): one line saying why."""
+
+
+def write_failure(path: Path, err: Exception) -> str:
+    """Why writing `path` failed, in a few words: the OS's reason, not torch's zip-writer internals."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return os.strerror(err.errno)
+    try:
+        if shutil.disk_usage(path.parent).free < 2**20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return "the write failed (is the disk full?)"
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically, so a concurrent reader never sees half a file."""
+    """Write atomically, so a concurrent reader never sees half a file; on failure no temporary file
+    is left behind and CheckpointWriteError says why in one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointWriteError(f"cannot write {path}: {write_failure(path, err)}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def unpickling_reason(path: Path, err: Exception) -> str:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jacdistill_cli.config.checks import SettingError
+from jacdistill_cli.config.checks import SettingError, boolean
 from jacdistill_cli.errors import UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
@@ -71,9 +71,28 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def widths(key: str, value: Any, example: str, count: int | None = None, allow_empty: bool = True) -> list[int]:
+    """A list of layer widths (channel counts, hidden sizes): integers >= 1, `count` of them when given."""
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items) or (
+            count is not None and len(items) != count) or (not allow_empty and not items):
+        many = f"{count} integers" if count is not None else "a list of integers"
+        raise ModelSettingError(key, value, f"it must be {many} >= 1, e.g. {example}")
+    return items
+
+
+def probability(key: str, value: Any) -> float:
+    """A dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ModelSettingError(key, value, "it must be a number in [0, 1)")
+    return float(value)
+
+
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (64,), batchnorm: bool = False,
         dropout: float = 0.0) -> nn.Module:
     """Flatten, then Linear-(BatchNorm)-ReLU blocks of the given widths, then a linear classifier."""
+    hidden = widths("hidden", hidden, "[64] or [256,256] ([] for a linear model)")
+    batchnorm, dropout = boolean("batchnorm", batchnorm), probability("dropout", dropout)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
@@ -92,6 +111,10 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (3
         batchnorm: bool = True) -> nn.Module:
     """3x3 conv-(BatchNorm)-ReLU blocks, each max-pooled by 2 while the map is at least 4 wide,
     then global average pooling and a one-hidden-layer head. Fits any [C, H, W] input."""
+    channels = widths("channels", channels, "[16,32]", allow_empty=False)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+        raise ModelSettingError("hidden", hidden, "it must be an integer >= 0 (0: no hidden layer)")
+    batchnorm = boolean("batchnorm", batchnorm)
     in_channels, height = input_shape[0], input_shape[1]
     layers: list[nn.Module] = []
     for out_channels in channels:
@@ -116,8 +139,8 @@ def scaled(channels: int, width: float) -> int:
 
 
 def positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelSettingError(key, value, "it must be a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ModelSettingError(key, value, "it must be a finite number > 0")
     return float(value)
 
 
@@ -132,8 +155,8 @@ def lenet5(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[in
     """
     if activation not in ("relu", "tanh"):
         raise ModelSettingError("activation", activation, "it must be relu or tanh")
-    if len(channels) != 2:
-        raise ModelSettingError("channels", list(channels), "it must be two channel counts, e.g. [6, 16]")
+    channels = widths("channels", channels, "[6,16]", count=2)
+    hidden = widths("hidden", hidden, "[120,84]")
     act = nn.ReLU if activation == "relu" else nn.Tanh
     in_channels, height, width = input_shape[0], input_shape[1], input_shape[2]
     layers: list[nn.Module] = []
@@ -175,9 +198,10 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
     that network). `width` scales every channel count. A pool is skipped where the map is narrower
     than 2, so small inputs (8x8, 28x28) fit.
     """
-    if depth not in VGG_LAYOUTS:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in VGG_LAYOUTS:
         raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_LAYOUTS))}")
     width = positive_number("width", width)
+    batchnorm = boolean("batchnorm", batchnorm)
     in_channels, size = input_shape[0], min(input_shape[1], input_shape[2])
     layers: list[nn.Module] = []
     for item in VGG_LAYOUTS[depth]:
@@ -303,8 +327,7 @@ def resnet_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 20
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ModelSettingError("depth", depth, f"it must be {RESNET_DEPTHS}, ...")
-    if len(channels) != 4 or not all(isinstance(c, int) and c >= 1 for c in channels):
-        raise ModelSettingError("channels", list(channels), "it must be 4 channel counts: stem and three stages")
+    channels = widths("channels", channels, "[16,16,32,64] (stem and three stages)", count=4)
     blocks = (depth - 2) // 6
     stem = nn.Sequential(nn.Conv2d(input_shape[0], channels[0], 3, 1, 1, bias=False),
                          nn.BatchNorm2d(channels[0]), nn.ReLU())
@@ -490,7 +513,7 @@ def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str 
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
-    if arch not in available:
+    if not isinstance(arch, str) or arch not in available:
         raise ModelSettingError("arch", arch, "it must name a classification model of torchvision.models, e.g. "
                                 "resnet18, mobilenet_v3_small, shufflenet_v2_x0_5, vgg11_bn, efficientnet_b0, "
                                 "convnext_tiny, vit_b_16 (torchvision.models.list_models() lists them all)")

@@ -62,29 +62,54 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
     from jacdistill_cli.config import settings
+    from jacdistill_cli.run import resume
 
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    resume.validate(cfg)
 
+    import torch
+
+    from jacdistill_cli.run.runtime import run_directory, select_device
+
+    device = select_device(cfg.trainer.device)
+    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
+        torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
+    run_dir = run_directory()
+    with resume.DirectoryLock(run_dir), resume.Signals() as signals:
+        try:
+            return train(cfg, run_dir, device, signals)
+        except resume.Interrupted as stop:
+            stopped(cfg, run_dir, stop)
+
+
+def train(cfg: DictConfig, run_dir, device, signals) -> float:
+    """The run in its directory: skipped when this configuration finished there, continued from
+    last.pt when it was interrupted, otherwise from the start."""
     import logging
 
     import torch
 
+    from jacdistill_cli.run import resume
     from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
     from jacdistill_cli.engine.features import build_objective_with_features, check_feature_paths
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import save_resolved_config, seed_everything, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit
 
     log = logging.getLogger("jacdistill")
-    device = select_device(cfg.trainer.device)
-    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
-        torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
-    run_dir = run_directory()
     log.info(f"run directory: {run_dir}")
+    claim = resume.claim_directory(cfg, run_dir)  # another configuration's results: refused here
+    if claim.finished is not None:
+        log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
+        return float(claim.finished.get("val_accuracy", float("nan")))
+    resume.remove_stale_temporaries(run_dir)
+    if claim.restart:
+        for name in (resume.LAST, resume.BEST, "metrics.json"):
+            (run_dir / name).unlink(missing_ok=True)
     save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
 
@@ -92,14 +117,24 @@ def run(cfg: DictConfig) -> float:
     spec = architecture(cfg.student)
     student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
     check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
-    logger = RunLogger(run_dir)
-    logger.layout(CHARTS)
-    logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
+    state = resume.load_state(claim.resume) if claim.resume is not None else None
+    resumed_step = None if state is None else int(state["progress"]["step"])
+    if resumed_step is not None or claim.restart:
+        resume.drop_session_end(run_dir)  # the interrupted session's end; this one ends it again
+    # Continued: earlier files' events after the saved step are dropped; started over: all of them.
+    logger = RunLogger(run_dir, purge_step=resumed_step + 1 if resumed_step is not None else
+                       0 if claim.restart else None)
+    if resumed_step is None:
+        logger.layout(CHARTS)
+        logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
+    else:
+        logger.hparams_continue()
     succeeded = False
-    feature_matching = None
+    feature_matching = checkpoint = None
     try:
         teacher, teacher_info = obtain_teacher(cfg, data, device, logger)
-        logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
+        if resumed_step is None:
+            logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
 
         seed_everything(cfg.seed)
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
@@ -109,42 +144,104 @@ def run(cfg: DictConfig) -> float:
                                                                     generator)
         if feature_matching is not None:
             log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
+
+        def student_payload(metrics: dict) -> dict:
+            payload = make_checkpoint(student, "student", spec, data, metrics)
+            if feature_matching is not None:
+                payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors
+            return payload
+
+        batch_generator = torch.Generator().manual_seed(cfg.seed)
+        checkpoint = resume.Checkpointer(
+            run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
+            batch_generator=batch_generator, generators={"batches": batch_generator, "objective": generator},
+            modules={"features": feature_matching} if feature_matching is not None else {},
+            best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
+            signals=signals, flush=logger.flush, state=state)
         history = fit(student, teacher, objective, data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=cfg.optim, device=device, logger=logger,
-                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
+                      generator=batch_generator, num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
-                      objective_parameters=feature_matching.parameters() if feature_matching is not None else ())
+                      objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
+                      checkpoint=checkpoint)
+        selected = {"selected": cfg.trainer.select, "best_epoch": checkpoint.best["epoch"],
+                    "best_step": checkpoint.best["step"], "best_val_accuracy": checkpoint.best["val_accuracy"]}
+        val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
+        if cfg.trainer.select == "best":
+            best = resume.load_best(run_dir / resume.BEST, student, feature_matching)
+            val = {k: best["metrics"][f"val_{k}"] for k in val}
         test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device)
         metrics = {
+            "status": resume.FINISHED, **selected,
             "test_accuracy": test["accuracy"], "agreement": test["agreement"],
-            "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": history["accuracy"],
-            "val_agreement": history["agreement"], "val_jacobian_cosine": history["jacobian_cosine"],
+            "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": val["accuracy"],
+            "val_agreement": val["agreement"], "val_jacobian_cosine": val["jacobian_cosine"],
             "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
             "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
             "epochs": history["epochs"], "steps": history["steps"], "device": str(device),
             "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
             "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
         }
-        logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
-                        "test/jacobian_cosine": test["jacobian_cosine"]}, history["steps"])
-        succeeded = True
+        with signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
+            logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
+                            "test/jacobian_cosine": test["jacobian_cosine"]}, history["steps"])
+            succeeded = True
+            logger.hparams_end(succeeded)
+            logger.close()
+            save_checkpoint(student_payload({k: v for k, v in metrics.items() if isinstance(v, float)}),
+                            run_dir / "student.pt")
+            write_json(run_dir / "metrics.json", metrics)
+    except resume.Interrupted as stop:
+        logger.hparams_end(False)
+        logger.close()
+        if stop.progress is None and checkpoint is not None:
+            stop.progress = checkpoint.progress
+        raise
     except Exception as err:
         # In the run's train.log, where `jacdistill report` finds why a job of a sweep has no metrics.
         log.error(f"failed: {type(err).__name__}: {err}")
-        raise
-    finally:
-        logger.hparams_end(succeeded)
+        logger.hparams_end(False)
         logger.close()
-    payload = make_checkpoint(student, "student", spec, data, {k: v for k, v in metrics.items() if isinstance(v, float)})
-    if feature_matching is not None:
-        payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors, trained with the student
-    save_checkpoint(payload, run_dir / "student.pt")
-    write_json(run_dir / "metrics.json", metrics)
+        raise
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
-             f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})")
+             f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})"
+             + (f"  from the best epoch {selected['best_epoch']}" if cfg.trainer.select == "best" else ""))
     log.info(f"run directory: {run_dir}")
+    if signals.pending is not None:
+        raise resume.Interrupted(signals.pending, None, finished=True)
     return metrics["val_accuracy"]
+
+
+def stopped(cfg: DictConfig, run_dir, stop) -> None:
+    """After a signal: metrics.json says interrupted (unless the run had finished), one line says
+    how to resume, SIGUSR1 under SLURM requeues the job; exit status 128 + the signal's number."""
+    import logging
+    import sys
+
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.runtime import write_json
+
+    log = logging.getLogger("jacdistill")
+    name = resume.SIGNALS.get(stop.signum, str(stop.signum))
+    command = resume.resume_command(run_dir)
+    if stop.finished:
+        line = f"stopped by {name} after the run finished; its results are in {run_dir}"
+    else:
+        at = stop.progress
+        where = f"at epoch {at.epoch}, step {at.step}" if at is not None else "before training began"
+        saved = (run_dir / resume.LAST).is_file()
+        write_json(run_dir / "metrics.json", {
+            "status": resume.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
+            "step": at.step if at else None, "last_checkpoint": str(run_dir / resume.LAST) if saved else None,
+            "resume": command})
+        line = f"interrupted by {name} {where}{' (last.pt saved)' if saved else ''}; resume with: {command}"
+    log.warning(line)
+    warning = resume.requeue_under_slurm() if stop.signum == resume.signal.SIGUSR1 else None
+    print(f"jacdistill train: {line}", file=sys.stderr)
+    if warning:
+        print(f"jacdistill train: warning: {warning}", file=sys.stderr)
+    raise SystemExit(128 + int(stop.signum))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://jacdistill_cli.conf", config_name="train")

@@ -108,9 +108,13 @@ def read_run(run_dir: Path, root: Path) -> Run:
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         try:
-            return Run(name, overrides, json.loads(metrics_file.read_text()))
+            metrics = json.loads(metrics_file.read_text())
         except json.JSONDecodeError:
             return Run(name, overrides, None, UNFINISHED, "metrics.json is not valid JSON")
+        if isinstance(metrics, dict) and metrics.get("status") == "interrupted":
+            return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} at epoch "
+                       f"{metrics.get('epoch')}, step {metrics.get('step')}; resume: {metrics.get('resume')}")
+        return Run(name, overrides, metrics)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:
         return Run(name, overrides, None, FAILED, error)

@@ -148,6 +148,15 @@ def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(refer
     finished_as(first_dir, reference)
     finished_as(second_dir, reference)
 
+    # Another configuration in that directory: refused before Hydra's or the run's files are touched.
+    before = {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != resume.LOCK}
+    refused = run_cli("train", *ARGS, "alpha=0.3", f"hydra.run.dir={first_dir}", cwd=tmp_path,
+                      env={"JACDISTILL_CACHE": str(teacher_cache)})
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"jacdistill train: error: hydra.run.dir='{first_dir}' is not allowed: it holds the results of another "
+        "configuration (alpha: 0.5 there, 0.3 here); give this run a directory of its own"]
+    assert {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != resume.LOCK} == before
+
 
 def test_a_finished_run_is_kept_and_another_config_is_refused(reference, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != resume.LOCK}

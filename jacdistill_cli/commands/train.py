@@ -101,8 +101,8 @@ def train(cfg: DictConfig, run_dir, device, signals) -> float:
     from jacdistill_cli.run.trainer import evaluate, fit
 
     log = logging.getLogger("jacdistill")
-    log.info(f"run directory: {run_dir}")
     claim = resume.claim_directory(cfg, run_dir)  # another configuration's results: refused here
+    log.info(f"run directory: {run_dir}")
     if claim.finished is not None:
         log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
         return float(claim.finished.get("val_accuracy", float("nan")))
@@ -110,6 +110,7 @@ def train(cfg: DictConfig, run_dir, device, signals) -> float:
     if claim.restart:
         for name in (resume.LAST, resume.BEST, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
+    resume.save_hydra_files(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
 

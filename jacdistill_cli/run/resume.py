@@ -136,6 +136,20 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
     return claim
 
 
+def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's `.hydra/` record of the run (config.yaml, hydra.yaml, overrides.yaml), written once the
+    directory is known to be this configuration's: train sets `hydra.output_subdir: null`, because
+    Hydra would write them before the run could refuse a directory holding another run's record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -22,6 +22,7 @@ from tensorboard.plugins.hparams.api_pb2 import Status
 from conftest import run_cli
 from run_inprocess import run_command
 from jacdistill_cli.run import resume
+from jacdistill_cli.run.report import UNFINISHED, build_report
 
 # 4 epochs of 17 steps; last.pt after every step, so a stop anywhere has something to resume.
 ARGS = ["trainer.epochs=4", "teacher.epochs=2", "trainer.threads=1", "trainer.save_every_steps=1"]
@@ -137,6 +138,9 @@ def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(refer
     sigint, sigterm = stop_after_a_save([(first, first_dir, signal.SIGINT), (second, second_dir, signal.SIGTERM)])
     first_command = interrupted(*sigint, signal.SIGINT, first_dir)
     second_command = interrupted(*sigterm, signal.SIGTERM, second_dir)
+    report = build_report(tmp_path / "outputs")   # both unfinished, with the command that resumes
+    assert sorted(r.detail.split(" at epoch")[0] for r in report.runs if r.status == UNFINISHED) == [
+        "interrupted by SIGINT", "interrupted by SIGTERM"]
 
     first, second = (start(command, tmp_path, teacher_cache) for command in (first_command, second_command))
     [(code, stderr)] = stop_after_a_save([(first, first_dir, signal.SIGKILL)])
@@ -198,6 +202,7 @@ def test_sigusr1_requeues_under_slurm(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     assert resume.requeue_under_slurm() is None and log.read_text() == "requeue 4242\n"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert resume.requeue_under_slurm() == "SLURM_JOB_ID=4242 is set but scontrol is not on PATH: the job is not requeued"
+    assert resume.requeue_under_slurm() == (
+        "SLURM_JOB_ID=4242 is set but scontrol is not on PATH: the job is not requeued")
     monkeypatch.delenv("SLURM_JOB_ID")
     assert resume.requeue_under_slurm() is None

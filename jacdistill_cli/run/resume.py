@@ -132,7 +132,9 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
         claim.finished = metrics
     elif mode == "auto" and (run_dir / LAST).is_file():
         claim.resume = run_dir / LAST
-    claim.restart = claim.resume is None and any(run_dir.glob("events.out.tfevents.*"))
+    claim.restart = claim.finished is None and claim.resume is None and (
+        any(run_dir.glob("events.out.tfevents.*")) or (run_dir / "metrics.json").is_file()
+        or (run_dir / LAST).is_file())
     return claim
 
 
@@ -288,6 +290,10 @@ class Signals:
             raise Interrupted(self.pending)
 
     def __enter__(self) -> "Signals":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals (a launcher running jobs in threads)
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self

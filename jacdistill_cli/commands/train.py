@@ -232,10 +232,11 @@ def stopped(cfg: DictConfig, run_dir, stop) -> None:
         at = stop.progress
         where = f"at epoch {at.epoch}, step {at.step}" if at is not None else "before training began"
         saved = (run_dir / resume.LAST).is_file()
-        write_json(run_dir / "metrics.json", {
-            "status": resume.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
-            "step": at.step if at else None, "last_checkpoint": str(run_dir / resume.LAST) if saved else None,
-            "resume": command})
+        if (run_dir / "config.yaml").is_file():  # else stopped before the directory was claimed: no record
+            write_json(run_dir / "metrics.json", {
+                "status": resume.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
+                "step": at.step if at else None, "last_checkpoint": str(run_dir / resume.LAST) if saved else None,
+                "resume": command})
         line = f"interrupted by {name} {where}{' (last.pt saved)' if saved else ''}; resume with: {command}"
     log.warning(line)
     warning = resume.requeue_under_slurm() if stop.signum == resume.signal.SIGUSR1 else None

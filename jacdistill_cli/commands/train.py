@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir, device, signals) -> float:
         batch_generator = torch.Generator().manual_seed(cfg.seed)
         checkpoint = resume.Checkpointer(
             run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
-            batch_generator=batch_generator, generators={"batches": batch_generator, "objective": generator},
+            generators={"batches": batch_generator, "objective": generator},
             modules={"features": feature_matching} if feature_matching is not None else {},
             best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
             signals=signals, flush=logger.flush, state=state)

@@ -322,14 +322,13 @@ class Checkpointer:
     the student checkpoint to keep as best.pt, given its validation metrics.
     """
 
-    def __init__(self, run_dir: Path, *, every_steps: int | None, batch_generator: torch.Generator,
+    def __init__(self, run_dir: Path, *, every_steps: int | None,
                  generators: dict[str, torch.Generator], modules: dict[str, torch.nn.Module],
                  best_payload: Callable[[dict[str, float]], dict[str, Any]], signals: Signals,
                  flush: Callable[[], None] = lambda: None, state: dict[str, Any] | None = None):
         self.path = run_dir / LAST
         self.best_path = run_dir / BEST
         self.every_steps = every_steps
-        self.batch_generator = batch_generator
         self.generators = generators
         self.modules = modules
         self.best_payload = best_payload
@@ -338,10 +337,6 @@ class Checkpointer:
         self.best: dict[str, Any] = {"val_accuracy": None, "epoch": None, "step": None}
         self.state = state   # last.pt's content, to continue from
         self.progress = Progress()
-
-    @property
-    def resumed_step(self) -> int | None:
-        return None if self.state is None else int(self.state["progress"]["step"])
 
     def restore(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
         """The progress to continue from: the start, or last.pt's with every state put back."""
@@ -355,8 +350,8 @@ class Checkpointer:
             for name, module in self.modules.items():
                 module.load_state_dict(state["modules"][name])
         except (KeyError, RuntimeError, ValueError) as err:
-            raise UsageError(f"{self.path} does not fit this run: {str(err).splitlines()[0]}; "
-                             "start over with trainer.resume=never") from None
+            raise UsageError(f"trainer.resume='auto' is not allowed: {self.path} does not fit this run "
+                             f"({str(err).splitlines()[0]}); start over with trainer.resume=never") from None
         for name, generator in self.generators.items():
             generator.set_state(state["generators"][name])
         restore_random_states(state["random"])
@@ -414,10 +409,11 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a file that does not load is one the run cannot continue from
-        raise UsageError(f"{path} cannot be resumed from ({type(err).__name__}); start over with "
-                         "trainer.resume=never") from None
+        raise UsageError(f"trainer.resume='auto' is not allowed: {path} cannot be read ({type(err).__name__}); "
+                         "start over with trainer.resume=never") from None
     if not isinstance(state, dict) or state.get("format") != "jacdistill-state":
-        raise UsageError(f"{path} is not a jacdistill training state; start over with trainer.resume=never")
+        raise UsageError(f"trainer.resume='auto' is not allowed: {path} is not a jacdistill training state; "
+                         "start over with trainer.resume=never")
     return state
 
 

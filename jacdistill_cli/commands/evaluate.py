@@ -33,6 +33,21 @@ def validate(cfg: DictConfig) -> list[float]:
     return [float(s) for s in sigmas]
 
 
+def with_dataset_target(stored: dict, cfg: DictConfig) -> dict:
+    """The stored dataset settings with a `_target_` of jacdistill's own: a checkpoint names no code to import
+    (a stored target outside the package, or none in an older checkpoint, is replaced by the shipped option's)."""
+    from jacdistill_cli.config.registry import shipped_options
+
+    if str(stored.get("_target_", "")).startswith("jacdistill_cli."):
+        return stored
+    shipped = shipped_options("dataset").get(str(stored.get("name")))
+    if shipped is None:
+        raise UsageError(f"checkpoint={str(cfg.checkpoint)!r} was trained on a dataset jacdistill does not ship "
+                         f"({stored.get('_target_') or stored.get('name')!r}); name the dataset to evaluate on, "
+                         "e.g. dataset=NAME with --config-dir for your own")
+    return {**stored, "_target_": shipped}
+
+
 def dataset_node(cfg: DictConfig, payload: dict[str, Any]) -> DictConfig:
     """The dataset to evaluate on: the one given, else the one stored in the checkpoint."""
     import logging
@@ -53,7 +68,7 @@ def dataset_node(cfg: DictConfig, payload: dict[str, Any]) -> DictConfig:
                     f"you name: add dataset_root={stored['root']} if you trust it, or name the dataset, e.g. "
                     f"dataset={stored.get('name')} dataset.root=DIR")
             stored["root"] = str(root)
-        return OmegaConf.create(stored)
+        return OmegaConf.create(with_dataset_target(stored, cfg))
     if cfg.get("dataset_root") is not None:
         raise setting_error("dataset_root", str(cfg.dataset_root), "it applies to the dataset settings stored in "
                             "the checkpoint; with dataset=... give dataset.root=DIR instead")

@@ -1,8 +1,12 @@
 """Datasets by name: train/val/test splits, class count, input shape, normalisation, augmentation.
 
-A dataset builder takes the `dataset` config node and returns a `DataBundle`. Small datasets are
-held in memory as `TensorSplit`s (batched by indexing, on the device); files on disk (MNIST, CIFAR,
-image folders) are `IndexedSplit`s, torch Datasets batched by a DataLoader.
+A dataset builder takes the `dataset` config node and returns a `DataBundle`. digits and fake are
+held in memory as float `TensorSplit`s; files on disk (MNIST, CIFAR, image folders) are read once and,
+when their images together fit in `dataset.max_memory_mb`, held as uint8 `UInt8Split`s (a quarter of
+float32's memory), moved to the training device with the bundle and normalised there batch by batch.
+Both kinds are batched by indexing on the device, with no per-item work. Files that do not fit are
+`IndexedSplit`s, torch Datasets batched item by item by a DataLoader (`trainer.num_workers`), in the
+same order for the same generator.
 
 Every split yields normalised float inputs [C, H, W]. A training split may carry an `Augment`
 (random shifts and flips), applied batch by batch in `batches`; validation and test splits never do.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +94,39 @@ class TensorSplit:
         return TensorSplit(self.inputs[index], self.labels[index], self.augment)
 
 
+@dataclass
+class UInt8Split:
+    """A split of images held in memory as uint8 [n, C, H, W] (0-255) with labels [n] (long), and the
+    dataset's per-channel `mean` and `std` [C]. A batch is indexed, scaled to [0, 1] and normalised
+    where the images are (on the training device once the bundle is moved): the same float32 values,
+    operation for operation, as `UInt8Images` items and torchvision's ToTensor + Normalize."""
+
+    images: Tensor
+    labels: Tensor
+    mean: Tensor
+    std: Tensor
+    augment: Augment | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 images [b, C, H, W] -> normalised float32 [b, C, H, W]."""
+        mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.normalise(self.images[index:index + 1])[0], int(self.labels[index])
+
+    def to(self, device) -> "UInt8Split":
+        return UInt8Split(self.images.to(device), self.labels.to(device), self.mean.to(device),
+                          self.std.to(device), self.augment)
+
+    def subset(self, index: Tensor) -> "UInt8Split":
+        index = index.to(self.labels.device)
+        return UInt8Split(self.images[index], self.labels[index], self.mean, self.std, self.augment)
+
+
 class UInt8Images(Dataset):
     """Images decoded once into memory: uint8 [n, C, H, W] and labels [n]; an item is the image
     scaled to [0, 1] and normalised per channel, [C, H, W] float32, and its label."""
@@ -126,7 +164,7 @@ class IndexedSplit(Dataset):
         return IndexedSplit(self.base, self.indices[index], self.labels[index], self.augment)
 
 
-Split = TensorSplit | IndexedSplit
+Split = TensorSplit | UInt8Split | IndexedSplit
 
 
 @dataclass
@@ -147,7 +185,7 @@ class DataBundle:
 
     def to(self, device) -> "DataBundle":
         """Move in-memory splits to the device once, so batching costs no copies."""
-        move = lambda s: s.to(device) if isinstance(s, TensorSplit) else s  # noqa: E731
+        move = lambda s: s.to(device) if isinstance(s, (TensorSplit, UInt8Split)) else s  # noqa: E731
         return dataclasses.replace(self, train=move(self.train), val=move(self.val), test=move(self.test),
                                    teacher_train=None if self.teacher_train is None else move(self.teacher_train))
 
@@ -184,22 +222,43 @@ def batches(split: Split | Dataset, batch_size: int, shuffle: bool, generator: t
     """Yield (inputs [b, *input], labels [b]) on `device`; shuffled by `generator` when asked;
     augmented when the split carries an augmentation (training splits only)."""
     augment = getattr(split, "augment", None)
-    if isinstance(split, TensorSplit):
+    if isinstance(split, (TensorSplit, UInt8Split)):
         n = len(split)
+        data = split.inputs if isinstance(split, TensorSplit) else split.images
         order = torch.randperm(n, generator=generator).to(split.labels.device) if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
-                inputs, labels = split.inputs[start:start + batch_size], split.labels[start:start + batch_size]
+                inputs, labels = data[start:start + batch_size], split.labels[start:start + batch_size]
             else:
                 index = order[start:start + batch_size]
-                inputs, labels = split.inputs[index], split.labels[index]
+                inputs, labels = data[index], split.labels[index]
+            if isinstance(split, UInt8Split):
+                inputs = split.normalise(inputs)
             yield (augment(inputs, generator) if augment else inputs), labels
         return
-    loader = DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    # The same order as above: one permutation drawn from `generator` when the epoch's first batch is
+    # asked for, then the augmentation's draws, batch by batch. (A DataLoader given the generator would
+    # draw from it first, for its workers' base seed; their seed does not matter here: no item is random.)
+    sampler = EpochOrder(len(split), generator) if shuffle else None
+    loader = DataLoader(split, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
     for inputs, labels in loader:
         inputs = inputs.to(device, non_blocking=True)
         yield (augment(inputs, generator) if augment else inputs), labels.to(device, non_blocking=True)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """Indices of one epoch in the order of `torch.randperm(n, generator=generator)`, drawn when the
+    first index is taken: the order in which in-memory splits are batched."""
+
+    def __init__(self, n: int, generator: torch.Generator | None):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
 
 
 def derived_seed(seed: int, purpose: str) -> int:
@@ -344,6 +403,48 @@ def failed_download(name: str, root: Path, err: Exception, how: str) -> UsageErr
     return UsageError(f"dataset {name}: could not download into {root} ({reason}); {how}")
 
 
+DEFAULT_MAX_MEMORY_MB = 2048
+
+
+def memory_limit(cfg: DictConfig) -> int:
+    """`dataset.max_memory_mb` in bytes: file datasets whose uint8 images (all splits) take at most this
+    are held in memory on the training device; larger ones are read item by item by a DataLoader."""
+    limit = cfg.get("max_memory_mb", DEFAULT_MAX_MEMORY_MB)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
+        raise setting_error("dataset.max_memory_mb", limit, "it must be a number of megabytes >= 0 (0: never "
+                            "held in memory, every split read item by item through a DataLoader)")
+    return int(limit * 2**20)
+
+
+def held_in_memory(bundle: DataBundle, nbytes: int) -> DataBundle:
+    """The bundle with each split over `UInt8Images` as a `UInt8Split` (its images copied out once),
+    to be moved to the training device with the bundle."""
+    def convert(split):
+        if not (isinstance(split, IndexedSplit) and isinstance(split.base, UInt8Images)):
+            return split
+        base = split.base
+        return UInt8Split(base.images[split.indices], split.labels, base.mean.flatten(), base.std.flatten(),
+                          split.augment)
+
+    logging.getLogger("jacdistill").info(
+        f"dataset {bundle.name}: {nbytes / 2**20:.1f} MB of uint8 images held in memory, normalised "
+        "batch by batch on the training device")
+    return dataclasses.replace(bundle, train=convert(bundle.train), val=convert(bundle.val), test=convert(bundle.test),
+                               teacher_train=None if bundle.teacher_train is None else convert(bundle.teacher_train))
+
+
+def in_memory_or_loader(cfg: DictConfig, bundle: DataBundle, nbytes: int) -> DataBundle:
+    """`held_in_memory` when `nbytes` of images fit in `dataset.max_memory_mb`, else the bundle as it
+    is (IndexedSplits, read item by item through a DataLoader)."""
+    limit = memory_limit(cfg)
+    if nbytes <= limit:
+        return held_in_memory(bundle, nbytes)
+    logging.getLogger("jacdistill").info(
+        f"dataset {bundle.name}: {nbytes / 2**20:.1f} MB of uint8 images exceed dataset.max_memory_mb="
+        f"{cfg.get('max_memory_mb', DEFAULT_MAX_MEMORY_MB)}: read item by item through a DataLoader")
+    return bundle
+
+
 def holdout_bundle(cfg: DictConfig, name: str, base_train: Dataset, train_labels: Tensor, base_test: Dataset,
                    test_labels: Tensor, num_classes: int, input_shape: tuple[int, ...], mean: list[float],
                    std: list[float], augment: Augment | None) -> DataBundle:
@@ -391,9 +492,10 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
     mean, std = list(cfg.mean), list(cfg.std)
     augment = training_augment(cfg, pad=2, flip=flip, mean=mean, std=std)
     train_labels, test_labels = train.targets.long(), test.targets.long()
-    return holdout_bundle(cfg, name, UInt8Images(train.data.unsqueeze(1), train_labels, mean, std), train_labels,
-                          UInt8Images(test.data.unsqueeze(1), test_labels, mean, std), test_labels,
-                          10, (1, 28, 28), mean, std, augment)
+    bundle = holdout_bundle(cfg, name, UInt8Images(train.data.unsqueeze(1), train_labels, mean, std), train_labels,
+                            UInt8Images(test.data.unsqueeze(1), test_labels, mean, std), test_labels,
+                            10, (1, 28, 28), mean, std, augment)
+    return in_memory_or_loader(cfg, bundle, train.data.numel() + test.data.numel())
 
 
 @dataset_builder
@@ -467,9 +569,10 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     to_images = lambda data: torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     train_labels = torch.tensor(train.targets, dtype=torch.long)
     test_labels = torch.tensor(test.targets, dtype=torch.long)
-    return holdout_bundle(cfg, name, UInt8Images(to_images(train.data), train_labels, mean, std), train_labels,
-                          UInt8Images(to_images(test.data), test_labels, mean, std), test_labels,
-                          num_classes, (3, 32, 32), mean, std, augment)
+    bundle = holdout_bundle(cfg, name, UInt8Images(to_images(train.data), train_labels, mean, std), train_labels,
+                            UInt8Images(to_images(test.data), test_labels, mean, std), test_labels,
+                            num_classes, (3, 32, 32), mean, std, augment)
+    return in_memory_or_loader(cfg, bundle, train.data.size + test.data.size)
 
 
 def pickle_errors() -> tuple[type[Exception], ...]:
@@ -548,32 +651,73 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
         (val_fraction,) = fractions_of(cfg, "val_fraction")
         val_index, train_index = stratified_split(labels, (val_fraction,), split_seed)
 
+    def whole(path: Path) -> torchvision.datasets.ImageFolder:
+        data = folder(path, base_transform)
+        if data.classes != classes:
+            raise UsageError(f"dataset.root={str(root)!r} is not allowed: the class folders of {path} "
+                             f"({', '.join(data.classes)}) differ from those of {root / 'train'}")
+        return data
+
+    val_folder = whole(root / "val") if val_index is None else None
+    test_folder = whole(root / "test") if test_index is None else None
+    folders = [f for f in (pool, val_folder, test_folder) if f is not None]
+    # Decoded once into memory when every split's uint8 images fit; else decoded item by item, every epoch.
+    nbytes = channels * size[0] * size[1] * sum(len(f) for f in folders)
+    in_memory = nbytes <= memory_limit(cfg)
+    decoded = {id(f): decode_images(f, [convert, transforms.Resize(size)]) for f in folders} if in_memory else {}
+
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
-        mean, std = estimate_normalisation(pool, train_index, split_seed)
+        # the same values as ToTensor's: uint8 / 255 (minus 0, over 1)
+        source = UInt8Images(decoded[id(pool)], labels, [0.0] * channels, [1.0] * channels) if in_memory else pool
+        mean, std = estimate_normalisation(source, train_index, split_seed)
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise UsageError(f"dataset.mean={mean} and dataset.std={std} are not allowed: each must hold "
                          f"{channels} values (one per channel), std > 0")
     transform = transforms.Compose(base_transform + [transforms.Normalize(mean, std)])
-    pool.transform = transform  # the folder is scanned once; from here on its items are normalised
     augment = training_augment(cfg, pad=max(1, size[0] // 8), flip=True, mean=mean, std=std)
 
-    def whole(path: Path) -> IndexedSplit:
-        data = folder(path, base_transform)
-        data.transform = transform
-        if data.classes != classes:
-            raise UsageError(f"dataset.root={str(root)!r} is not allowed: the class folders of {path} "
-                             f"({', '.join(data.classes)}) differ from those of {root / 'train'}")
+    def base(data: torchvision.datasets.ImageFolder) -> tuple[Dataset, Tensor]:
+        """The folder's items normalised (from memory when decoded) and its labels."""
         targets = torch.tensor(data.targets, dtype=torch.long)
-        return IndexedSplit(data, torch.arange(len(targets)), targets)
+        if in_memory:
+            return UInt8Images(decoded[id(data)], targets, mean, std), targets
+        data.transform = transform  # the folder is scanned once; from here on its items are normalised
+        return data, targets
 
-    part = lambda index, aug=None: IndexedSplit(pool, index, labels[index], aug)  # noqa: E731
+    pool_base, _ = base(pool)
+    part = lambda index, aug=None: IndexedSplit(pool_base, index, labels[index], aug)  # noqa: E731
+
+    def whole_split(data: torchvision.datasets.ImageFolder) -> IndexedSplit:
+        items, targets = base(data)
+        return IndexedSplit(items, torch.arange(len(targets)), targets)
+
     train = part(train_index, augment)
-    val = part(val_index) if val_index is not None else whole(root / "val")
-    test = part(test_index) if test_index is not None else whole(root / "test")
-    return DataBundle("imagefolder", train, val, test, num_classes=len(classes),
-                      input_shape=(channels, size[0], size[1]), mean=mean, std=std)
+    val = part(val_index) if val_index is not None else whole_split(val_folder)
+    test = part(test_index) if test_index is not None else whole_split(test_folder)
+    bundle = DataBundle("imagefolder", train, val, test, num_classes=len(classes),
+                        input_shape=(channels, size[0], size[1]), mean=mean, std=std)
+    if in_memory:
+        return held_in_memory(bundle, nbytes)
+    logging.getLogger("jacdistill").info(
+        f"dataset imagefolder: {nbytes / 2**20:.1f} MB of uint8 images exceed dataset.max_memory_mb="
+        f"{cfg.get('max_memory_mb', DEFAULT_MAX_MEMORY_MB)}: decoded item by item through a DataLoader")
+    return bundle
+
+
+def decode_images(data, transform: list) -> Tensor:
+    """Every image of a torchvision ImageFolder through `transform` (PIL to PIL: convert, resize), as
+    uint8 [n, C, H, W]: the bytes that ToTensor scales to [0, 1]. Decoded by a few threads (PIL releases
+    the interpreter lock while it decodes and resizes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision import transforms
+
+    to_uint8 = transforms.Compose([*transform, transforms.PILToTensor()])
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as threads:
+        images = list(threads.map(lambda sample: to_uint8(data.loader(sample[0])), data.samples))
+    return torch.stack(images)
 
 
 def _rgb(image):

@@ -55,24 +55,29 @@ class Augment:
     fill: list[float]
 
     def __call__(self, inputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # One gather from the padded batch: the output pixel (y, x) of sample i is padded pixel
+        # (dy_i + y, dx_i + x), or (dy_i + y, dx_i + W - 1 - x) when sample i is flipped. Draws from
+        # `generator`: dy [b], dx [b] (when pad > 0), then the flips [b] (when flip).
         b, c, h, w = inputs.shape
-        out = inputs
-        if self.pad > 0:
-            p = self.pad
-            fill = torch.tensor(self.fill, dtype=inputs.dtype, device=inputs.device).view(1, c, 1, 1)
+        device = inputs.device
+        p = self.pad
+        rows = torch.arange(h, device=device).expand(b, h)
+        cols = torch.arange(w, device=device).expand(b, w)
+        padded = inputs
+        if p > 0:
+            fill = torch.tensor(self.fill, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
             padded = fill.expand(b, c, h + 2 * p, w + 2 * p).clone()
             padded[:, :, p:p + h, p:p + w] = inputs
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(inputs.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(inputs.device)
-            rows = (dy[:, None] + torch.arange(h, device=inputs.device))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=inputs.device))[:, None, None, :]
-            samples = torch.arange(b, device=inputs.device)[:, None, None, None]
-            channels = torch.arange(c, device=inputs.device)[None, :, None, None]
-            out = padded[samples, channels, rows, cols]
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(device)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=generator).to(device)
+            rows, cols = dy[:, None] + rows, dx[:, None] + cols
         if self.flip:
-            flipped = torch.rand(b, generator=generator).to(inputs.device) < 0.5
-            out = torch.where(flipped[:, None, None, None], out.flip(-1), out)
-        return out
+            flipped = torch.rand(b, generator=generator).to(device) < 0.5
+            cols = torch.where(flipped[:, None], cols.flip(-1), cols)
+        if p == 0 and not self.flip:
+            return inputs
+        index = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 @dataclass

@@ -117,8 +117,8 @@ class UInt8Split:
 
     def normalise(self, images: Tensor) -> Tensor:
         """uint8 images [b, C, H, W] -> normalised float32 [b, C, H, W]."""
-        mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        # in place on the one new float tensor: the operations of (x / 255 - mean) / std, in that order
+        return images.float().div_(255.0).sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.normalise(self.images[index:index + 1])[0], int(self.labels[index])

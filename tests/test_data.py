@@ -371,7 +371,8 @@ def test_uint8_bundle_moves_to_the_device_with_its_subsets(tmp_path):
     assert torch.bincount(data.train.labels).tolist() == [2] * 10 and len(data.teacher_train) == 50
     moved = data.to(torch.device("meta"))
     for split in (moved.train, moved.val, moved.test, moved.teacher_train):
-        assert split.images.is_meta and split.labels.is_meta and split.mean.is_meta and split.images.dtype == torch.uint8
+        assert split.images.is_meta and split.labels.is_meta and split.mean.is_meta
+        assert split.images.dtype == torch.uint8
     assert data.train.images.device == CPU, "moving makes a new bundle"
 
 
@@ -434,6 +435,8 @@ def test_every_shipped_dataset_config_has_the_common_settings():
     for name in names:
         node = OmegaConf.create((folder / f"{name}.yaml").read_text())
         assert node.name == name and "samples_per_class" in node and "augment" in node
+        # datasets read from files say how much of them may be held on the training device
+        assert ("max_memory_mb" in node) == (name not in ("digits", "fake"))
 
 
 def test_bundle_to_device_keeps_the_teacher_split():

@@ -476,6 +476,7 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
     from torchvision.datasets.utils import extract_archive
 
     loader = getattr(torchvision.datasets, loader_name)
+    memory_limit(cfg)  # checked before any file is read
     root = data_root(cfg)
     raw = root / loader_name / "raw"
     for file in MNIST_FILES:
@@ -537,6 +538,7 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     import torchvision
 
     published = getattr(torchvision.datasets, loader_name)
+    memory_limit(cfg)  # checked before any file is read
     root = data_root(cfg)
     folder = root / published.base_folder
     files = [f for f, _ in published.train_list + published.test_list] + [published.meta["filename"]]

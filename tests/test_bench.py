@@ -56,6 +56,14 @@ def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
     assert max(table["jacobian_agreement"].values()) < 1e-5
     assert table["auto_vs_best"]["auto"] == "loop"
     assert {c["what"].split(":")[0] for c in table["checks"]} >= {"top1", "noise (1 sample)"}
+    # The data-path row: the training batches of the default dataset against the fastest benched step.
+    row = saved["data_path"]
+    assert (row["dataset"], row["batches"], row["batch_size"], row["split"]) == ("digits", 200, 4, "TensorSplit")
+    plain_kd = 1000 / rows["plain KD (jacobian=none)"]["median_ms"]
+    assert row["fastest_step"] == "10 classes: plain KD (jacobian=none)"
+    assert row["x_fastest_step"] == pytest.approx(row["batches_per_second"] / plain_kd)
+    assert any(line.startswith("data path: dataset=digits training split (1079 samples of 1x8x8")
+               for line in out.splitlines())
 
 
 def test_targets_are_the_documented_ones_at_10_and_100_classes():
@@ -93,6 +101,7 @@ def test_naive_step_trains_with_the_right_gradient():
     ("classes=[1]", "classes=[1] is not allowed: it must be a list of integers >= 2"),
     ("naive=[slow]", "naive=['slow'] is not allowed: it must be a list of backward, grad"),
     ("threads=0", "threads=0 is not allowed: it must be null (torch's default) or an integer >= 1"),
+    ("data_batches=-1", "data_batches=-1 is not allowed: it must be an integer in [0, 1000]"),
 ])
 def test_bench_refuses_bad_settings_in_one_line(override, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -3,6 +3,7 @@ augmentation, and one line when files are missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
 import struct
@@ -16,8 +17,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, TensorSplit, batches, build_data,
-                                 per_class_indices)
+from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, TensorSplit, UInt8Split, batches,
+                                     build_data, per_class_indices)
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.teacher import cache_path
 
@@ -215,7 +216,7 @@ def test_mnist_formats_are_read_by_torchvisions_loader(tmp_path, name, folder, g
                                   "dataset.augment=true"))
     assert (data.num_classes, data.input_shape) == (10, (1, 28, 28))
     assert (len(data.train), len(data.val), len(data.test)) == (80, 20, 30)
-    assert isinstance(data.train, IndexedSplit) and data.val.augment is None and data.test.augment is None
+    assert isinstance(data.train, UInt8Split) and data.val.augment is None and data.test.augment is None
     # every item is torchvision's own item of the same file, normalised with the dataset's mean and std
     reference = getattr(torchvision.datasets, folder)(str(tmp_path), train=False, transform=torchvision.transforms.Compose(
         [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(data.mean, data.std)]))
@@ -297,6 +298,84 @@ def test_missing_dataset_through_the_console_script_is_one_line(cli, tmp_path):
     assert "cifar-100-python.tar.gz" in lines[0]
 
 
+# ------------------------------------------------------------------- uint8 in memory or item by item
+
+def training_batches(split, seed: int = 3, batch_size: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled (and, where the split is, augmented) epoch, as training draws it."""
+    return list(batches(split, batch_size, True, torch.Generator().manual_seed(seed), CPU))
+
+
+def build_files(kind: str, root: Path, *overrides: str):
+    """A dataset read from small files in its real format, with `overrides`."""
+    if kind == "mnist":
+        if not (root / "MNIST").exists():
+            write_mnist(root, "MNIST", train=60, test=20)
+        return build_data(dataset_cfg("mnist", f"dataset.root={root}", "dataset.augment=true", *overrides))
+    if kind == "cifar10":
+        if not (root / "cifar-10-batches-py").exists():
+            write_cifar(root, 10, train_per_class=6, test_per_class=2)
+        return build_data(dataset_cfg("cifar10", f"dataset.root={root}", "dataset.verify=false", *overrides))
+    if not (root / "train").exists():
+        write_images(root / "train", COLOURS, per_class=8)
+        write_images(root / "test", COLOURS, per_class=3)
+    # mean and std estimated from the training images: from memory and from the files alike
+    return build_data(dataset_cfg("imagefolder", f"dataset.root={root}", "dataset.image_size=[8,6]",
+                                  "dataset.augment=true", *overrides))
+
+
+@pytest.mark.parametrize("kind", ["mnist", "cifar10", "imagefolder"])
+def test_uint8_splits_give_the_batches_of_the_item_by_item_path(tmp_path, kind):
+    memory = build_files(kind, tmp_path)
+    loader = build_files(kind, tmp_path, "dataset.max_memory_mb=0")
+    for name in ("train", "val", "test"):
+        held, read = getattr(memory, name), getattr(loader, name)
+        assert isinstance(held, UInt8Split) and held.images.dtype == torch.uint8 and isinstance(read, IndexedSplit)
+        assert held.images.shape[1:] == memory.input_shape and len(held) == len(read)
+        # the same normalised float32 values, in the same order, as the files read item by item
+        plain_held = dataclasses.replace(held, augment=None)
+        plain_read = IndexedSplit(read.base, read.indices, read.labels)
+        (held_inputs, held_labels), (read_inputs, read_labels) = all_items(plain_held), all_items(plain_read)
+        assert held_inputs.dtype == torch.float32 and torch.equal(held_labels, read_labels)
+        torch.testing.assert_close(held_inputs, read_inputs, rtol=1.2e-7, atol=1e-7)
+    assert memory.mean == loader.mean and memory.std == loader.std
+    # a training epoch: the same order and the same augmentation from the same generator on both paths,
+    # and the stream of an in-memory float TensorSplit of the same values
+    assert memory.train.augment is not None
+    as_float = TensorSplit(all_items(dataclasses.replace(memory.train, augment=None))[0], memory.train.labels,
+                           memory.train.augment)
+    held, read, floats = (training_batches(s) for s in (memory.train, loader.train, as_float))
+    assert len(held) == len(read) == len(floats) == -(-len(memory.train) // 7)
+    for (x, y), (x_read, y_read), (x_float, y_float) in zip(held, read, floats):
+        assert torch.equal(y, y_read) and torch.equal(y, y_float)
+        torch.testing.assert_close(x, x_read, rtol=1.2e-7, atol=1e-7)
+        assert torch.equal(x, x_float)
+    unaugmented = training_batches(dataclasses.replace(memory.train, augment=None))
+    assert [torch.equal(x, x_plain) for (x, _), (x_plain, _) in zip(held, unaugmented)] != [True] * len(held)
+
+
+def test_max_memory_mb_is_a_limit_on_all_splits_images(tmp_path):
+    # 3 classes x (8 training + 3 test) images of 3x8x6 uint8: 1584 bytes
+    size = 3 * (8 + 3) * 3 * 8 * 6
+    fits = build_files("imagefolder", tmp_path, f"dataset.max_memory_mb={size / 2**20}")
+    over = build_files("imagefolder", tmp_path, f"dataset.max_memory_mb={(size - 1) / 2**20}")
+    assert all(isinstance(s, UInt8Split) for s in (fits.train, fits.val, fits.test))
+    assert all(isinstance(s, IndexedSplit) for s in (over.train, over.val, over.test))
+    with pytest.raises(UsageError, match=r"dataset.max_memory_mb=-1 is not allowed: it must be a number of "
+                                         r"megabytes >= 0 \(0: never held in memory"):
+        build_files("mnist", tmp_path, "dataset.max_memory_mb=-1")
+
+
+def test_uint8_bundle_moves_to_the_device_with_its_subsets(tmp_path):
+    data = build_files("cifar10", tmp_path, "dataset.samples_per_class=2")
+    assert isinstance(data.train, UInt8Split) and isinstance(data.teacher_train, UInt8Split)
+    assert torch.bincount(data.train.labels).tolist() == [2] * 10 and len(data.teacher_train) == 50
+    moved = data.to(torch.device("meta"))
+    for split in (moved.train, moved.val, moved.test, moved.teacher_train):
+        assert split.images.is_meta and split.labels.is_meta and split.mean.is_meta
+        assert split.images.dtype == torch.uint8
+    assert data.train.images.device == CPU, "moving makes a new bundle"
+
+
 # ------------------------------------------------------------------- image folders
 
 def write_images(folder: Path, classes: dict[str, tuple[int, int, int]], per_class: int, size=(12, 10)) -> None:
@@ -356,6 +435,8 @@ def test_every_shipped_dataset_config_has_the_common_settings():
     for name in names:
         node = OmegaConf.create((folder / f"{name}.yaml").read_text())
         assert node.name == name and "samples_per_class" in node and "augment" in node
+        # datasets read from files say how much of them may be held on the training device
+        assert ("max_memory_mb" in node) == (name not in ("digits", "fake"))
 
 
 def test_bundle_to_device_keeps_the_teacher_split():

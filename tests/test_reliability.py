@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.zoo.data import read_cifar_batch
+from jacdistill_cli.zoo.files import read_cifar_batch
 from run_inprocess import run_command
 from test_bad_input import Marker, write_crafted_cifar
 

@@ -88,6 +88,9 @@ def shipped_jacobian(name: str) -> DictConfig:
 @one_line_errors("bench")
 def run(cfg: DictConfig) -> dict[str, Any]:
     options = validate(cfg)
+    from jacdistill_cli.proofs import data_path
+
+    data_batches = data_path.data_batches(cfg)
 
     import logging
     import os
@@ -122,6 +125,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if load_before is not None and device.type == "cpu" and load_before > 0.5:
         print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
 
+    data_rate = data_path.batch_rate(cfg.dataset, options["batch_size"], device, data_batches,
+                                     options["seed"]) if data_batches else None
     results: dict[str, Any] = {
         "device": str(device), "device_description": described, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "batch_size": options["batch_size"], "input_shape": list(shape),
@@ -161,6 +166,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["tables"].append(summary)
         write_json(run_dir / "bench.json", results)
 
+    if data_rate is not None:
+        results["data_path"] = data_path.compare(data_rate, results["tables"])
+        print("\n" + data_path.format_row(results["data_path"]))
     results["load_average_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     missed = [c["what"] for t in results["tables"] for c in t["checks"] if not c["met"]]
     results["targets_met"] = not missed

@@ -13,7 +13,7 @@ from jacdistill_cli.run.runtime import register_resolvers
 register_resolvers()
 
 # Dataset settings that may differ between training and evaluation without changing the test split.
-SPLIT_NEUTRAL = {"samples_per_class", "augment", "download", "root", "verify"}
+SPLIT_NEUTRAL = {"samples_per_class", "augment", "download", "root", "verify", "max_memory_mb"}
 
 
 def validate(cfg: DictConfig) -> list[float]:

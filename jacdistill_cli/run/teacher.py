@@ -34,8 +34,9 @@ from jacdistill_cli.run.trainer import evaluate, fit
 log = logging.getLogger("jacdistill")
 
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
-# Dataset settings that do not change what a teacher trained by the runner sees.
-NOT_TEACHER_DATA = ("samples_per_class", "download")
+# Dataset settings that do not change what a teacher trained by the runner sees (max_memory_mb: held in
+# memory or read by a DataLoader, the batches are the same).
+NOT_TEACHER_DATA = ("samples_per_class", "download", "max_memory_mb")
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -8,7 +8,6 @@ Each raises `UsageError("KEY=VALUE is not allowed: WHAT IS")`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacdistill_cli.config.checks import SettingError, boolean, number
+from jacdistill_cli.config.checks import boolean, number
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.batchnorm import (batchnorm_buffers_kept, has_training_batchnorm, per_sample_batchnorm,
                                              recorded_batchnorm_statistics)

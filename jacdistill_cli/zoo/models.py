@@ -10,9 +10,8 @@ twice differentiable (no in-place activations), as Jacobian matching needs.
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F

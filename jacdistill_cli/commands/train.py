@@ -180,7 +180,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     from jacdistill_cli.run.runtime import seed_everything, select_device, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
-    from jacdistill_cli.run.trainer import evaluate, fit
+    from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
     from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
@@ -251,6 +251,11 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
                 payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors
             return payload
 
+        reused = None
+        if reuse_teacher_outputs(cfg, objective, data, precision):
+            reused = reused_teacher_outputs(objective, teacher, data.train, cfg.trainer.batch_size, device)
+            log.info(f"teacher outputs computed once for the {len(data.train)} training samples and reused every "
+                     "epoch (teacher.reuse_outputs)")
         batch_generator = torch.Generator().manual_seed(cfg.seed)
         checkpoint = resume.Checkpointer(
             run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
@@ -264,7 +269,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
                       generator=batch_generator, num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
                       objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
-                      checkpoint=checkpoint, world=world, precision=precision)
+                      checkpoint=checkpoint, world=world, precision=precision, reused=reused)
         selected = {"selected": cfg.trainer.select, "best_epoch": checkpoint.best["epoch"],
                     "best_step": checkpoint.best["step"], "best_val_accuracy": checkpoint.best["val_accuracy"]}
         val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
@@ -316,6 +321,31 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     if signals.pending is not None:
         raise resume.Interrupted(signals.pending, None, finished=True)
     return metrics["val_accuracy"]
+
+
+def reuse_teacher_outputs(cfg: DictConfig, objective: Any, data: Any, precision: Any) -> bool:
+    """teacher.reuse_outputs: auto reuses when it can (one line refuses `true` when it cannot)."""
+    from jacdistill_cli.zoo.data import in_memory
+
+    reasons = []
+    if not objective.teacher_reusable:
+        reasons.append(f"the teacher's side of jacobian={objective.method.name} with features="
+                       f"{objective_features(objective)} is not a function of the sample alone (or is too large to keep)")
+    if getattr(data.train, "augment", None) is not None:
+        reasons.append("the training split is augmented (dataset.augment=true)")
+    if not in_memory(data.train):
+        reasons.append("the training split is not held in memory (dataset.max_memory_mb)")
+    if precision.name != "32":
+        reasons.append(f"trainer.precision={precision.name}")
+    setting = cfg.teacher.get("reuse_outputs", "auto")
+    if setting is True and reasons:
+        raise UsageError(f"teacher.reuse_outputs=true is not allowed: {reasons[0]}; use teacher.reuse_outputs=auto "
+                         "or false")
+    return setting is True or (setting == "auto" and not reasons)
+
+
+def objective_features(objective: Any) -> str:
+    return "none" if objective.matching is None else objective.matching.method
 
 
 def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:

@@ -85,6 +85,12 @@ def existing_file(cfg: DictConfig, key: str) -> None:
         raise setting_error(key, str(raw), "no such file")
 
 
+def validate_reuse(cfg: DictConfig) -> None:
+    raw = OmegaConf.select(cfg, "teacher.reuse_outputs", default="auto")
+    if raw not in ("auto", True, False):
+        raise setting_error("teacher.reuse_outputs", raw, "it must be auto, true or false")
+
+
 def validate_teacher_training(cfg: DictConfig) -> None:
     existing_file(cfg, "teacher.checkpoint")
     integer(cfg, "teacher.epochs", low=1, allowed="it must be an integer >= 1")
@@ -197,6 +203,7 @@ def validate_train(cfg: DictConfig) -> tuple[ObjectiveSettings, OptimSettings]:
                          "there is nothing to train; give a loss, a jacobian method with alpha > 0, or hard_weight > 0")
     optim = validate_optim(cfg)
     validate_teacher_training(cfg)
+    validate_reuse(cfg)
     return objective, optim
 
 

@@ -48,6 +48,7 @@ class Passes:
     student_forward: Callable[[Tensor], Tensor] | None = None   # the per-sample function, for `func`
     teacher_forward: Callable[[Tensor], Tensor] | None = None
     scale: float = 1.0   # float16: input-gradients are taken of scale * logits and divided by it (AMP's recipe)
+    teacher_gradients: Tensor | None = None   # [K, batch, *input] computed once and reused (teacher.reuse_outputs)
 
 
 @dataclass
@@ -85,12 +86,16 @@ def _along(logits: Tensor, inputs: Tensor, vectors: Tensor, create_graph: bool, 
     return vector_jacobian_products(logits, inputs, vectors, create_graph, strategy)
 
 
+def teacher_along(p: Passes, vectors: Tensor) -> Tensor:
+    """The teacher's gradients along `vectors` [K, batch, classes]: constants [K, batch, *input]."""
+    return _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward, p.scale)
+
+
 def matched_along(p: Passes, vectors: Tensor, joint: bool) -> Matched:
     """Both networks' gradients along the same vectors [K, batch, classes]."""
     student = _along(p.student_logits, p.student_inputs, vectors, p.create_graph, p.student_strategy,
                      p.student_forward, p.scale)
-    teacher = _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward,
-                     p.scale)
+    teacher = p.teacher_gradients if p.teacher_gradients is not None else teacher_along(p, vectors)
     return Matched(student, teacher, vectors, joint)
 
 
@@ -100,6 +105,9 @@ class JacobianMethod:
     name: ClassVar[str] = "?"
     uses_gradients: ClassVar[bool] = False
     perturbs_inputs: ClassVar[bool] = False
+    # The teacher's side is a function of the sample alone (no random draws) and small enough to keep
+    # for every sample of the training split: teacher.reuse_outputs may compute it once.
+    reusable_teacher: ClassVar[bool] = True
     of: str = "logits"
     batchnorm: str = "batch"
     strategy: str = "auto"
@@ -117,6 +125,7 @@ class Noise(JacobianMethod):
 
     name = "noise"
     perturbs_inputs = True
+    reusable_teacher = False
 
     def __init__(self, sigma: float = 0.1, samples: int = 1):
         self.sigma = number("sigma", sigma, low=0, low_open=True, allowed="it must be a number > 0")
@@ -178,6 +187,7 @@ class Exact(GradientMethod):
     """The full per-sample Jacobian [classes, *input] of both networks."""
 
     name = "exact"
+    reusable_teacher = False   # classes x input per sample
 
     def vectors(self, p: Passes) -> tuple[Tensor, bool]:
         return basis_vectors(p.teacher_logits), True
@@ -197,6 +207,7 @@ class Projected(GradientMethod):
     K distances, so unnormalized and squared it is an unbiased estimate of ||J_S - J_T||_F^2."""
 
     name = "projected"
+    reusable_teacher = False   # random directions, drawn anew each step
 
     def __init__(self, num_projections: int = 1, distribution: str = "rademacher", **common):
         super().__init__(**common)

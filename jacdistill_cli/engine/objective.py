@@ -21,7 +21,7 @@ from jacdistill_cli.engine.batchnorm import (can_gate_batchnorm, has_training_ba
                                              recorded_batchnorm_statistics, running_batchnorm_statistics)
 from jacdistill_cli.engine.jacobian import resolve_strategy
 from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
-from jacdistill_cli.engine.methods import JacobianMethod, Matched, NoJacobian, Passes
+from jacdistill_cli.engine.methods import JacobianMethod, Matched, NoJacobian, Passes, teacher_along
 from jacdistill_cli.engine.terms import (Distillation, FeatureJacobianTerm, FeatureTerm, HardLabels, JacobianMatching,
                                          Term)
 
@@ -41,6 +41,19 @@ class Step:
     student_features: list[Tensor] = field(default_factory=list)   # "features"
     teacher_features: list[Tensor] = field(default_factory=list)
     statistics: Any = None            # "statistics": the student's recorded BatchNorm statistics
+
+
+@dataclass
+class TeacherOutputs:
+    """The teacher's side of a step for a batch: its logits [batch, classes] and, for a method with
+    input-gradients, its gradients along the method's directions [K, batch, *input] (constants)."""
+
+    logits: Tensor
+    gradients: Tensor | None = None
+
+    def take(self, index: Tensor) -> "TeacherOutputs":
+        """The outputs of the samples at `index` (of a store holding every sample of a split)."""
+        return TeacherOutputs(self.logits[index], None if self.gradients is None else self.gradients[:, index])
 
 
 def running_statistics(student: nn.Module):
@@ -69,20 +82,46 @@ class Objective:
         self.weights = {t.name: float(t.weight) for t in self.terms}
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale)
+                 gradient_scale: float = 1.0,
+                 teacher_outputs: TeacherOutputs | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale, teacher_outputs)
         return logits, terms
 
+    @property
+    def teacher_reusable(self) -> bool:
+        """Whether the teacher's side of a step depends on the sample alone, so that `teacher_outputs`
+        computed once can stand in for it: no feature term (hooks on the teacher), a method whose teacher
+        side is deterministic and small (none, top1, target)."""
+        return self.matching is None and "statistics" not in self.needs and self.method.reusable_teacher
+
+    def teacher_outputs(self, teacher: nn.Module, inputs: Tensor, labels: Tensor) -> TeacherOutputs:
+        """The teacher's side of a step on this batch, computed as `step` computes it."""
+        make_jacobian_ready(teacher)
+        gradients = "gradients" in self.needs and self.method.uses_gradients
+        with torch.set_grad_enabled(gradients):
+            teacher_inputs = inputs.detach().requires_grad_(gradients)
+            with gate_of(teacher).forward_pass(activations=False) if gradients else contextlib.nullcontext():
+                logits = teacher(teacher_inputs)
+            if not gradients:
+                return TeacherOutputs(logits.detach())
+            passes = Passes(logits, teacher_inputs, logits, teacher_inputs, labels, create_graph=False,
+                            generator=self.generator, teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
+                            teacher_forward=teacher)
+            vectors, _ = self.method.vectors(passes)
+            return TeacherOutputs(logits.detach(), teacher_along(passes, vectors).detach())
+
     def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+                 gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
+                 ) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
         """As calling it, plus the gradients the Jacobian term matched (None for methods without).
-        `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale)."""
+        `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale);
+        `teacher_outputs`: the teacher's side computed earlier (see `teacher_reusable`)."""
         make_jacobian_ready(student)
         make_jacobian_ready(teacher)
         gradients = "gradients" in self.needs and self.method.uses_gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
         with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
-            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale)
+            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs)
             values = {term.name: term(step) for term in self.terms}
             total = sum((self.weights[name] * value for name, value in values.items()),
                         step.student_logits.new_zeros(()))
@@ -90,7 +129,7 @@ class Objective:
         return step.student_logits, values, step.matched
 
     def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-             gradients: bool, gradient_scale: float = 1.0) -> Step:
+             gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None) -> Step:
         if self.method.perturbs_inputs:
             inputs, labels = self.method.perturb(inputs, labels, self.generator)
         student_gate, teacher_gate = gate_of(student), gate_of(teacher)
@@ -107,9 +146,12 @@ class Objective:
         with contextlib.ExitStack() as stack:
             capture = (stack.enter_context(self.matching.capture(student, teacher))
                        if "features" in self.needs else None)
-            with torch.set_grad_enabled(gradients), (teacher_gate.forward_pass(activations=False) if gradients
-                                                     else contextlib.nullcontext()):
-                teacher_logits = teacher(teacher_inputs)
+            if teacher_outputs is not None:
+                teacher_logits = teacher_outputs.logits
+            else:
+                with torch.set_grad_enabled(gradients), (teacher_gate.forward_pass(activations=False) if gradients
+                                                         else contextlib.nullcontext()):
+                    teacher_logits = teacher(teacher_inputs)
             with self.first_pass(student, student_inputs, gradients, mode, separate, strategy, record) as statistics:
                 logits = student(student_inputs)
         step = Step(student, teacher, inputs, labels, logits, teacher_logits, statistics=statistics)
@@ -131,7 +173,8 @@ class Objective:
                                 create_graph=create_graph, generator=self.generator,
                                 student_strategy=strategy,
                                 teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
-                                student_forward=student, teacher_forward=teacher, scale=gradient_scale)
+                                student_forward=student, teacher_forward=teacher, scale=gradient_scale,
+                                teacher_gradients=None if teacher_outputs is None else teacher_outputs.gradients)
                 step.jacobian_distance, step.matched = self.method.term(passes)
         return step
 

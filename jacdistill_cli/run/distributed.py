@@ -64,11 +64,11 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def shard(inputs: Tensor, labels: Tensor, world: World) -> tuple[Tensor, Tensor]:
-    """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+def shard(*tensors: Tensor, world: World) -> tuple[Tensor, ...]:
+    """This rank's contiguous part of each tensor of a global batch (sizes differ by at most one)."""
     if not world.distributed:
-        return inputs, labels
-    return torch.tensor_split(inputs, world.size)[world.rank], torch.tensor_split(labels, world.size)[world.rank]
+        return tensors
+    return tuple(torch.tensor_split(t, world.size)[world.rank] for t in tensors)
 
 
 def reduce_sums(values: list[float], world: World, device: torch.device) -> list[float]:

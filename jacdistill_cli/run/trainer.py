@@ -15,6 +15,7 @@ from torch import nn
 
 from jacdistill_cli.zoo.data import DataBundle, batches
 from jacdistill_cli.engine.jacobian import class_gradients
+from jacdistill_cli.engine.objective import TeacherOutputs
 from jacdistill_cli.run.distributed import (SINGLE, World, average_gradients, broadcast_parameters, reduce_sums,
                                             shard)
 from jacdistill_cli.run.logger import RunLogger
@@ -54,7 +55,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: i
     totals = {"accuracy": 0.0, "agreement": 0.0, "jacobian_cosine": 0.0}
     count = 0
     for inputs, labels in batches(split, batch_size, False, None, device):
-        inputs, labels = shard(inputs, labels, world)
+        inputs, labels = shard(inputs, labels, world=world)
         if not len(labels):
             continue
         if teacher is None:
@@ -82,6 +83,16 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: i
     return metrics
 
 
+def reused_teacher_outputs(objective: Any, teacher: nn.Module, split: Any, batch_size: int,
+                           device: torch.device) -> TeacherOutputs:
+    """The teacher's side of a step (`Objective.teacher_outputs`) for every sample of a split held in
+    memory, in the split's order, computed batch by batch as a step computes it."""
+    parts = [objective.teacher_outputs(teacher, inputs, labels)
+             for inputs, labels in batches(split, batch_size, False, None, device)]
+    gradients = None if parts[0].gradients is None else torch.cat([p.gradients for p in parts], dim=1)
+    return TeacherOutputs(torch.cat([p.logits for p in parts]), gradients)
+
+
 def interactive() -> bool:
     """Progress bars only when a person watches: stderr is a terminal."""
     return sys.stderr.isatty()
@@ -92,7 +103,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         generator: torch.Generator, num_workers: int = 0, prefix: str = "",
         eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, progress: bool | None = None,
         objective_parameters: Iterable[nn.Parameter] = (), checkpoint: Checkpointer | None = None,
-        world: World = SINGLE, precision: Precision | None = None) -> dict[str, float]:
+        world: World = SINGLE, precision: Precision | None = None,
+        reused: TeacherOutputs | None = None) -> dict[str, float]:
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
     `saliency_inputs` [n, *input]. A progress bar with the running loss terms shows each epoch when
@@ -106,7 +118,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
 
     Under torch.distributed (`world`) `student` is the DDP-wrapped model, each rank steps on its shard of
     every batch and the logged terms are those of the global batch; `precision` runs the objective
-    under autocast (and a GradScaler for float16)."""
+    under autocast (and a GradScaler for float16). `reused`: the teacher's outputs for every training
+    sample (`reused_teacher_outputs`), which then stand in for its passes."""
     from tqdm import tqdm
 
     progress = (interactive() if progress is None else progress) and world.main
@@ -132,15 +145,17 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
             at.epoch_start_generator = generator.get_state()
             bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"{prefix}epoch {epoch}/{epochs}", leave=False,
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
-            for index, (inputs, labels) in enumerate(batches(data.train, batch_size, True, generator, device,
-                                                             num_workers)):
+            for index, (inputs, labels, *samples) in enumerate(batches(
+                    data.train, batch_size, True, generator, device, num_workers, indices=reused is not None)):
                 if index < skip:
                     continue
                 global_size = len(labels)
-                inputs, labels = shard(inputs, labels, world)
-                scale = {"gradient_scale": scaler.get_scale()} if scaler.is_enabled() else {}
+                inputs, labels, *samples = shard(inputs, labels, *samples, world=world)
+                extra = {"gradient_scale": scaler.get_scale()} if scaler.is_enabled() else {}
+                if reused is not None:
+                    extra["teacher_outputs"] = reused.take(samples[0])
                 with precision.autocast():
-                    _, terms = objective(student, teacher, inputs, labels, **scale)
+                    _, terms = objective(student, teacher, inputs, labels, **extra)
                 optimizer.zero_grad(set_to_none=True)
                 # DDP averages the ranks' gradients: weighting by the shard's share makes it the global batch's.
                 share = len(labels) / global_size

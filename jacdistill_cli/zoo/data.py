@@ -236,23 +236,28 @@ def split_seed(cfg: DictConfig) -> int:
 
 
 def batches(split: Split | Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
-            device: torch.device, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+            device: torch.device, num_workers: int = 0, indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
     """Yield (inputs [b, *input], labels [b]) on `device`; shuffled by `generator` when asked;
-    augmented when the split carries an augmentation (training splits only)."""
+    augmented when the split carries an augmentation (training splits only). With `indices` (splits held
+    in memory only), (inputs, labels, the samples' indices in the split [b])."""
     augment = getattr(split, "augment", None)
+    if indices and not in_memory(split):
+        raise ValueError("batches(indices=True) needs a split held in memory")
     if isinstance(split, (TensorSplit, UInt8Split)):
         n = len(split)
         data = split.inputs if isinstance(split, TensorSplit) else split.images
         order = torch.randperm(n, generator=generator).to(split.labels.device) if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
+                index = torch.arange(start, min(start + batch_size, n), device=split.labels.device)
                 inputs, labels = data[start:start + batch_size], split.labels[start:start + batch_size]
             else:
                 index = order[start:start + batch_size]
                 inputs, labels = data[index], split.labels[index]
             if isinstance(split, UInt8Split):
                 inputs = split.normalise(inputs)
-            yield (augment(inputs, generator) if augment else inputs), labels
+            inputs = augment(inputs, generator) if augment else inputs
+            yield (inputs, labels, index) if indices else (inputs, labels)
         return
     # The same order as above: one permutation drawn from `generator` when the epoch's first batch is
     # asked for, then the augmentation's draws, batch by batch. (A DataLoader given the generator would
@@ -263,6 +268,11 @@ def batches(split: Split | Dataset, batch_size: int, shuffle: bool, generator: t
     for inputs, labels in loader:
         inputs = inputs.to(device, non_blocking=True)
         yield (augment(inputs, generator) if augment else inputs), labels.to(device, non_blocking=True)
+
+
+def in_memory(split: Any) -> bool:
+    """A split batched by indexing (held in memory), not item by item by a DataLoader."""
+    return isinstance(split, (TensorSplit, UInt8Split))
 
 
 class EpochOrder(torch.utils.data.Sampler):

@@ -101,7 +101,7 @@ def test_alpha_is_the_x_axis_when_it_is_swept(tmp_path):
 
 def test_one_run_directory_is_a_group_of_one_without_std(tmp_path):
     run = make_run(tmp_path / "run", [], {"test_accuracy": 0.75})
-    report, text = write_report(run)
+    report, text, _ = write_report(run)
     assert [len(g.finished) for g in report.groups] == [1] and report.groups[0].mean_std("test_accuracy") == (0.75, None)
     assert "| 1 | 0.7500 |" in text
     assert next(csv.DictReader(open(run / "report.csv")))["test_accuracy_std"] == ""

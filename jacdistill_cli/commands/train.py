@@ -12,10 +12,12 @@ from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
-# Custom-scalars layout: the loss terms in one chart (a term a run does not log is simply absent).
-CHARTS = {"loss": {"loss terms": ["^loss/distill$", "^loss/jacobian$", "^loss/total$", "^loss/hard$",
-                                  "^loss/features$"]},
-          "validation": {"agreement and accuracy": ["^val/accuracy$", "^val/agreement$", "^val/jacobian_cosine$"]}}
+# Custom-scalars layout: one chart per loss term and per validation metric, each with every run of the
+# sweep (a term a run does not log is simply absent from its chart).
+LOSS_TERMS = ("total", "distill", "jacobian", "hard", "features")
+VAL_METRICS = ("accuracy", "agreement", "jacobian_cosine")
+CHARTS = {"loss terms (per step)": {f"loss/{term}": [f"^loss/{term}$"] for term in LOSS_TERMS},
+          "validation (per evaluation)": {f"val/{name}": [f"^val/{name}$"] for name in VAL_METRICS}}
 NOT_HPARAMS = {"cache_dir"}
 
 
@@ -28,12 +30,23 @@ def compact(node: DictConfig) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
 
+def choice_of(group: str) -> str | None:
+    """The option chosen for a config group without keys of its own (recipe, experiment), or None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters, flat, for TensorBoard's HPARAMS tab: every top-level setting (alpha,
-    temperature, hard_weight, seed, ...), the distillation loss, the Jacobian method and each of its
-    settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
+    temperature, hard_weight, seed, ...), the recipe and experiment preset, the distillation loss, the
+    Jacobian method and each of its settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
     hparams: dict[str, Any] = {key: value for key, value in cfg.items()
                                if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
+    hparams["recipe"] = choice_of("recipe")
+    hparams["experiment"] = choice_of("experiment")
     hparams["loss"] = cfg.loss.name
     hparams["jacobian"] = cfg.jacobian.name
     for key, value in cfg.jacobian.items():
@@ -58,12 +71,40 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return hparams
 
 
+def single_run() -> bool:
+    """Whether this is a single run (not a job of a multirun, whose sweep ends with its report)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+
+
+def summary_table(metrics: dict[str, Any], run_dir) -> str:
+    """What a single run ends with on stdout: the student's test metrics beside the teacher's accuracy,
+    then time, device and where the run is."""
+    rows = [("test accuracy", f"{metrics['test_accuracy']:.4f}", f"{metrics['teacher_test_accuracy']:.4f}"),
+            ("agreement with the teacher", f"{metrics['agreement']:.4f}", ""),
+            ("input-gradient cosine", f"{metrics['jacobian_cosine']:.4f}", ""),
+            ("val accuracy", f"{metrics['val_accuracy']:.4f}", "")]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'':{width}}  student  teacher", *(f"{n:{width}}  {s:>7}  {t:>7}".rstrip() for n, s, t in rows),
+             f"{metrics['epochs']} epochs, {metrics['steps']} steps in {metrics['train_seconds']:.1f} s "
+             f"({metrics['samples_per_second']:.0f} samples/s) on {metrics['device']}, seed {metrics['seed']}",
+             f"run directory: {run_dir}"]
+    return "\n".join(lines)
+
+
 @one_line_errors("train")
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
     from jacdistill_cli.config import settings
 
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    from jacdistill_cli.errors import setting_error
+    from jacdistill_cli.run.saliency import SALIENCY_MODES
+
+    if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
+        raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
 
     import logging
 
@@ -74,7 +115,8 @@ def run(cfg: DictConfig) -> float:
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
     from jacdistill_cli.engine.features import build_objective_with_features, check_feature_paths
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import (describe_device, run_directory, save_resolved_config, seed_everything,
+                                            select_device, write_json)
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit
@@ -114,6 +156,7 @@ def run(cfg: DictConfig) -> float:
                       optim=cfg.optim, device=device, logger=logger,
                       generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
+                      saliency=OmegaConf.select(cfg, "trainer.saliency", default="abs"),
                       objective_parameters=feature_matching.parameters() if feature_matching is not None else ())
         test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device)
         metrics = {
@@ -122,12 +165,15 @@ def run(cfg: DictConfig) -> float:
             "val_agreement": history["agreement"], "val_jacobian_cosine": history["jacobian_cosine"],
             "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
             "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
-            "epochs": history["epochs"], "steps": history["steps"], "device": str(device),
+            "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed, "status": "finished",
+            "device": describe_device(device), "torch": torch.__version__,
             "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
             "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
         }
         logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
-                        "test/jacobian_cosine": test["jacobian_cosine"]}, history["steps"])
+                        "test/jacobian_cosine": test["jacobian_cosine"],
+                        # at the first and the last step: a level line to read the student's curves against
+                        "teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, history["steps"])
         succeeded = True
     except Exception as err:
         # In the run's train.log, where `jacdistill report` finds why a job of a sweep has no metrics.
@@ -144,6 +190,8 @@ def run(cfg: DictConfig) -> float:
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})")
     log.info(f"run directory: {run_dir}")
+    if single_run():
+        print(summary_table(metrics, run_dir))
     return metrics["val_accuracy"]
 
 

@@ -79,12 +79,13 @@ def interactive() -> bool:
 def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data: DataBundle, *, epochs: int,
         batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
         generator: torch.Generator, num_workers: int = 0, prefix: str = "",
-        eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, progress: bool | None = None,
+        eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, saliency: str = "abs",
+        progress: bool | None = None,
         objective_parameters: Iterable[nn.Parameter] = ()) -> dict[str, float]:
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
-    `saliency_inputs` [n, *input]. A progress bar with the running loss terms shows each epoch when
-    `progress` (default: stderr is a terminal). Returns the last val metrics with steps, epochs,
+    `saliency_inputs` [n, *input] (maps drawn as `saliency`: abs or signed). A progress bar with the
+    running loss terms shows each epoch when `progress` (default: stderr is a terminal). Returns the last val metrics with steps, epochs,
     train_seconds, samples_per_second."""
     from tqdm import tqdm
 
@@ -126,7 +127,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
             logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
             if teacher is not None and saliency_inputs is not None:
                 logger.image(f"{prefix}saliency/input_teacher_student",
-                             saliency_image(student, teacher, saliency_inputs), step)
+                             saliency_image(student, teacher, saliency_inputs, saliency), step)
             summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
         log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
     return {**val, "steps": step, "epochs": epochs, "train_seconds": train_seconds,

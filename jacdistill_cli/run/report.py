@@ -340,7 +340,7 @@ def private_matplotlib_config() -> None:
     import tempfile
 
     global _MPL_CONFIG
-    if "matplotlib" in sys.modules or "MPLCONFIGDIR" in os.environ:
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
         return
     _MPL_CONFIG = tempfile.TemporaryDirectory(prefix="jacdistill-matplotlib-")
     os.environ["MPLCONFIGDIR"] = _MPL_CONFIG.name

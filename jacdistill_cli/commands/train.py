@@ -101,10 +101,11 @@ def run(cfg: DictConfig) -> float:
 
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
     from jacdistill_cli.errors import setting_error
-    from jacdistill_cli.run.saliency import SALIENCY_MODES
+    from jacdistill_cli.run.runtime import SALIENCY_MODES
 
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
-        raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
+        raise setting_error("trainer.saliency", cfg.trainer.saliency,
+                            f"it must be one of {', '.join(SALIENCY_MODES)}")
 
     import logging
 

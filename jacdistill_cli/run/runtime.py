@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from jacdistill_cli.errors import UsageError
 
 MAX_DIRNAME = 120
+SALIENCY_MODES = ("abs", "signed")  # how run/saliency.py draws the input-gradients (trainer.saliency)
 # Hydra's own sweeper runs each combination of values once, so its jobs' overrides are unique.
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 

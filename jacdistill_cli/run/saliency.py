@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.engine.jacobian import class_gradients
+from jacdistill_cli.run.runtime import SALIENCY_MODES
 
 TILE = 48  # pixels per image side in the grid: 8x8 digits are scaled up to be seen
 
@@ -56,7 +57,6 @@ def _rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1)
 
 
-SALIENCY_MODES = ("abs", "signed")
 LABEL_WIDTH = 56     # pixels left of the grid for the row labels
 CAPTION_HEIGHT = 14  # pixels under the grid for each column's cosine
 ROW_LABELS = ("input", "teacher", "student")

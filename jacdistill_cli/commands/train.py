@@ -98,14 +98,13 @@ def summary_table(metrics: dict[str, Any], run_dir) -> str:
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
     from jacdistill_cli.config import settings
-
-    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
     from jacdistill_cli.errors import setting_error
     from jacdistill_cli.run.runtime import SALIENCY_MODES
 
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
         raise setting_error("trainer.saliency", cfg.trainer.saliency,
                             f"it must be one of {', '.join(SALIENCY_MODES)}")
+    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
 
     import logging
 

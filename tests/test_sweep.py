@@ -298,7 +298,7 @@ def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients()
     assert not torch.equal(grid, _labelled(plain, TILE, [0.5, 0.5, 0.5]))
 
 
-def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path):
+def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
@@ -318,6 +318,53 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path)
         logger.close()
         err = capsys.readouterr().err
         if progress:  # tqdm: one bar per epoch, 5 batches of 8, with the running mean of each loss term
-            assert "epoch 2/2" in err and "5/5" in err and "hard=" in err and "total=" in err
+            assert "epoch 2/2" in err and "5/5" in err and "hard " in err and "total " in err
         else:
             assert "epoch" not in err
+
+
+def test_progress_bar_fits_80_columns(tmp_path):
+    """On a pseudo-terminal of 80 columns, every state of a bar fits in one line: the usual terms in full
+    or shortened, and with five terms and a long description the bar is cut by tqdm, never wrapped."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from tqdm import tqdm
+
+    from jacdistill_cli.run.trainer import BAR_FORMAT, progress_postfix, progress_room
+
+    def shown(desc: str, terms: dict[str, float], columns: int) -> list[str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with os.fdopen(slave, "w") as terminal:
+            bar = tqdm(total=1234, desc=desc, file=terminal, dynamic_ncols=True, bar_format=BAR_FORMAT,
+                       mininterval=0)
+            for _ in range(3):
+                bar.update(400)
+                bar.set_postfix_str(progress_postfix(terms, progress_room(desc, 1234, terminal)))
+            bar.close()
+        written = b""
+        while True:  # everything written, until the closed terminal reads as ended
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            written += chunk
+        os.close(master)
+        written = written.decode()
+        lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in re.split(r"[\r\n]", written)]
+        return [line for line in lines if line.strip()]
+
+    usual = {"distill": 0.0231, "jacobian": 1.0556, "total": 0.8490, "hard": 2.1234}
+    lines = shown("epoch 12/100", usual, 80)
+    assert lines and all(len(line) < 80 for line in lines), [len(line) for line in lines]
+    assert re.search(r"1200/1234 \S+, tot 0\.85\d*  dist 0\.02\d*  jac 1\.0[56]\d*  hard 2\.12\d*$", lines[-1])
+    wide = shown("epoch 12/100", usual, 160)
+    assert wide[-1].endswith("total 0.8490  distill 0.0231  jacobian 1.0556  hard 2.1234")
+    every = shown("teacher/epoch 100/100", {**usual, "features": 0.5}, 80)
+    assert all(len(line) < 80 for line in every) and ", tot 0.85  dist" in every[-1]

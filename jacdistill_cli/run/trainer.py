@@ -71,6 +71,39 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: i
     return metrics
 
 
+# The progress bar: "epoch 3/20  45%|████     | 8/17 00:01, total 0.8490  distill 0.0230  jacobian 1.0556",
+# the loss terms' running means shortened (names, then digits) until the line fits the terminal.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {remaining}{postfix}"
+SHORT_NAMES = {"total": "tot", "distill": "dist", "jacobian": "jac", "features": "feat"}
+MIN_BAR = 5  # characters of the bar itself that the line keeps
+
+
+def progress_postfix(means: dict[str, float], room: int) -> str:
+    """The running means as `total 0.8490  distill 0.0230 ...` (total first), shortened to fit in `room`
+    characters: full names with 4 decimals, short names (tot, dist, jac, feat), then 3 and 2 decimals."""
+    ordered = sorted(means.items(), key=lambda item: item[0] != "total")
+    text = ""
+    for short, digits in ((False, 4), (True, 4), (True, 3), (True, 2)):
+        text = "  ".join(f"{SHORT_NAMES.get(n, n) if short else n} {v:.{digits}f}" for n, v in ordered)
+        if len(text) <= room:
+            break
+    return text
+
+
+def progress_room(desc: str, total: int, file=None) -> int:
+    """Characters left for the loss terms on a BAR_FORMAT line as wide as the terminal of `file` (default
+    stderr; COLUMNS or 80 when it is none), less what tqdm puts before them (`, `) and the last column,
+    which tqdm keeps free. The rest of a line too long for the terminal is cut by tqdm: it never wraps."""
+    import os
+    import shutil
+
+    try:
+        columns = os.get_terminal_size((file or sys.stderr).fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = shutil.get_terminal_size((80, 24)).columns
+    return columns - 1 - len(f"{desc} 100%|{' ' * MIN_BAR}| {total}/{total} 00:00, ")
+
+
 def interactive() -> bool:
     """Progress bars only when a person watches: stderr is a terminal."""
     return sys.stderr.isatty()
@@ -99,8 +132,9 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         student.train()
         started = time.perf_counter()
         running: dict[str, float] = {}
-        bar = tqdm(total=batches_per_epoch, desc=f"{prefix}epoch {epoch}/{epochs}", leave=False,
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        desc = f"{prefix}epoch {epoch}/{epochs}"
+        bar = tqdm(total=batches_per_epoch, desc=desc, leave=False, disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, bar_format=BAR_FORMAT)
         for inputs, labels in batches(data.train, batch_size, True, generator, device, num_workers):
             _, terms = objective(student, teacher, inputs, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -116,7 +150,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
                 running[name] = running.get(name, 0.0) + v
             if progress:
                 bar.update()
-                bar.set_postfix({name: f"{v / bar.n:.4f}" for name, v in running.items()}, refresh=False)
+                bar.set_postfix_str(progress_postfix({name: v / bar.n for name, v in running.items()},
+                                                     progress_room(desc, batches_per_epoch)), refresh=False)
         bar.refresh()  # the epoch's final counts and running means, however fast it ran
         bar.close()
         schedule.step()

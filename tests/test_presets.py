@@ -93,12 +93,21 @@ def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
 
 
-def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(cli, tmp_path):
-    """One seed, one size: the three recipes, through the console script, named by what varies."""
+def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(tmp_path):
+    """One seed, one size: the three recipes, through the README's reproduction script and the console
+    script, named by what varies."""
+    import os
+    import subprocess
+    import sys
+
     sweep = tmp_path / "sweep"
-    result = cli("train", "experiment=digits_fewshot", "seed=0", "dataset.samples_per_class=1", "trainer.epochs=2",
-                 "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "digits_fewshot.sh"), str(sweep),
+                             "seed=0", "dataset.samples_per_class=1", "trainer.epochs=2", "teacher.epochs=2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"the table: {sweep}/report.md"
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     # Only the recipe varies: seed, samples per class and the epochs are the same in every job.
     assert names == [f"recipe={r}" for r in sorted(RECIPES)]

@@ -12,12 +12,33 @@ from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
-# Custom-scalars layout: one chart per loss term and per validation metric, each with every run of the
-# sweep (a term a run does not log is simply absent from its chart).
-LOSS_TERMS = ("total", "distill", "jacobian", "hard", "features")
+# Custom-scalars layout: one chart per loss term the run logs and per validation metric, each drawn with
+# every run of the sweep (TensorBoard merges the runs' layouts, so a term no run logs gets no chart).
 VAL_METRICS = ("accuracy", "agreement", "jacobian_cosine")
-CHARTS = {"loss terms (per step)": {f"loss/{term}": [f"^loss/{term}$"] for term in LOSS_TERMS},
-          "validation (per evaluation)": {f"val/{name}": [f"^val/{name}$"] for name in VAL_METRICS}}
+
+
+def charts(terms: list[str]) -> dict[str, dict[str, list[str]]]:
+    """The layout for a run whose objective returns `terms` (total first)."""
+    ordered = sorted(terms, key=lambda term: term != "total")
+    return {"loss terms (per step)": {f"loss/{term}": [f"^loss/{term}$"] for term in ordered},
+            "validation (per evaluation)": {f"val/{name}": [f"^val/{name}$"] for name in VAL_METRICS}}
+
+
+def with_layout(objective, logger):
+    """`objective`, which writes the run's custom-scalars layout when its first step shows the terms."""
+    written = False
+
+    def first_step_writes_layout(student, teacher, inputs, labels):
+        nonlocal written
+        logits, terms = objective(student, teacher, inputs, labels)
+        if not written:
+            logger.layout(charts(list(terms)))
+            written = True
+        return logits, terms
+
+    return first_step_writes_layout
+
+
 NOT_HPARAMS = {"cache_dir"}
 
 
@@ -135,7 +156,6 @@ def run(cfg: DictConfig) -> float:
     student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
     check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
     logger = RunLogger(run_dir)
-    logger.layout(CHARTS)
     logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
     succeeded = False
     feature_matching = None
@@ -151,7 +171,7 @@ def run(cfg: DictConfig) -> float:
                                                                     generator)
         if feature_matching is not None:
             log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
-        history = fit(student, teacher, objective, data, epochs=cfg.trainer.epochs,
+        history = fit(student, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=cfg.optim, device=device, logger=logger,
                       generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,

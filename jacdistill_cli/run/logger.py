@@ -115,12 +115,14 @@ def sweep_experiment(sweep_dir: Path) -> Any:
     it from them (each hyperparameter's type, whether it differs between runs, the metrics: every scalar
     tag), with the metrics reordered by metric_order and no list of allowed values for text
     hyperparameters (the tab would otherwise hide the runs of another sweep in the same log directory
-    whose values are not in it). None when no run under it has hyperparameters."""
+    whose values are not in it); and the directory of the first of those runs by name. (None, None) when
+    no run under it has hyperparameters."""
     from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.context import RequestContext
     from tensorboard.plugins.base_plugin import TBContext
     from tensorboard.plugins.hparams.backend_context import Context
+    from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG
 
     import logging
 
@@ -132,38 +134,40 @@ def sweep_experiment(sweep_dir: Path) -> Any:
     multiplexer.Reload()
     backend = Context(TBContext(logdir=sweep_dir, data_provider=MultiplexerDataProvider(multiplexer, sweep_dir)))
     request = RequestContext()
-    content = {run: tags for run, tags in backend.hparams_metadata(request, "").items()
-               if run != "."}  # a summary written earlier at the top is not one of the runs
+    content = backend.hparams_metadata(request, "")
     experiment = backend.experiment_from_metadata(request, "", True, content,
                                                   backend.hparams_from_data_provider(request, "", limit=None))
-    if not experiment.hparam_infos:
-        return None
+    sessions = sorted(run for run, tags in content.items() if SESSION_START_INFO_TAG in tags)
+    if not experiment.hparam_infos or not sessions:
+        return None, None
     metrics = sorted(experiment.metric_infos, key=lambda info: metric_order(info.name.tag))
     del experiment.metric_infos[:]
     experiment.metric_infos.extend(metrics)
     for info in experiment.hparam_infos:
         if info.HasField("domain_discrete"):
             info.ClearField("domain_discrete")
-    return experiment
+    return experiment, Path(sweep_dir) / sessions[0]
 
 
 def write_sweep_experiment(sweep_dir: Path) -> Path | None:
-    """Write the HPARAMS experiment of the sweep's runs (sweep_experiment) into an event file directly in
-    `sweep_dir`, replacing one written before; TensorBoard uses it instead of building its own, so the
-    tab leads with LEADING_METRICS. Returns the file, or None when there is nothing to summarise."""
+    """Write the HPARAMS experiment of the sweep's runs (sweep_experiment) into an event file of its own in
+    the directory of the sweep's first run (by name), replacing one written before anywhere in the sweep;
+    TensorBoard uses it instead of building its own, so the tab leads with LEADING_METRICS. In a run's
+    directory it adds no run to TensorBoard's lists (an event file directly in the sweep directory would
+    be a run named `.`). Returns the file, or None when there is nothing to summarise."""
     from tensorboard.plugins.hparams.metadata import EXPERIMENT_TAG, create_summary_metadata
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
     from tensorboard.compat.proto.summary_pb2 import Summary
     from torch.utils.tensorboard.writer import FileWriter
 
     sweep_dir = Path(sweep_dir)
-    experiment = sweep_experiment(sweep_dir)
+    for old in sweep_dir.rglob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"):
+        old.unlink()
+    experiment, first_run = sweep_experiment(sweep_dir)
     if experiment is None:
         return None
-    for old in sweep_dir.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"):
-        old.unlink()
     metadata = create_summary_metadata(HParamsPluginData(experiment=experiment))
-    writer = FileWriter(str(sweep_dir), filename_suffix=EXPERIMENT_SUFFIX)
+    writer = FileWriter(str(first_run), filename_suffix=EXPERIMENT_SUFFIX)
     writer.add_summary(Summary(value=[Summary.Value(tag=EXPERIMENT_TAG, metadata=metadata)]))
     writer.close()
-    return next(sweep_dir.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))
+    return next(first_run.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"))

@@ -63,7 +63,8 @@ def choice_of(group: str) -> str | None:
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters, flat, for TensorBoard's HPARAMS tab: every top-level setting (alpha,
     temperature, hard_weight, seed, ...), the recipe and experiment preset, the distillation loss, the
-    Jacobian method and each of its settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
+    Jacobian method and each of its settings, teacher, student, dataset, samples_per_class (None: the whole
+    training split), optimiser."""
     hparams: dict[str, Any] = {key: value for key, value in cfg.items()
                                if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
     hparams["recipe"] = choice_of("recipe")

@@ -118,8 +118,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
     `saliency_inputs` [n, *input] (maps drawn as `saliency`: abs or signed). A progress bar with the
-    running loss terms shows each epoch when `progress` (default: stderr is a terminal). Returns the last val metrics with steps, epochs,
-    train_seconds, samples_per_second."""
+    running loss terms shows each epoch when `progress` (default: stderr is a terminal). Returns the last
+    val metrics with steps, epochs, train_seconds, samples_per_second."""
     from tqdm import tqdm
 
     progress = interactive() if progress is None else progress

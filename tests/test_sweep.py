@@ -220,6 +220,10 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
                      f"hydra.sweep.dir={copy / 'diverged'}",
                      cwd=tmp_path, env={"JACDISTILL_CACHE": str(teacher_cache)})
     assert failed.returncode != 0 and "FloatingPointError" in failed.stderr
+    # The sweep stopped with the error, and still left its report and said where it is, last.
+    assert "0: failed (failed: FloatingPointError" in (copy / "diverged" / "report.md").read_text()
+    where = f"jacdistill train: sweep directory {(copy / 'diverged').resolve()} (the sweep ended early)"
+    assert failed.stdout.splitlines()[-1] == where
 
     report = build_report(copy)
     status = {run.name: (run.status, run.detail) for run in report.runs}

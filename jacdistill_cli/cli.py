@@ -6,6 +6,7 @@ Kept free of torch imports so that `jacdistill --help` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module holding the Hydra app `main`, one-line description)
@@ -159,8 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     # Hydra reads sys.argv itself; it sees only this command's overrides.
     # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
-    sys.argv = [f"jacdistill {command}", *getattr(module, "translate_argv", list)(args[1:])]
-    module.main()
+    overrides = getattr(module, "translate_argv", list)(args[1:])
+    sys.argv = [f"jacdistill {command}", *overrides]
+    # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
+    # several lines; asked for full errors, it raises it instead, and it is said here in one line. The
+    # job itself unsets the request (errors.composition_done), so its errors get Hydra's usual report.
+    # A user who set HYDRA_FULL_ERROR gets Hydra's own output throughout.
+    from jacdistill_cli import errors
+
+    user_asked = "HYDRA_FULL_ERROR" in os.environ
+    if not user_asked:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        errors.hydra_full_error_for_composition = True
+    try:
+        module.main()
+    except Exception as err:
+        from hydra.errors import CompactHydraException
+
+        if user_asked or not isinstance(err, CompactHydraException):
+            raise
+        from jacdistill_cli.config.keys import composition_message
+
+        print(f"jacdistill {command}: error: {composition_message(command, overrides, err)}", file=sys.stderr)
+        return 2
+    finally:
+        errors.composition_done()
     return 0
 
 

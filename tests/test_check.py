@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jacdistill_cli.engine.methods import METHODS, Matched, Method, matched_along, one_hot_vectors
+from jacdistill_cli.engine.methods import Matched, Top1
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_inprocess import run_command  # noqa: E402
@@ -48,28 +48,32 @@ def test_check_exits_0_on_the_default_configuration_for_every_method(cli, tmp_pa
     assert noise["without_effect"] == [] and len(noise["receiving"]) == 4
 
 
-def detached_student(p) -> Matched:
+class DetachedStudent(Top1):
     """top1 with the student's gradient cut from the graph (the question's mistake, hidden)."""
-    matched = matched_along(p, one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), True)
-    return Matched(matched.student.detach(), matched.teacher, matched.vectors, matched.joint)
+
+    def gradients(self, p) -> Matched:
+        matched = super().gradients(p)
+        return Matched(matched.student.detach(), matched.teacher, matched.vectors, matched.joint)
 
 
-def wrong_values(p) -> Matched:
+class WrongValues(Top1):
     """top1 whose student gradient is slightly off (still differentiable)."""
-    matched = matched_along(p, one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), True)
-    return Matched(matched.student * 1.001, matched.teacher, matched.vectors, matched.joint)
+
+    def gradients(self, p) -> Matched:
+        matched = super().gradients(p)
+        return Matched(matched.student * 1.001, matched.teacher, matched.vectors, matched.joint)
 
 
 @pytest.mark.parametrize("fault,failure", [
-    (detached_student, "parameter(s) the term depends on receive no gradient"),
-    (wrong_values, "student Jacobian differs from torch.func.jacrev"),
+    (DetachedStudent, "parameter(s) the term depends on receive no gradient"),
+    (WrongValues, "student Jacobian differs from torch.func.jacrev"),
 ])
-def test_check_exits_1_on_a_planted_fault(fault, failure, monkeypatch, tmp_path, capsys):
+def test_check_exits_1_on_a_planted_fault(fault, failure, tmp_path, capsys):
+    """A user's method (a `_target_` outside the package) is checked as configured, like a shipped one."""
     name = f"planted_{fault.__name__}"
-    monkeypatch.setitem(METHODS, name, Method(name, fault))
     with pytest.raises(SystemExit) as exit:
-        run_command("check", ["student=cnn", "jacobian=top1", f"jacobian.name={name}",
-                              f"methods=[top1,{name}]", "features=none"], tmp_path)
+        run_command("check", ["student=cnn", "jacobian=top1", f"jacobian._target_={__name__}.{fault.__name__}",
+                              f"jacobian.name={name}", f"methods=[top1,{name}]", "features=none"], tmp_path)
     assert exit.value.code == 1
     out = capsys.readouterr().out
     assert f"{name}: FAILED: " in out and failure in out

@@ -104,7 +104,7 @@ def test_ce_only_baseline_objective_is_cross_entropy():
     import torch.nn.functional as F
     from omegaconf import OmegaConf
 
-    from jacdistill_cli.engine.objective import Objective
+    from objectives import objective as Objective
 
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

@@ -270,7 +270,7 @@ def test_cifar_batches_are_read_by_torchvisions_loader(tmp_path, name, classes, 
 def test_cifar_batches_go_through_dataloader_workers(tmp_path):
     write_cifar(tmp_path, 10, train_per_class=4, test_per_class=1)
     data = build_data(dataset_cfg("cifar10", f"dataset.root={tmp_path}", "dataset.verify=false",
-                                  "dataset.samples_per_class=2"))
+                                  "dataset.samples_per_class=2", "dataset.val_fraction=0.25"))  # 1 of 4 per class
     seen = [labels for _, labels in batches(data.train, 8, True, torch.Generator().manual_seed(0), CPU,
                                             num_workers=2)]
     assert sorted(torch.cat(seen).tolist()) == sorted([c for c in range(10) for _ in range(2)])

@@ -18,7 +18,11 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from jacdistill_cli.config import registry, settings
 from jacdistill_cli.engine import features
+from jacdistill_cli.engine import pairs as feature_pairs
+from jacdistill_cli.engine.objective import objective_from_settings
+from jacdistill_cli.proofs import feature_checks
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.jacobian import matching_distance
 from jacdistill_cli.zoo.models import build_model
@@ -53,7 +57,7 @@ def small_pair(dtype=torch.float64, student_batchnorm=True, seed=0):
 
 def objective_for(teacher, student, *overrides: str):
     cfg = compose_train(*overrides)
-    objective, matching = features.build_objective_with_features(cfg, teacher, student, SHAPE)
+    objective, matching = objective_from_settings(settings.validate_objective(cfg), teacher, student, SHAPE)
     return cfg, objective, matching
 
 
@@ -187,7 +191,7 @@ def test_hint_regressor_is_optimised_with_the_student_by_fit(tmp_path):
     before = [p.detach().clone() for p in matching.parameters()]
     logger = RunLogger(tmp_path)
     try:
-        fit(student, teacher, objective, data, epochs=1, batch_size=16, eval_batch_size=32, optim=cfg.optim,
+        fit(student, teacher, objective, data, epochs=1, batch_size=16, eval_batch_size=32, optim=settings.validate_optim(cfg),
             device=torch.device("cpu"), logger=logger, generator=torch.Generator().manual_seed(0),
             objective_parameters=matching.parameters())
     finally:
@@ -229,14 +233,14 @@ def test_feature_jacobian_equals_jacrev_of_the_summary_per_sample(batchnorm):
     inputs = torch.randn(5, *SHAPE, dtype=torch.float64)
     cfg = compose_train("features=attention", "features.pairs=[[2,2],[6,6]]", "jacobian.of=features",
                         f"jacobian.batchnorm={batchnorm}", "jacobian.squared=false")
-    pairs = features.resolve_pairs(cfg.features.pairs, teacher, student, SHAPE)
+    pairs = feature_pairs.resolve_pairs(cfg.features.pairs, teacher, student, SHAPE)
     depth = {"2": 3, "6": 7}
     if batchnorm == "running":
         reference_student = __import__("copy").deepcopy(student).eval()
     else:
         reference_student = batch_statistics_as_running(student, inputs)
 
-    from jacdistill_cli.engine.jacobian import per_sample_batchnorm
+    from jacdistill_cli.engine.batchnorm import per_sample_batchnorm
 
     teacher_grads, locations = features.feature_input_gradients(
         teacher, [p.teacher_path for p in pairs], inputs, features.keep_graph, None, [None] * 2, False)
@@ -268,7 +272,7 @@ def test_feature_jacobian_equals_jacrev_of_the_summary_per_sample(batchnorm):
 def test_feature_jacobian_term_trains_the_student_and_keeps_running_statistics():
     teacher, student = small_pair()
     cfg = compose_train("features=attention", "jacobian.of=features", "jacobian.batchnorm=coupled")
-    pairs = features.resolve_pairs(None, teacher, student, SHAPE)
+    pairs = feature_pairs.resolve_pairs(None, teacher, student, SHAPE)
     statistics = [b.clone() for b in student.buffers()]
     term = features.feature_jacobian_term(student, teacher, pairs, torch.randn(4, *SHAPE, dtype=torch.float64),
                                           cfg.jacobian, create_graph=True).mean()
@@ -285,8 +289,8 @@ def test_feature_jacobian_term_trains_the_student_and_keeps_running_statistics()
 def test_check_finds_every_parameter_trained_and_the_detaching_hook_training_none(method):
     teacher, student = small_pair(dtype=torch.float32)
     cfg = compose_train(f"features={method}", "jacobian.of=features")
-    matching = features.build_feature_matching(cfg, teacher, student, SHAPE)
-    report = features.check_feature_gradients(matching, student, teacher, torch.randn(6, *SHAPE),
+    matching = registry.build("features", cfg.features).matching(teacher, student, SHAPE)
+    report = feature_checks.check_feature_gradients(matching, student, teacher, torch.randn(6, *SHAPE),
                                               jacobian_settings=cfg.jacobian)
     # Default pairs of this CNN pair: the stage ends at 8x8, 4x4 and 2x2; the deepest is the last.
     assert report.deepest == "7"
@@ -300,9 +304,9 @@ def test_check_finds_every_parameter_trained_and_the_detaching_hook_training_non
 
 def test_check_fails_on_a_planted_detach_in_the_hook_path(monkeypatch):
     teacher, student = small_pair(dtype=torch.float32)
-    matching = features.build_feature_matching(compose_train("features=attention"), teacher, student, SHAPE)
+    matching = registry.build("features", compose_train("features=attention").features).matching(teacher, student, SHAPE)
     monkeypatch.setattr(features, "student_feature", lambda output: output.detach())
-    report = features.check_feature_gradients(matching, student, teacher, torch.randn(6, *SHAPE))
+    report = feature_checks.check_feature_gradients(matching, student, teacher, torch.randn(6, *SHAPE))
     assert not report.passed and report.trained == [] and report.untrained == report.expected
     assert "FAILED" in report.lines()[0]
 
@@ -348,7 +352,7 @@ def test_check_command_covers_features_and_exits_1_on_a_planted_detach(tmp_path)
 def test_wrong_module_path_names_the_nearest_valid_ones():
     teacher, student = small_pair()
     with pytest.raises(UsageError) as error:
-        features.resolve_pairs([["2", "6"], ["7", "conv"]], teacher, student, SHAPE)
+        feature_pairs.resolve_pairs([["2", "6"], ["7", "conv"]], teacher, student, SHAPE)
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("features.pairs[1][1]='conv' is not allowed: the student has no module 'conv'")
@@ -359,28 +363,28 @@ def test_default_pairs_are_the_stage_ends():
     teacher, student = small_pair()
     mlp = build_model({"name": "mlp", "hidden": [32, 16]}, SHAPE, 5).double()
     # Both CNNs: the output feeding each pooling, pair by pair at equal spatial sizes.
-    assert [(p.teacher_path, p.student_path, p.student_shape) for p in features.resolve_pairs(None, teacher, student, SHAPE)] == [
+    assert [(p.teacher_path, p.student_path, p.student_shape) for p in feature_pairs.resolve_pairs(None, teacher, student, SHAPE)] == [
         ("2", "2", (3, 8, 8)), ("6", "6", (4, 4, 4)), ("7", "7", (4, 2, 2))]
     # An MLP has no maps: the deepest activation vector of each; none without a hidden layer.
     cnn_with_head = build_model({"name": "cnn", "channels": [6, 8], "hidden": 12}, SHAPE, 5).double()
     assert [(p.teacher_path, p.student_path, p.teacher_shape, p.student_shape)
-            for p in features.resolve_pairs(None, cnn_with_head, mlp, SHAPE)] == [("11", "4", (12,), (16,))]
+            for p in feature_pairs.resolve_pairs(None, cnn_with_head, mlp, SHAPE)] == [("11", "4", (12,), (16,))]
     with pytest.raises(UsageError, match=r"^features.pairs=null is not allowed: this teacher and student have no"):
-        features.resolve_pairs(None, teacher, mlp, SHAPE)
+        feature_pairs.resolve_pairs(None, teacher, mlp, SHAPE)
 
 
 def test_default_pairs_for_the_zoo_are_stage_ends():
     shape = (3, 16, 16)
     vgg9 = build_model({"name": "vgg", "depth": 9, "width": 0.125}, shape, 10)
     vgg4 = build_model({"name": "vgg", "depth": 4, "width": 0.125}, shape, 10)
-    pairs = features.resolve_pairs(None, vgg9, vgg4, shape)
+    pairs = feature_pairs.resolve_pairs(None, vgg9, vgg4, shape)
     assert [p.student_shape[1:] for p in pairs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
     assert all(isinstance(vgg4.get_submodule(p.student_path), (nn.ReLU, nn.MaxPool2d)) for p in pairs)
-    resnet = features.resolve_pairs(None, build_model({"name": "resnet_cifar", "depth": 14}, shape, 10),
+    resnet = feature_pairs.resolve_pairs(None, build_model({"name": "resnet_cifar", "depth": 14}, shape, 10),
                                     build_model({"name": "resnet_cifar", "depth": 8}, shape, 10), shape)
     assert [(p.teacher_path, p.student_path) for p in resnet] == [
         ("stages.1", "stages.0"), ("stages.3", "stages.1"), ("stages", "stages")]
-    wrn = features.resolve_pairs(None, build_model({"name": "wrn", "depth": 16, "width": 1}, shape, 10),
+    wrn = feature_pairs.resolve_pairs(None, build_model({"name": "wrn", "depth": 16, "width": 1}, shape, 10),
                                  build_model({"name": "wrn", "depth": 10, "width": 1}, shape, 10), shape)
     assert [(p.teacher_path, p.student_path) for p in wrn] == [
         ("stages.1", "stages.0"), ("stages.3", "stages.1"), ("head", "head")]
@@ -438,7 +442,7 @@ def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
     # The VGG-9 -> VGG-4 pair matches attention maps at the end of each of the student's stages.
     teacher = build_model(architecture(cfg.teacher), (3, 32, 32), 100)
     student = build_model(architecture(cfg.student), (3, 32, 32), 100)
-    pairs = features.resolve_pairs(cfg.features.pairs, teacher, student, (3, 32, 32))
+    pairs = feature_pairs.resolve_pairs(cfg.features.pairs, teacher, student, (3, 32, 32))
     assert [(p.teacher_path, p.student_path, p.student_shape[1:]) for p in pairs] == [
         ("2", "2", (32, 32)), ("6", "6", (16, 16)), ("13", "10", (8, 8)), ("20", "11", (4, 4))]
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from jacdistill_cli.engine import batchnorm as B
 from jacdistill_cli.engine import jacobian as J
+from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
@@ -88,34 +90,34 @@ def test_gated_batchnorm_is_nn_batchnorm_outside_closed_statistics():
         with torch.no_grad():
             native.weight.uniform_(0.5, 1.5)
             native.bias.uniform_(-0.5, 0.5)
-        gated = copy.deepcopy(native)
+        gated = make_jacobian_ready(nn.Sequential(copy.deepcopy(native)))
         x = torch.randn(6, 3, 4, 4) * 2 + 1
         for step in range(2):
             a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
             out_native = native(a)
-            with J.jacobian_forward(gated, gate_batchnorm=True):
+            with gate_of(gated).forward_pass(batchnorm=True):
                 out_gated = gated(b)
             torch.testing.assert_close(out_gated, out_native)
             weights = torch.randn_like(out_native)
             (out_native * weights).sum().backward()
             (out_gated * weights).sum().backward()
             torch.testing.assert_close(b.grad, a.grad)
-            torch.testing.assert_close(gated.weight.grad, native.weight.grad)
-            torch.testing.assert_close(gated.bias.grad, native.bias.grad)
+            torch.testing.assert_close(gated[0].weight.grad, native.weight.grad)
+            torch.testing.assert_close(gated[0].bias.grad, native.bias.grad)
             for name in ("running_mean", "running_var", "num_batches_tracked"):
-                torch.testing.assert_close(getattr(gated, name), getattr(native, name))
-        assert "forward" not in gated.__dict__, "the module's own forward is back"
+                torch.testing.assert_close(getattr(gated[0], name), getattr(native, name))
+        assert "forward" not in gated[0].__dict__
 
 
 @pytest.mark.parametrize("strategy", ["loop", "batched"])
 def test_closed_statistics_give_the_per_sample_jacobian_of_the_batch_statistics(strategy):
-    model = cnn_with_batchnorm()
+    model = make_jacobian_ready(cnn_with_batchnorm())
     inputs = torch.randn(4, 2, 6, 6)
     reference = per_sample_jacrev(held_statistics_copy(model, inputs), inputs)
     x = inputs.clone().requires_grad_(True)
-    with J.jacobian_forward(model, gate_batchnorm=True):
+    with gate_of(model).forward_pass(inputs=x, batchnorm=True):
         logits = model(x)
-    with J.statistics_closed():
+    with gate_of(model).jacobians():
         jacobian = J.full_jacobian(logits, x, create_graph=True, strategy=strategy)
     torch.testing.assert_close(jacobian, reference, rtol=1e-10, atol=1e-12)
     # Outside the closed context the same graph gives the coupled input-gradient, which differs.
@@ -123,13 +125,15 @@ def test_closed_statistics_give_the_per_sample_jacobian_of_the_batch_statistics(
     assert (coupled - reference).abs().max() > 1e-3
 
 
-def test_recorded_statistics_make_a_separate_pass_per_sample():
-    model = cnn_with_batchnorm()
+@pytest.mark.parametrize("converted", [True, False])
+def test_recorded_statistics_make_a_separate_pass_per_sample(converted):
+    """Converted BatchNorm layers hold the statistics themselves; others through forward hooks."""
+    model = make_jacobian_ready(cnn_with_batchnorm()) if converted else cnn_with_batchnorm()
     inputs = torch.randn(4, 2, 6, 6)
-    with J.recorded_batchnorm_statistics(model) as statistics:
+    with B.recorded_batchnorm_statistics(model) as statistics:
         train_logits = model(inputs)
     x = inputs.clone().requires_grad_(True)
-    with J.per_sample_batchnorm(model, "batch", statistics):
+    with B.per_sample_batchnorm(model, "batch", statistics):
         logits = model(x)
         torch.testing.assert_close(logits, train_logits)
         jacobian = J.full_jacobian(logits, x, create_graph=False)
@@ -137,32 +141,32 @@ def test_recorded_statistics_make_a_separate_pass_per_sample():
                                rtol=1e-10, atol=1e-12)
     assert all("forward" not in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="statistics"):
-        with J.per_sample_batchnorm(model, "batch", None):
+        with B.per_sample_batchnorm(model, "batch", None):
             pass
 
 
 def test_running_mode_uses_running_statistics_and_restores_train_mode():
     model = cnn_with_batchnorm()
     inputs = torch.randn(3, 2, 6, 6)
-    with J.per_sample_batchnorm(model, "running"):
+    with B.per_sample_batchnorm(model, "running"):
         assert not any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
         running = model(inputs)
     assert model.training and all(m.training for m in model.modules())
     torch.testing.assert_close(running, copy.deepcopy(model).eval()(inputs))
-    snapshot = J.running_batchnorm_statistics(model)
-    with J.per_sample_batchnorm(model, "running", snapshot):
+    snapshot = B.running_batchnorm_statistics(model)
+    with B.per_sample_batchnorm(model, "running", snapshot):
         torch.testing.assert_close(model(inputs), running)
 
 
 def test_cheap_relu_and_max_pool_give_the_same_second_derivatives():
     """The swapped ReLU/MaxPool2d backward passes skip a derivative that is zero, nothing else."""
-    model = cnn_with_batchnorm().eval()
+    model = make_jacobian_ready(cnn_with_batchnorm().eval())
     inputs = torch.randn(3, 2, 6, 6)
 
     def parameter_gradients(swap: bool):
         x = inputs.clone().requires_grad_(True)
         model.zero_grad()
-        with J.jacobian_forward(model, gate_batchnorm=False) if swap else torch.enable_grad():
+        with gate_of(model).forward_pass(batchnorm=False) if swap else torch.enable_grad():
             logits = model(x)
         jacobian = J.full_jacobian(logits, x, create_graph=True)
         (jacobian.pow(2).sum() + logits.pow(2).sum()).backward()
@@ -176,14 +180,14 @@ def test_cheap_relu_and_max_pool_give_the_same_second_derivatives():
 
 
 def test_affine_batchnorm_is_eval_mode_batchnorm():
-    model = cnn_with_batchnorm()
+    model = make_jacobian_ready(cnn_with_batchnorm())
     with torch.no_grad():
         model(torch.randn(8, 2, 6, 6) * 3 + 1)   # running statistics away from 0 and 1
     model.eval()
     inputs = torch.randn(4, 2, 6, 6)
     a, b = inputs.clone().requires_grad_(True), inputs.clone().requires_grad_(True)
     native = model(a)
-    with J.affine_batchnorm(model):
+    with gate_of(model).forward_pass(activations=False):
         affine = model(b)
     torch.testing.assert_close(affine, native)
     torch.testing.assert_close(J.full_jacobian(affine, b, False), J.full_jacobian(native, a, False))

@@ -14,8 +14,7 @@ from torch import nn
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.jacobian import full_jacobian
-from jacdistill_cli.engine.methods import METHODS
-from jacdistill_cli.engine.objective import Objective
+from objectives import objective as Objective  # noqa: E402
 from jacdistill_cli.proofs.verify import retain_graph_mistake
 
 GRADIENT_METHODS = ["top1", "target", "exact", "projected"]
@@ -276,9 +275,16 @@ def test_the_retain_graph_mistake_trains_nothing():
     assert (receiving, parameters) == (0, len(list(student.parameters())))
 
 
-def test_every_registered_method_has_a_config_file():
+def test_every_shipped_method_builds_from_its_config_file():
     from importlib.resources import files
 
-    shipped = {p.name.removesuffix(".yaml") for p in (files("jacdistill_cli.conf") / "jacobian").iterdir()
+    from jacdistill_cli.config.registry import build
+    from jacdistill_cli.engine.methods import JacobianMethod
+
+    folder = files("jacdistill_cli.conf") / "jacobian"
+    shipped = {p.name.removesuffix(".yaml"): OmegaConf.create(p.read_text()) for p in folder.iterdir()
                if p.name.endswith(".yaml")}
-    assert {"none", "top1", "target", "exact", "projected", "noise"} <= set(METHODS) <= shipped
+    assert {"none", "top1", "target", "exact", "projected", "noise"} <= set(shipped)
+    for name, node in shipped.items():
+        built = build("jacobian", node)
+        assert isinstance(built, JacobianMethod) and built.name == name == node.name

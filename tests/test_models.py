@@ -13,7 +13,8 @@ import yaml
 from torch import nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.zoo.models import MODELS, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
+from jacdistill_cli.config.registry import shipped_options
+from jacdistill_cli.zoo.models import LEGACY_NAMES, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
 from run_inprocess import run_command
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 40, 48)]
@@ -33,14 +34,16 @@ SMALL = {
     "cnn": {"name": "cnn", "channels": [4, 8], "hidden": 8},
     "lenet5": {"name": "lenet5", "channels": [3, 4], "hidden": [8, 8]},
     "vgg": {"name": "vgg", "depth": 9, "width": 0.0625},
+    "vgg_cifar": {"name": "vgg_cifar", "depth": 13, "width": 0.0625},
     "resnet_cifar": {"name": "resnet_cifar", "depth": 8, "channels": [4, 4, 8, 8]},
     "wrn": {"name": "wrn", "depth": 10, "width": 1},
     "torchvision": {"name": "torchvision", "arch": "squeezenet1_1"},
 }
 
 
-def test_every_registered_family_has_a_small_member_here():
-    assert set(MODELS) == set(SMALL)
+def test_every_shipped_family_has_a_small_member_here():
+    targets = {target.rsplit(".", 1)[-1] for group in ("teacher", "student") for target in shipped_options(group).values()}
+    assert targets == {LEGACY_NAMES[name] for name in SMALL}
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
@@ -111,6 +114,66 @@ def test_vgg_depth_counts_weight_layers_as_in_the_paper():
     assert layers(build_model({"name": "vgg", "depth": 9}, (1, 8, 8), 10), nn.MaxPool2d) == 3
 
 
+def test_vgg_cifar_pools_as_the_published_code_on_32_and_64_pixels():
+    """Blocks 0-2 are pooled; block 3 only on inputs that reach it wider than 4 (64x64, not 32x32)."""
+    def pools(shape):
+        return layers(build_model({"name": "vgg_cifar", "depth": 8, "width": 0.0625}, shape, 10), nn.MaxPool2d)
+
+    assert (pools((3, 32, 32)), pools((3, 64, 64)), pools((1, 8, 8))) == (3, 4, 3)
+    vgg13 = build_model({"name": "vgg_cifar", "depth": 13, "width": 0.0625}, (3, 32, 32), 10)
+    assert layers(vgg13, nn.Conv2d) == 10 and all(m.bias is not None for m in vgg13.modules()
+                                                    if isinstance(m, nn.Conv2d))
+
+
+def test_torchvision_weights_from_a_state_dict_file_load_strictly(tmp_path):
+    """teacher.weights=PATH: the network's own state_dict file (what a weights name downloads), no network."""
+    torch.manual_seed(1)
+    source = build_model({"name": "torchvision", "arch": "squeezenet1_1"}, (3, 32, 32), 10).net
+    path = tmp_path / "squeezenet1_1.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_model({"name": "torchvision", "arch": "squeezenet1_1", "weights": str(path)}, (3, 32, 32), 10)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value), key
+    with pytest.raises(UsageError, match=r"^teacher.weights='.*squeezenet1_1.pth' is not allowed: its tensors do "
+                                         r"not fit squeezenet1_1 with 100 classes: size mismatch"):
+        build_model({"name": "torchvision", "arch": "squeezenet1_1", "weights": str(path)}, (3, 32, 32), 100,
+                    "teacher")
+    with pytest.raises(UsageError, match=r"teacher.weights='.*missing.pth' is not allowed: no such file"):
+        build_model({"name": "torchvision", "arch": "squeezenet1_1", "weights": str(tmp_path / "missing.pth")},
+                    (3, 32, 32), 10, "teacher")
+    # A checkpoint of a network started from weights is read back without their file (or a download).
+    from jacdistill_cli.zoo.checkpoints import model_from_checkpoint
+
+    payload = {"architecture": {"name": "torchvision", "arch": "squeezenet1_1", "weights": str(path)},
+               "input_shape": [3, 32, 32], "num_classes": 10, "state_dict": loaded.state_dict()}
+    path.unlink()
+    rebuilt = model_from_checkpoint(payload, "checkpoint")
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("weights,message", [
+    ("ResNet18_Weights.NOPE", r"it names no weights of torchvision"),
+    ("ResNet34_Weights.IMAGENET1K_V1", r"they are not weights of resnet18; its weights are "
+                                       r"ResNet18_Weights.IMAGENET1K_V1"),
+    ("ResNet18_Weights.IMAGENET1K_V1", r"they classify 1000 classes, the dataset has 10"),
+])
+def test_torchvision_weights_names_are_checked_before_any_download(weights, message):
+    with pytest.raises(UsageError, match=rf"^teacher.weights='{weights}' is not allowed: {message}"):
+        build_model({"name": "torchvision", "arch": "resnet18", "weights": weights}, (3, 32, 32), 10, "teacher")
+
+
+def test_a_teacher_with_weights_is_used_as_it_is(tmp_path):
+    """teacher=torchvision teacher.weights=FILE: not trained, not cached; its accuracy is the file's."""
+    torch.manual_seed(2)
+    net = build_model({"name": "torchvision", "arch": "squeezenet1_1"}, (1, 8, 8), 10).net
+    torch.save(net.state_dict(), tmp_path / "teacher.pth")
+    run_command("train", ["trainer.epochs=1", "dataset.samples_per_class=2", "teacher=torchvision",
+                          "teacher.arch=squeezenet1_1", f"teacher.weights={tmp_path / 'teacher.pth'}"], tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["teacher_source"] == "weights"
+    assert metrics["teacher_checkpoint"] == str(tmp_path / "teacher.pth")
+
+
 def shipped(group: str) -> dict[str, dict]:
     folder = importlib.resources.files("jacdistill_cli.conf") / group
     return {entry.name[:-5]: yaml.safe_load(entry.read_text()) for entry in folder.iterdir()
@@ -119,7 +182,7 @@ def shipped(group: str) -> dict[str, dict]:
 
 # Parameter counts on CIFAR-100 as published with the CRD/mdistiller code (millions).
 PUBLISHED = {"resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74, "resnet8x4": 1.23,
-             "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_2": 2.25}
+             "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_2": 2.25, "vgg8": 3.96, "vgg13": 9.46}
 
 
 def test_shipped_options_build_on_cifar100_with_the_published_sizes():
@@ -134,12 +197,13 @@ def test_shipped_options_build_on_cifar100_with_the_published_sizes():
 
 @pytest.mark.parametrize("spec,message", [
     ({"name": "vgg", "depth": 7}, r"student.depth=7 is not allowed: it must be one of 4, 6, 9, 11, 14, 17"),
+    ({"name": "vgg_cifar", "depth": 9}, r"student.depth=9 is not allowed: it must be one of 8, 11, 13, 16, 19"),
     ({"name": "resnet_cifar", "depth": 21}, r"student.depth=21 is not allowed: it must be 6n\+2"),
     ({"name": "wrn", "depth": 16, "width": 0}, r"student.width=0 is not allowed: it must be an integer >= 1"),
     ({"name": "lenet5", "activation": "gelu"}, r"student.activation='gelu' is not allowed: it must be relu or tanh"),
     ({"name": "torchvision", "arch": "resnet7"}, r"student.arch='resnet7' is not allowed: it must name a "
                                                  r"classification model of torchvision.models"),
-    ({"name": "vgg", "layers": 3}, r"student.layers is not a setting of model 'vgg'; its settings are: depth, width"),
+    ({"name": "vgg", "layers": 3}, r"student.layers is not a setting of 'vgg'; its settings are: depth, width"),
 ])
 def test_bad_model_settings_are_one_line(spec, message):
     with pytest.raises(UsageError, match=message):
@@ -153,6 +217,7 @@ FAMILY_OVERRIDES = {
     "cnn": ["student=cnn", "student.channels=[4,8]", "student.hidden=8"],
     "lenet5": ["student=lenet5"],
     "vgg": ["student=vgg4", "student.width=0.125"],
+    "vgg_cifar": ["student=vgg8", "student.width=0.125"],
     "resnet_cifar": ["student=resnet8x4", "student.channels=[4,4,8,8]"],
     "wrn": ["student=wrn_16_2", "student.depth=10", "student.width=1"],
     "torchvision": ["student=torchvision", "student.arch=squeezenet1_1"],

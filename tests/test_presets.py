@@ -32,7 +32,7 @@ def grid(experiment: str) -> list[list[str]]:
     with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN  # a sweep without -m
-    assert cfg.hydra.job.config.override_dirname.exclude_keys == ["experiment"]
+    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
     params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
     overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}"])
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -136,3 +136,68 @@ def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(tmp_path):
     for recipe in RECIPES:
         assert f"| {recipe} | 1 |" in report
     assert Path(sweep / "report.png").is_file()
+
+
+CRD_PAIRS = {"resnet56": "resnet20", "resnet110": "resnet32", "resnet32x4": "resnet8x4", "wrn_40_2": "wrn_16_2",
+             "vgg13": "vgg8"}
+
+
+def test_crd_cifar100_is_the_five_published_pairs_by_two_recipes_and_three_seeds(tmp_path):
+    """The benchmark's table: each pair's teacher is its published file under teacher_dir, the recipe
+    is the benchmark's (SGD 0.05, momentum 0.9, no Nesterov, 5e-4, batch 64, 240 epochs, x0.1 after 150, 180, 210)."""
+    for teacher in CRD_PAIRS:
+        folder = tmp_path / f"{teacher}_vanilla"
+        folder.mkdir()
+        (folder / "ckpt_epoch_240.pth").touch()
+    jobs = grid("crd_cifar100")
+    assert len(jobs) == 30
+    assert {tuple(sorted(o for o in job if not o.startswith("seed="))) for job in jobs} == {
+        tuple(sorted([f"crd_pair={t}-{s}", f"recipe={r}", "experiment=crd_cifar100"]))
+        for t, s in CRD_PAIRS.items() for r in ("kd", "kd_jacobian")}
+    assert {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
+    from jacdistill_cli.zoo.published import published_name
+
+    for job in [job for job in one_job_per_seed_group(jobs) if "recipe=kd_jacobian" in job]:  # one per pair
+        cfg = compose_job([*job, f"teacher_dir={tmp_path}"])
+        settings.validate_train(cfg)  # the checkpoints exist, the multistep schedule is valid
+        teacher, student = published_name(architecture(cfg.teacher)), published_name(architecture(cfg.student))
+        assert CRD_PAIRS[teacher] == student
+        assert cfg.teacher.checkpoint == str(tmp_path / f"{teacher}_vanilla" / "ckpt_epoch_240.pth")
+        recipe = dict(o.split("=", 1) for o in job)["recipe"]
+        assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == RECIPES[recipe]
+        assert (cfg.dataset.name, cfg.temperature, cfg.trainer.epochs, cfg.trainer.batch_size) == (
+            "cifar100", 4.0, 240, 64)
+        optim = OmegaConf.to_container(cfg.optim)
+        assert optim == {"_target_": "torch.optim.SGD", "name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0005,
+                         "schedule": "multistep", "milestones": [150, 180, 210], "gamma": 0.1}
+    # Job directories are named by what varies, not by the teacher folder's path.
+    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=crd_cifar100"], return_hydra_config=True)
+    assert {"experiment", "teacher_dir", "dataset.root"} <= set(cfg.hydra.job.config.override_dirname.exclude_keys)
+
+
+def test_the_multistep_schedule_is_the_benchmarks_and_bad_milestones_are_one_line():
+    from jacdistill_cli.errors import UsageError
+    from jacdistill_cli.run.trainer import make_optimizer
+
+    cfg = compose_job(["optim=sgd", "optim.schedule=multistep", "optim.milestones=[150,180,210]"])
+    settings.validate_optim(cfg)
+    base = OmegaConf.to_container(cfg)
+    optimizer, schedule = make_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim, 240)
+    rates = []  # the rate each epoch (1..240) trains with; the trainer steps the schedule after an epoch
+    for _ in range(240):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[149] == pytest.approx(0.05) and rates[150] == pytest.approx(0.005)
+    assert rates[179] == pytest.approx(0.005) and rates[180] == pytest.approx(0.0005)
+    assert rates[209] == pytest.approx(0.0005) and rates[239] == pytest.approx(0.00005)
+    for changes, message in [
+        ({"milestones": None}, r"^optim.milestones=None is not allowed: with optim.schedule=multistep"),
+        ({"milestones": [180, 150]}, r"^optim.milestones=\[180, 150\] is not allowed"),
+        ({"gamma": 0}, r"^optim.gamma=0 is not allowed"),
+        ({"schedule": "step"}, r"^optim.schedule='step' is not allowed: it must be one of cosine, constant, multistep"),
+    ]:
+        bad = OmegaConf.create({**base, "optim": {**base["optim"], **changes}})
+        with pytest.raises(UsageError, match=message):
+            settings.validate_optim(bad)

@@ -316,7 +316,9 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path,
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
     data = DataBundle("toy", split, split, split, 2, (1, 4, 4))
-    optim = OmegaConf.create({"name": "adam", "lr": 0.01, "weight_decay": 0.0, "schedule": "constant"})
+    from jacdistill_cli.config.settings import OptimSettings
+
+    optim = OptimSettings("adam", lambda params: torch.optim.Adam(params, lr=0.01), "constant")
     for progress in (True, False):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
         logger = RunLogger(tmp_path / str(progress))

@@ -63,7 +63,15 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         "naive": name_list(cfg, "naive", list(NAIVE_VARIANTS)),
         "device": settings.choice(cfg, "device", settings.DEVICES),
         "seed": settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0"),
+        "precision": str(cfg.trainer.precision),
     }
+    from jacdistill_cli.run.precision import PRECISIONS
+
+    if checked["precision"] not in PRECISIONS:
+        raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
+    if len(checked["input_shape"]) != 3:
+        raise setting_error("input_shape", checked["input_shape"], "it must be [channels, height, width], e.g. "
+                            "[3,32,32]")
     threads = cfg.threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise setting_error("threads", threads, "it must be null (torch's default) or an integer >= 1")
@@ -91,6 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from jacdistill_cli.proofs import benchmark
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, select_device, write_json
+    from jacdistill_cli.run.precision import Precision
     from jacdistill_cli.run.teacher import freeze
 
     log = logging.getLogger("jacdistill")
@@ -109,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
     print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
           f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
-          f"warm-up{load}")
+          f"warm-up{load}" + (f"; precision {options['precision']}" if options["precision"] != "32" else ""))
     if load_before is not None and device.type == "cpu" and load_before > 0.5:
         print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
 
@@ -118,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "batch_size": options["batch_size"], "input_shape": list(shape),
         "teacher": architecture(cfg.teacher), "student": architecture(cfg.student),
         "warmup": options["warmup"], "repeats": options["repeats"], "load_average_before": load_before,
+        "precision": options["precision"],
         "freed_memory_kept": cli.FREED_MEMORY_KEPT,
         "tables": [],
     }
@@ -136,7 +146,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"parameters, forward {student_ms:.1f} ms")
         candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],
                                                 options["naive"], options["alpha"], options["temperature"],
-                                                options["seed"], shipped_jacobian)
+                                                options["seed"], shipped_jacobian,
+                                                Precision(options["precision"], device.type))
         benchmark.time_rounds(candidates, options["warmup"], options["repeats"], options["budget_seconds"], device)
         agreement = {}
         if "backward" in options["naive"] and "exact" in options["methods"]:

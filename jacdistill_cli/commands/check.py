@@ -11,6 +11,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from jacdistill_cli.config.registry import label
 from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
@@ -21,6 +22,9 @@ def selected_methods(cfg: DictConfig) -> list[str]:
     from jacdistill_cli.proofs.verify import checkable_methods
 
     available = checkable_methods()
+    configured = label("jacobian", cfg.jacobian)
+    if configured not in available and configured != "none":
+        available.append(configured)   # a user's own method, checked as configured
     raw = cfg.methods
     if raw == "all":
         return available
@@ -38,10 +42,11 @@ def validate(cfg: DictConfig) -> list[str]:
     settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0")
     settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
     settings.choice(cfg, "device", settings.DEVICES)
-    settings.validate_jacobian(cfg)
-    from jacdistill_cli.engine.features import validate_features
+    settings.validate_methods(cfg)
+    from jacdistill_cli.run.precision import PRECISIONS
 
-    validate_features(cfg)
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
     return selected_methods(cfg)
 
 
@@ -59,7 +64,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     """(student in train mode, frozen teacher, where the teacher comes from)."""
     import torch
 
-    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.checkpoints import check_fits, load_teacher_checkpoint, model_from_checkpoint
     from jacdistill_cli.zoo.models import architecture, build_model
     from jacdistill_cli.run.teacher import freeze
 
@@ -67,7 +72,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student").to(device)
     student.train()
     if cfg.teacher.checkpoint is not None:
-        payload = load_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint")
+        payload = load_teacher_checkpoint(cfg.teacher.checkpoint, "teacher.checkpoint", architecture(cfg.teacher), data)
         check_fits(payload, "teacher.checkpoint", data, architecture(cfg.teacher))
         teacher = model_from_checkpoint(payload, "teacher.checkpoint")
         source = f"checkpoint {cfg.teacher.checkpoint}"
@@ -81,19 +86,26 @@ def format_report(reports, mistake: tuple[int, int]) -> str:
     def error(value) -> str:
         return "-" if value is None else f"{value:.1e}"
 
+    precision = reports[0].precision if reports else "32"
     header = ("method", "jacobian error (student / teacher)", "parameters with gradient",
-              "finite differences", "result")
+              "finite differences", *([f"error at {precision}"] if precision != "32" else []), "result")
     rows = []
     for r in reports:
         depends = len(r.dependent)
         untouched = len(r.parameters) - depends
         receiving = len([n for n in r.receiving if n in r.dependent])
         gradient = f"{receiving} of {depends}" + (f" (+{untouched} without effect)" if untouched else "")
+        at_precision = [error(r.precision_error)] if precision != "32" else []
         rows.append((r.method, f"{error(r.jacobian_error_student)} / {error(r.jacobian_error_teacher)}",
-                     gradient, f"{r.fd_error:.1e}", "ok" if r.passed else "FAILED"))
+                     gradient, f"{r.fd_error:.1e}", *at_precision, "ok" if r.passed else "FAILED"))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    if precision != "32":
+        from jacdistill_cli.proofs.verify import PRECISION_TOLERANCE
+
+        out.append(f"error at {precision}: the input-gradients computed in float32 under autocast({precision}) "
+                   f"against the float64 reference, relative l2; tolerance {PRECISION_TOLERANCE[precision]}")
     without_effect: dict[tuple[str, ...], list[str]] = {}
     for r in reports:
         without = tuple(n for n in r.parameters if n not in r.dependent)
@@ -133,23 +145,26 @@ def run(cfg: DictConfig) -> int:
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset).to(device)
     student, teacher, source = networks(cfg, data, device)
+    precision = str(cfg.trainer.precision)
     inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),
                                        device)))
     print(f"jacdistill check: student {architecture(cfg.student)} (train mode), teacher {architecture(cfg.teacher)} "
-          f"({source}), {data.name}: {len(labels)} samples, float64, {device}")
+          f"({source}), {data.name}: {len(labels)} samples, float64"
+          + (f" and float32 under autocast({precision})" if precision != "32" else "") + f", {device}")
 
     reports = []
     for name in methods:
         settings = method_settings(name, cfg.jacobian, shipped_jacobian)
-        reports.append(check_method(settings, student, teacher, inputs, labels, cfg.seed))
+        reports.append(check_method(settings, student, teacher, inputs, labels, cfg.seed, precision))
         log.debug(f"checked {name}")
     configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
     mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))
     print(format_report(reports, mistake))
-    from jacdistill_cli.engine.features import feature_checks
+    from jacdistill_cli.config.registry import build
+    from jacdistill_cli.proofs.feature_checks import feature_checks
 
     # Features captured by hooks: attention and hint, each with the Jacobian of its features.
-    feature_reports = feature_checks(cfg, student, teacher, inputs, configured)
+    feature_reports = feature_checks(cfg, student, teacher, inputs, build("jacobian", configured))
     for feature_report in feature_reports:
         print("\n".join(feature_report.lines()))
     failed = [r.method for r in reports if not r.passed] + [f"features={r.method}" for r in feature_reports

@@ -42,7 +42,21 @@ def dataset_node(cfg: DictConfig, payload: dict[str, Any]) -> DictConfig:
         if not stored:
             raise UsageError(f"checkpoint={str(cfg.checkpoint)!r} does not record its dataset settings; "
                              "name the dataset, e.g. dataset=digits")
+        stored = dict(stored)
+        if stored.get("root") is not None:
+            # A checkpoint is a file from anywhere: where data files are read from is the user's word.
+            root = cfg.get("dataset_root")
+            if root is None or str(root).strip() == "":
+                raise UsageError(
+                    f"dataset_root=null is not allowed: checkpoint={str(cfg.checkpoint)!r} was trained on "
+                    f"{stored.get('name')} read from {stored['root']}, and files are read only from a directory "
+                    f"you name: add dataset_root={stored['root']} if you trust it, or name the dataset, e.g. "
+                    f"dataset={stored.get('name')} dataset.root=DIR")
+            stored["root"] = str(root)
         return OmegaConf.create(stored)
+    if cfg.get("dataset_root") is not None:
+        raise setting_error("dataset_root", str(cfg.dataset_root), "it applies to the dataset settings stored in "
+                            "the checkpoint; with dataset=... give dataset.root=DIR instead")
     given = OmegaConf.to_container(cfg.dataset, resolve=True)
     if stored and stored.get("name") == given.get("name"):
         differing = sorted(k for k in set(given) | set(stored)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.errors import one_line_errors
+from jacdistill_cli.config.registry import label
+from jacdistill_cli.errors import UsageError, one_line_errors
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -28,9 +30,9 @@ def with_layout(objective, logger):
     """`objective`, which writes the run's custom-scalars layout when its first step shows the terms."""
     written = False
 
-    def first_step_writes_layout(student, teacher, inputs, labels):
+    def first_step_writes_layout(student, teacher, inputs, labels, **options):
         nonlocal written
-        logits, terms = objective(student, teacher, inputs, labels)
+        logits, terms = objective(student, teacher, inputs, labels, **options)
         if not written:
             logger.layout(charts(list(terms)))
             written = True
@@ -47,7 +49,9 @@ def compact(node: DictConfig) -> str:
     from jacdistill_cli.zoo.models import architecture
 
     settings = architecture(node)
-    name = settings.pop("name", "?")
+    name = label("model", settings)
+    settings.pop("name", None)
+    settings.pop("_target_", None)
     return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
 
@@ -69,24 +73,24 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
                                if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
     hparams["recipe"] = choice_of("recipe")
     hparams["experiment"] = choice_of("experiment")
-    hparams["loss"] = cfg.loss.name
-    hparams["jacobian"] = cfg.jacobian.name
+    hparams["loss"] = label("loss", cfg.loss)
+    hparams["jacobian"] = label("jacobian", cfg.jacobian)
     for key, value in cfg.jacobian.items():
-        if key != "name" and isinstance(value, (int, float, str, bool)):
+        if key not in ("name", "_target_") and isinstance(value, (int, float, str, bool)):
             hparams[f"jacobian.{key}"] = value
     hparams["teacher"] = str(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else compact(cfg.teacher)
     hparams["student"] = compact(cfg.student)
-    hparams["dataset"] = cfg.dataset.name
+    hparams["dataset"] = label("dataset", cfg.dataset)
     hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
-    from jacdistill_cli.engine.features import parse_pairs
+    from jacdistill_cli.engine.pairs import parse_pairs
 
-    hparams["features"] = OmegaConf.select(cfg, "features.name", default="none")
+    hparams["features"] = label("features", cfg.features) if OmegaConf.select(cfg, "features") else "none"
     if hparams["features"] != "none":
         for key, value in cfg.features.items():
-            if key != "name":
+            if key not in ("name", "_target_"):
                 hparams[f"features.{key}"] = value if isinstance(value, (int, float, str, bool)) else (
                     "architecture defaults" if value is None else str([list(p) for p in parse_pairs(value)]))
-    hparams["optim"] = cfg.optim.name
+    hparams["optim"] = label("optim", cfg.optim)
     hparams["optim.lr"] = cfg.optim.lr
     hparams["trainer.epochs"] = cfg.trainer.epochs
     hparams["trainer.batch_size"] = cfg.trainer.batch_size
@@ -118,7 +122,8 @@ def summary_table(metrics: dict[str, Any], run_dir) -> str:
 
 @one_line_errors("train")
 def run(cfg: DictConfig) -> float:
-    """Returns the final validation accuracy, so Hydra sweepers can optimise it."""
+    """Returns the final validation accuracy, so Hydra sweepers can optimise it. With
+    `trainer.devices=N > 1` (and no torchrun/srun around it) it starts N workers and waits for them."""
     from jacdistill_cli.config import settings
     from jacdistill_cli.errors import setting_error
     from jacdistill_cli.run.runtime import SALIENCY_MODES
@@ -127,59 +132,121 @@ def run(cfg: DictConfig) -> float:
         raise setting_error("trainer.saliency", cfg.trainer.saliency,
                             f"it must be one of {', '.join(SALIENCY_MODES)}")
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    from jacdistill_cli.run import distributed
+    from jacdistill_cli.run.runtime import run_directory
 
+    run_dir = run_directory()
+    world = distributed.world_from_environment()
+    if cfg.trainer.devices > 1 and not world.distributed:
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        try:
+            return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir)),
+                                      cfg.trainer.devices)
+        except ChildFailedError as err:
+            raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") \
+                from None
+    return train(cfg, run_dir, world)
+
+
+def worker(cfg_yaml: str, run_dir: str) -> float:
+    """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
+    import logging
+
+    from jacdistill_cli.run import distributed
+
+    world = distributed.world_from_environment()
+    logging.basicConfig(level=logging.INFO if world.main else logging.WARNING,
+                        format=f"[%(asctime)s][rank {world.rank}][%(levelname)s] - %(message)s")
+    return train(OmegaConf.create(cfg_yaml), Path(run_dir), world)
+
+
+def worker_failure(err: Exception) -> str:
+    """The first failed worker's error, in one line."""
+    for failure in getattr(err, "failures", {}).values():
+        message = failure.message if isinstance(failure.message, str) else str(failure.message)
+        return (message.strip().splitlines() or ["unknown error"])[-1][:300]
+    return str(err).strip().splitlines()[0]
+
+
+def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
+    """The run in one process: the whole of it, or, under torch.distributed, this rank's part of it
+    (only rank 0 writes the run directory)."""
+    from jacdistill_cli.config import settings
+
+    objective_settings, optim_settings = settings.validate_train(cfg)
     import logging
 
     import torch
 
     from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
     from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.run.logger import RunLogger
+    from jacdistill_cli.run import distributed
+    from jacdistill_cli.run.logger import NullLogger, RunLogger
+    from jacdistill_cli.run.precision import Precision, precision_name
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
-    from jacdistill_cli.engine.features import build_objective_with_features, check_feature_paths
-    from jacdistill_cli.run.runtime import (describe_device, run_directory, save_resolved_config, seed_everything,
-                                            select_device, write_json)
+    from jacdistill_cli.engine.objective import objective_from_settings
+    from jacdistill_cli.run.runtime import (describe_device, save_resolved_config, seed_everything, select_device,
+                                            write_json)
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit
 
     log = logging.getLogger("jacdistill")
-    device = select_device(cfg.trainer.device)
+    device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
-    run_dir = run_directory()
-    log.info(f"run directory: {run_dir}")
-    save_resolved_config(cfg, run_dir)
+    distributed.start(world, device.type)
+    if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
+        raise UsageError("the ranks of this run have different run directories; under torchrun or srun give every "
+                         "rank the same hydra.run.dir=...")
+    log.info(f"run directory: {run_dir}" + (f" ({world.size} processes)" if world.distributed else ""))
+    if world.main:
+        save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
+    precision = Precision(precision_name(cfg.trainer.precision), device.type)
 
     data = build_data(cfg.dataset).to(device)
     spec = architecture(cfg.student)
     student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
-    check_feature_paths(cfg, student, data.input_shape, data.num_classes)  # a wrong module path stops here
-    logger = RunLogger(run_dir)
+    features = objective_settings.features
+    if features.name != "none":   # a wrong module path stops here, before a teacher is trained
+        features.matching(build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher"),
+                          student, data.input_shape)
+    logger = RunLogger(run_dir) if world.main else NullLogger()
     logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
     succeeded = False
     feature_matching = None
     try:
-        teacher, teacher_info = obtain_teacher(cfg, data, device, logger)
+        teacher, teacher_info = obtain_teacher(cfg, data, device, logger, world, run_dir)
         logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
 
         seed_everything(cfg.seed)
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
         log.info(f"student {spec}: {count_parameters(student)} parameters; teacher: {count_parameters(teacher)}")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        objective, feature_matching = build_objective_with_features(cfg, teacher, student, data.input_shape, device,
-                                                                    generator)
+        objective, feature_matching = objective_from_settings(objective_settings, teacher, student,
+                                                              data.input_shape, device, generator)
+        trained = student
+        if world.distributed:
+            if cfg.trainer.sync_batchnorm:
+                trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            # Never static_graph: with it DDP skips the all-reduce of gradients reached through
+            # input-gradients (each rank would keep its own).
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[device.index] if device.type == "cuda" else None)
         if feature_matching is not None:
             log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
-        history = fit(student, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
+        history = fit(trained, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
-                      optim=cfg.optim, device=device, logger=logger,
+                      optim=optim_settings, device=device, logger=logger,
                       generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
                       saliency=OmegaConf.select(cfg, "trainer.saliency", default="abs"),
-                      objective_parameters=feature_matching.parameters() if feature_matching is not None else ())
-        test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device)
+                      objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
+                      world=world, precision=precision)
+        student = trained.module if world.distributed else trained
+        test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device, world)
         metrics = {
             "test_accuracy": test["accuracy"], "agreement": test["agreement"],
             "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": history["accuracy"],
@@ -188,6 +255,7 @@ def run(cfg: DictConfig) -> float:
             "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
             "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed, "status": "finished",
             "device": describe_device(device), "torch": torch.__version__,
+            "world_size": world.size, "precision": precision.name,
             "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
             "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
         }
@@ -203,6 +271,9 @@ def run(cfg: DictConfig) -> float:
     finally:
         logger.hparams_end(succeeded)
         logger.close()
+    if not world.main:
+        distributed.stop()
+        return history["accuracy"]
     payload = make_checkpoint(student, "student", spec, data, {k: v for k, v in metrics.items() if isinstance(v, float)})
     if feature_matching is not None:
         payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors, trained with the student
@@ -211,7 +282,8 @@ def run(cfg: DictConfig) -> float:
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})")
     log.info(f"run directory: {run_dir}")
-    if single_run():
+    distributed.stop()
+    if single_run() and world.main:
         print(summary_table(metrics, run_dir))
     return metrics["val_accuracy"]
 

@@ -1,63 +1,54 @@
-"""Validation of composed configs: every bad value stops the run before any work, in one line.
+"""The edge between the config and the engine: composed configs are checked and turned into typed
+settings before any work; every bad value stops the run in one line.
 
-Hydra composes the config and checks the group options; the checks here cover the values.
+Hydra composes the config and checks the group options; each group's node builds its object through
+config/registry.py (the entry checks its own keys); the checks here cover the top-level values.
 Each raises `UsageError("KEY=VALUE is not allowed: WHAT IS")`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from jacdistill_cli.config import checks
+from jacdistill_cli.config.checks import SettingError
 from jacdistill_cli.errors import UsageError, setting_error
 
 DEVICES = ("auto", "cpu", "cuda")
-BATCHNORM_MODES = ("batch", "running", "coupled")
+SCHEDULES = ("cosine", "constant", "multistep")
 
 
 def value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
+def _checked(check: Callable, cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return check(key, value(cfg, key), *args, **kwargs)
+    except SettingError as err:
+        raise setting_error(err.key, err.value, err.allowed) from None
+
+
 def real(cfg: DictConfig, key: str, low: float | None = None, high: float | None = None,
          low_open: bool = False, allowed: str = "") -> float:
     """A finite number within [low, high] (or (low, high] with low_open)."""
-    raw = value(cfg, key)
-    try:
-        if isinstance(raw, bool):
-            raise TypeError
-        number = float(raw)
-    except (TypeError, ValueError):
-        raise setting_error(key, raw, allowed or "it must be a number") from None
-    too_low = low is not None and (number <= low if low_open else number < low)
-    too_high = high is not None and number > high
-    if not math.isfinite(number) or too_low or too_high:
-        raise setting_error(key, raw, allowed)
-    return number
+    return _checked(checks.number, cfg, key, low, high, low_open, allowed)
 
 
 def integer(cfg: DictConfig, key: str, low: int = 1, allowed: str = "") -> int:
-    raw = value(cfg, key)
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < low:
-        raise setting_error(key, raw, allowed or f"it must be an integer >= {low}")
-    return raw
+    return _checked(checks.whole, cfg, key, low, allowed)
 
 
 def choice(cfg: DictConfig, key: str, options: Iterable[str]) -> str:
-    raw = value(cfg, key)
-    options = tuple(options)
-    if raw not in options:
-        raise setting_error(key, raw, f"it must be one of {', '.join(options)}")
-    return raw
+    return _checked(checks.one_of, cfg, key, options)
 
 
 def flag(cfg: DictConfig, key: str) -> bool:
-    raw = value(cfg, key)
-    if not isinstance(raw, bool):
-        raise setting_error(key, raw, "it must be true or false")
-    return raw
+    return _checked(checks.boolean, cfg, key)
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -72,6 +63,20 @@ def validate_trainer(cfg: DictConfig) -> None:
     from jacdistill_cli.run.runtime import check_device_name
 
     check_device_name(value(cfg, "trainer.device"), "trainer.device")  # auto, cpu, cuda or cuda:N
+    integer(cfg, "trainer.devices", low=1, allowed="it must be an integer >= 1 (processes of data-parallel training)")
+    from jacdistill_cli.run.precision import PRECISIONS
+
+    precision = str(value(cfg, "trainer.precision"))
+    if precision not in PRECISIONS:
+        raise setting_error("trainer.precision", value(cfg, "trainer.precision"),
+                            f"it must be one of {', '.join(PRECISIONS)}")
+    if flag(cfg, "trainer.sync_batchnorm") and OmegaConf.select(cfg, "jacobian.batchnorm") == "batch":
+        raise setting_error("trainer.sync_batchnorm", True, "with jacobian.batchnorm=batch the per-sample Jacobians "
+                            "hold each rank's own BatchNorm statistics; use jacobian.batchnorm=running or coupled "
+                            "with synchronised BatchNorm, or trainer.sync_batchnorm=false")
+    if value(cfg, "trainer.devices") > 1 and OmegaConf.select(cfg, "jacobian.strategy") == "func":
+        raise setting_error("jacobian.strategy", "func", "with trainer.devices > 1 the student runs inside "
+                            "DistributedDataParallel, which torch.func cannot trace; use loop, batched or auto")
 
 
 def existing_file(cfg: DictConfig, key: str) -> None:
@@ -91,54 +96,111 @@ def validate_teacher_training(cfg: DictConfig) -> None:
     real(cfg, "teacher.weight_decay", low=0, allowed="it must be a number >= 0")
 
 
-def validate_optim(cfg: DictConfig) -> None:
+def validate_optim(cfg: DictConfig) -> "OptimSettings":
+    """The optimiser (its `_target_`, e.g. torch.optim.AdamW, called with the parameters and the node's
+    settings) and the schedule."""
+    from jacdistill_cli.config import registry
+
     real(cfg, "optim.lr", low=0, low_open=True, allowed="it must be a number > 0")
     real(cfg, "optim.weight_decay", low=0, allowed="it must be a number >= 0")
-    choice(cfg, "optim.schedule", ("cosine", "constant"))
-    if cfg.optim.name == "sgd":
+    schedule = choice(cfg, "optim.schedule", SCHEDULES)
+    if schedule == "multistep":
+        milestones = OmegaConf.select(cfg, "optim.milestones", default=None)
+        listed = OmegaConf.to_container(milestones) if OmegaConf.is_list(milestones) else milestones
+        if not (isinstance(listed, list) and listed and all(isinstance(m, int) and not isinstance(m, bool)
+                                                            and m >= 1 for m in listed)
+                and listed == sorted(set(listed))):
+            raise setting_error("optim.milestones", listed, "with optim.schedule=multistep it must be a list of "
+                                "increasing epochs >= 1, e.g. [150,180,210]")
+        real(cfg, "optim.gamma", low=0, high=1, low_open=True, allowed="it must be a number in (0, 1]")
+    if OmegaConf.select(cfg, "optim.momentum") is not None:
         real(cfg, "optim.momentum", low=0, high=1, allowed="it must be a number in [0, 1]")
+    exclude = ("schedule", "milestones", "gamma")
+    build = registry.bind("optim", cfg.optim, exclude=exclude, positional=1)
+    return OptimSettings(registry.label("optim", cfg.optim), build, schedule,
+                         list(OmegaConf.select(cfg, "optim.milestones", default=None) or []),
+                         float(OmegaConf.select(cfg, "optim.gamma", default=0.1)))
 
 
-def validate_jacobian(cfg: DictConfig) -> None:
-    from jacdistill_cli.engine.methods import METHODS
-
-    name = choice(cfg, "jacobian.name", METHODS)
-    if name == "none":
-        return
-    if name == "noise":
-        real(cfg, "jacobian.sigma", low=0, low_open=True, allowed="it must be a number > 0")
-        integer(cfg, "jacobian.samples", low=1, allowed="it must be an integer >= 1")
-        return
-    flag(cfg, "jacobian.normalize")
-    flag(cfg, "jacobian.squared")
-    choice(cfg, "jacobian.batchnorm", BATCHNORM_MODES)
-    if name == "exact":
-        from jacdistill_cli.engine.jacobian import EXACT_STRATEGIES
-
-        choice(cfg, "jacobian.strategy", EXACT_STRATEGIES)
-    if name == "projected":
-        integer(cfg, "jacobian.num_projections", low=1, allowed="it must be an integer >= 1")
-        choice(cfg, "jacobian.distribution", ("rademacher", "gaussian"))
+@dataclass
+class OptimSettings:
+    name: str
+    build: Callable[[Any], Any]   # parameters -> torch.optim.Optimizer
+    schedule: str                 # cosine | constant | multistep (per epoch)
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
-def validate_objective(cfg: DictConfig) -> None:
-    from jacdistill_cli.engine.objective import DISTILL_LOSSES
+@dataclass
+class ObjectiveSettings:
+    """The objective's settings, checked and typed: what engine.objective.distillation_objective takes."""
 
-    real(cfg, "alpha", low=0, high=1, allowed="alpha must be a number in [0, 1]")
-    real(cfg, "temperature", low=0, low_open=True, allowed="temperature must be a number > 0")
-    real(cfg, "hard_weight", low=0, allowed="hard_weight must be a number >= 0")
-    choice(cfg, "loss.name", DISTILL_LOSSES)
-    validate_jacobian(cfg)
-    from jacdistill_cli.engine.features import validate_features
+    alpha: float
+    temperature: float
+    hard_weight: float
+    loss_name: str
+    loss: Callable[[Any, Any], Any]   # (student logits, teacher logits) -> scalar
+    method: Any                       # an engine.methods.JacobianMethod
+    features: Any                     # an engine.features.FeatureMethod, or NoFeatures
+    terms: list[Any] = field(default_factory=list)   # a user's own engine.terms.Term objects
 
-    validate_features(cfg)  # the features group and jacobian.of
+    @property
+    def nothing_to_train(self) -> bool:
+        """No term of the loss has a weight: a student with no gradient cannot be trained."""
+        distill = self.loss_name != "none" and self.alpha < 1
+        jacobian = self.alpha > 0 and (self.method.uses_gradients or self.method.perturbs_inputs)
+        features = getattr(self.features, "weight", 0) > 0
+        return not (distill or jacobian or features or self.hard_weight > 0 or self.terms)
 
 
-def validate_train(cfg: DictConfig) -> None:
+def validate_methods(cfg: DictConfig) -> tuple[Any, Any]:
+    """(the Jacobian method, the feature method) of the `jacobian` and `features` nodes."""
+    from jacdistill_cli.config import registry
+    from jacdistill_cli.engine.features import FEATURE_JACOBIAN_METHODS, NoFeatures
+
+    method = registry.build("jacobian", cfg.jacobian)
+    node = OmegaConf.select(cfg, "features")
+    features = registry.build("features", node) if node is not None else NoFeatures()
+    if getattr(method, "of", "logits") == "features":
+        if features.name == "none":
+            raise setting_error("jacobian.of", "features", "it takes the Jacobian of the matched features: choose "
+                                "features=attention or features=hint (features.weight=0 to match their Jacobians "
+                                "only)")
+        if method.name not in FEATURE_JACOBIAN_METHODS:
+            raise setting_error("jacobian.of", "features", f"with jacobian={method.name}: the feature Jacobian is one "
+                                "input-gradient per sample and pair, as jacobian=top1 is for the logits; use "
+                                "jacobian=top1")
+    return method, features
+
+
+def validate_objective(cfg: DictConfig) -> ObjectiveSettings:
+    from jacdistill_cli.config import registry
+
+    alpha = real(cfg, "alpha", low=0, high=1, allowed="alpha must be a number in [0, 1]")
+    temperature = real(cfg, "temperature", low=0, low_open=True, allowed="temperature must be a number > 0")
+    hard_weight = real(cfg, "hard_weight", low=0, allowed="hard_weight must be a number >= 0")
+    loss = registry.bind("loss", cfg.loss, positional=2)
+    method, features = validate_methods(cfg)
+    terms = []
+    for name, term_node in (OmegaConf.select(cfg, "terms", default=None) or {}).items():
+        if name in ("distill", "jacobian", "hard", "features", "total"):
+            raise setting_error(f"terms.{name}", "...", "the name is taken by a shipped term; choose another")
+        weight = real(cfg, f"terms.{name}.weight", low=0, allowed="it must be a number >= 0")
+        terms.append(registry.build(f"terms.{name}", term_node, exclude=("weight",), name=name, weight=weight))
+    return ObjectiveSettings(alpha, temperature, hard_weight, registry.label("loss", cfg.loss), loss, method,
+                             features, terms)
+
+
+def validate_train(cfg: DictConfig) -> tuple[ObjectiveSettings, OptimSettings]:
     validate_trainer(cfg)
-    validate_objective(cfg)
-    validate_optim(cfg)
+    objective = validate_objective(cfg)
+    if objective.nothing_to_train:
+        raise UsageError(f"loss={objective.loss_name} jacobian={objective.method.name} alpha={objective.alpha:g} "
+                         f"hard_weight={objective.hard_weight:g} is not allowed: no term of the loss has a weight, so "
+                         "there is nothing to train; give a loss, a jacobian method with alpha > 0, or hard_weight > 0")
+    optim = validate_optim(cfg)
     validate_teacher_training(cfg)
+    return objective, optim
 
 
 def require(condition: bool, message: str) -> None:

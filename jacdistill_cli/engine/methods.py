@@ -1,4 +1,4 @@
-"""The Jacobian-matching methods, registered by the name of their config file (conf/jacobian/).
+"""The Jacobian-matching methods, one class each, chosen by the `_target_` of conf/jacobian/<name>.yaml.
 
 Every gradient method is one choice of output directions: for each sample b it picks K vectors
 v[k, b] in the output space and compares the student's and the teacher's input-gradients along
@@ -12,18 +12,24 @@ them, g[k, b] = v[k, b]^T J[b] (J[b] = d logits[b] / d inputs[b], classes x inpu
 The student's gradients keep `create_graph` so the term trains the student; the teacher's are
 computed without a second-order graph and are constants. `noise` needs no input-gradients at
 all: it perturbs the inputs of every term (see `objective.Objective`).
+
+A method is a class whose constructor takes the keyword settings of its config node
+(conf/jacobian/<name>.yaml, `_target_` naming the class) and checks them; a new method subclasses
+`GradientMethod` and implements `vectors`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
 
-from jacdistill_cli.engine.jacobian import (basis_vectors, func_jacobian, matching_distance, one_hot_vectors,
-                                     vector_jacobian_products)
+from jacdistill_cli.config.checks import boolean, number, one_of, whole
+from jacdistill_cli.engine.batchnorm import BATCHNORM_MODES
+from jacdistill_cli.engine.jacobian import (EXACT_STRATEGIES, basis_vectors, func_jacobian, matching_distance,
+                                            one_hot_vectors, vector_jacobian_products)
 
 
 @dataclass
@@ -35,13 +41,13 @@ class Passes:
     teacher_logits: Tensor   # [batch, classes], from teacher_inputs
     teacher_inputs: Tensor   # [batch, *input], a leaf with requires_grad
     labels: Tensor           # [batch]
-    settings: Any            # the `jacobian` config node
     create_graph: bool       # False when the term is only logged (alpha = 0)
     generator: torch.Generator | None = None
     student_strategy: str = "loop"   # loop | batched | func, resolved from `auto` per network
     teacher_strategy: str = "loop"
     student_forward: Callable[[Tensor], Tensor] | None = None   # the per-sample function, for `func`
     teacher_forward: Callable[[Tensor], Tensor] | None = None
+    scale: float = 1.0   # float16: input-gradients are taken of scale * logits and divided by it (AMP's recipe)
 
 
 @dataclass
@@ -54,28 +60,6 @@ class Matched:
     joint: bool       # the K gradients of a sample form one vector (exact), else K estimates averaged
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    gradients: Callable[[Passes], Matched] | None   # None: the method compares no input-gradients
-    perturbs_inputs: bool = False                   # every term sees Gaussian-perturbed inputs (noise)
-
-    @property
-    def uses_gradients(self) -> bool:
-        return self.gradients is not None
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, perturbs_inputs: bool = False):
-    def add(gradients):
-        METHODS[name] = Method(name, gradients, perturbs_inputs)
-        return gradients
-
-    return add
-
-
 def matching_term(matched: Matched, normalize: bool, squared: bool) -> Tensor:
     """The per-sample term [batch] from the matched gradients (see `jacobian.matching_distance`)."""
     k, batch = matched.student.shape[:2]
@@ -85,48 +69,118 @@ def matching_term(matched: Matched, normalize: bool, squared: bool) -> Tensor:
     return distance.view(k, batch).mean(dim=0)
 
 
-def method_term(method: Method, passes: Passes) -> tuple[Tensor, Matched]:
-    """(per-sample term [batch], the matched gradients) of a gradient method."""
-    matched = method.gradients(passes)
-    return matching_term(matched, passes.settings.normalize, passes.settings.squared), matched
-
-
 def _along(logits: Tensor, inputs: Tensor, vectors: Tensor, create_graph: bool, strategy: str,
-           forward: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """vectors [K, batch, classes] -> gradients [K, batch, *input] of one network."""
+           forward: Callable[[Tensor], Tensor] | None, scale: float = 1.0) -> Tensor:
+    """vectors [K, batch, classes] -> gradients [K, batch, *input] of one network. With `scale`, the
+    backward pass starts from scale * vectors (float16 keeps small gradients) and the result is
+    divided by it."""
     if strategy == "func":
         if forward is None:
             raise ValueError("strategy 'func' needs the network's forward function")
         jacobian = func_jacobian(forward, inputs)   # [batch, classes, *input]
         grads = torch.einsum("kbc,bc...->kb...", vectors, jacobian)
         return grads if create_graph else grads.detach()
+    if scale != 1.0:
+        return vector_jacobian_products(logits, inputs, vectors * scale, create_graph, strategy) / scale
     return vector_jacobian_products(logits, inputs, vectors, create_graph, strategy)
 
 
 def matched_along(p: Passes, vectors: Tensor, joint: bool) -> Matched:
     """Both networks' gradients along the same vectors [K, batch, classes]."""
     student = _along(p.student_logits, p.student_inputs, vectors, p.create_graph, p.student_strategy,
-                     p.student_forward)
-    teacher = _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward)
+                     p.student_forward, p.scale)
+    teacher = _along(p.teacher_logits, p.teacher_inputs, vectors, False, p.teacher_strategy, p.teacher_forward,
+                     p.scale)
     return Matched(student, teacher, vectors, joint)
 
 
-@register_method("top1")
-def top1(p: Passes) -> Matched:
+class JacobianMethod:
+    """What every method has: whether it takes input-gradients, and whether it perturbs the inputs."""
+
+    name: ClassVar[str] = "?"
+    uses_gradients: ClassVar[bool] = False
+    perturbs_inputs: ClassVar[bool] = False
+    of: str = "logits"
+    batchnorm: str = "batch"
+    strategy: str = "auto"
+
+
+class NoJacobian(JacobianMethod):
+    """No Jacobian term (loss/jacobian is logged as 0)."""
+
+    name = "none"
+
+
+class Noise(JacobianMethod):
+    """Distillation on Gaussian-perturbed inputs x + sigma * eps (noise equivalence, Srinivas & Fleuret
+    2018): every term of the step sees `samples` perturbed copies of the batch."""
+
+    name = "noise"
+    perturbs_inputs = True
+
+    def __init__(self, sigma: float = 0.1, samples: int = 1):
+        self.sigma = number("sigma", sigma, low=0, low_open=True, allowed="it must be a number > 0")
+        self.samples = whole("samples", samples, low=1, allowed="it must be an integer >= 1")
+
+    def perturb(self, inputs: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """`samples` Gaussian-perturbed copies of the batch: [samples * batch, *input]."""
+        repeated = inputs.repeat(self.samples, *([1] * (inputs.dim() - 1)))
+        noise = torch.randn(repeated.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        return repeated + self.sigma * noise, labels.repeat(self.samples)
+
+
+class GradientMethod(JacobianMethod):
+    """A method that compares input-gradients along output directions (see the module's docstring)."""
+
+    uses_gradients = True
+
+    def __init__(self, normalize: bool = True, squared: bool = True, batchnorm: str = "batch",
+                 strategy: str = "auto", of: str = "logits"):
+        self.normalize = boolean("normalize", normalize)
+        self.squared = boolean("squared", squared)
+        self.batchnorm = one_of("batchnorm", batchnorm, BATCHNORM_MODES)
+        self.strategy = one_of("strategy", strategy, EXACT_STRATEGIES)
+        self.of = one_of("of", of, ("logits", "features"))
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        """(directions [K, batch, classes], joint: whether the K gradients of a sample form one vector)."""
+        raise NotImplementedError
+
+    def gradients(self, p: Passes) -> Matched:
+        vectors, joint = self.vectors(p)
+        return matched_along(p, vectors, joint)
+
+    def term(self, p: Passes) -> tuple[Tensor, Matched]:
+        """(per-sample term [batch], the matched gradients)."""
+        matched = self.gradients(p)
+        return matching_term(matched, self.normalize, self.squared), matched
+
+
+class Top1(GradientMethod):
     """Gradient of the teacher's top-1 class logit, for both networks (Srinivas & Fleuret 2018)."""
-    return matched_along(p, one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), joint=True)
+
+    name = "top1"
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        return one_hot_vectors(p.teacher_logits.detach().argmax(dim=1), p.teacher_logits), True
 
 
-@register_method("target")
-def target(p: Passes) -> Matched:
+class Target(GradientMethod):
     """Gradient of the true class logit, for both networks."""
-    return matched_along(p, one_hot_vectors(p.labels, p.teacher_logits), joint=True)
+
+    name = "target"
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        return one_hot_vectors(p.labels, p.teacher_logits), True
 
 
-@register_method("exact")
-def exact(p: Passes) -> Matched:
+class Exact(GradientMethod):
     """The full per-sample Jacobian [classes, *input] of both networks."""
-    return matched_along(p, basis_vectors(p.teacher_logits), joint=True)
+
+    name = "exact"
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        return basis_vectors(p.teacher_logits), True
 
 
 def projection_vectors(shape: tuple[int, ...], distribution: str, generator: torch.Generator | None,
@@ -138,16 +192,19 @@ def projection_vectors(shape: tuple[int, ...], distribution: str, generator: tor
     return (signs * 2 - 1).to(dtype)
 
 
-@register_method("projected")
-def projected(p: Passes) -> Matched:
+class Projected(GradientMethod):
     """v^T J for `num_projections` random v per sample (Sobolev training); the term averages the
     K distances, so unnormalized and squared it is an unbiased estimate of ||J_S - J_T||_F^2."""
-    batch, classes = p.teacher_logits.shape
-    vectors = projection_vectors((int(p.settings.num_projections), batch, classes), p.settings.distribution,
-                                 p.generator, p.teacher_logits.device, p.teacher_logits.dtype)
-    return matched_along(p, vectors, joint=False)
 
+    name = "projected"
 
-METHODS["none"] = Method("none", None)
-# Distillation on perturbed inputs: the perturbation and the term live in the objective.
-METHODS["noise"] = Method("noise", None, perturbs_inputs=True)
+    def __init__(self, num_projections: int = 1, distribution: str = "rademacher", **common):
+        super().__init__(**common)
+        self.num_projections = whole("num_projections", num_projections, low=1,
+                                     allowed="it must be an integer >= 1")
+        self.distribution = one_of("distribution", distribution, ("rademacher", "gaussian"))
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        batch, classes = p.teacher_logits.shape
+        return projection_vectors((self.num_projections, batch, classes), self.distribution, p.generator,
+                                  p.teacher_logits.device, p.teacher_logits.dtype), False

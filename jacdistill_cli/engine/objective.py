@@ -1,51 +1,46 @@
-"""The distillation objective: student logits and a dict of named loss terms.
+"""The objective: the passes of one step, computed once for every term, and the weighted sum.
 
-    total = (1 - alpha) * distill + alpha * jacobian + hard_weight * hard
+    total = sum(term.weight * term(step))      # e.g. (1 - alpha) * distill + alpha * jacobian
+                                               #      + hard_weight * hard + features.weight * features
 
+Calling it on (student, teacher, inputs, labels) returns (student logits, {term name: value, "total"}).
 The trainer logs whatever terms come back; it knows nothing about particular losses.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.engine.jacobian import (affine_batchnorm, can_gate_batchnorm, has_training_batchnorm, jacobian_forward,
-                                     per_sample_batchnorm, recorded_batchnorm_statistics, resolve_strategy,
-                                     running_batchnorm_statistics, statistics_closed)
-from jacdistill_cli.engine.methods import METHODS, Matched, Passes, method_term
+from jacdistill_cli.engine.batchnorm import (can_gate_batchnorm, has_training_batchnorm, per_sample_batchnorm,
+                                             recorded_batchnorm_statistics, running_batchnorm_statistics)
+from jacdistill_cli.engine.jacobian import resolve_strategy
+from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
+from jacdistill_cli.engine.methods import JacobianMethod, Matched, NoJacobian, Passes
+from jacdistill_cli.engine.terms import (Distillation, FeatureJacobianTerm, FeatureTerm, HardLabels, JacobianMatching,
+                                         Term)
 
 
-def kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """temperature^2 * KL(softmax(teacher/T) || softmax(student/T)), mean over the batch.
-    The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015)."""
-    return F.kl_div(F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+@dataclass
+class Step:
+    """What the terms read: the step's passes. Fields a term did not ask for stay None."""
 
-
-def mse(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Squared error of the softened probabilities, summed over classes, mean over the batch."""
-    diff = F.softmax(student / temperature, dim=1) - F.softmax(teacher / temperature, dim=1)
-    return diff.pow(2).sum(dim=1).mean()
-
-
-def ce(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Cross-entropy of the student to the teacher's argmax (temperature plays no part)."""
-    return F.cross_entropy(student, teacher.argmax(dim=1))
-
-
-def no_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    return student.new_zeros(())
-
-
-DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "kl": kl, "mse": mse, "ce": ce, "none": no_distillation,
-}
+    student: nn.Module
+    teacher: nn.Module
+    inputs: Tensor                     # the batch the terms see (perturbed copies for noise)
+    labels: Tensor
+    student_logits: Tensor
+    teacher_logits: Tensor
+    jacobian_distance: Tensor | None = None   # [batch], the method's per-sample term ("gradients")
+    matched: Matched | None = None
+    student_features: list[Tensor] = field(default_factory=list)   # "features"
+    teacher_features: list[Tensor] = field(default_factory=list)
+    statistics: Any = None            # "statistics": the student's recorded BatchNorm statistics
 
 
 def running_statistics(student: nn.Module):
@@ -57,96 +52,100 @@ def running_statistics(student: nn.Module):
 
 
 class Objective:
-    """Calling it on (student, teacher, inputs, labels) returns (student logits, terms).
+    """The weighted sum of `terms` (see engine/terms.py). `method` is the Jacobian method whose
+    input-gradients a term may need; `matching` the feature matching whose features a term may need
+    (its hooks capture them in the step's first pass of each model)."""
 
-    terms: "distill", "jacobian", "total", and "hard" when hard_weight > 0; scalar tensors,
-    "total" with the graph for backward.
-    """
-
-    def __init__(self, loss: str, temperature: float, alpha: float, hard_weight: float,
-                 jacobian: Any, generator: torch.Generator | None = None):
-        self.distill = DISTILL_LOSSES[loss]
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.hard_weight = float(hard_weight)
-        self.settings = jacobian
-        self.method = METHODS[jacobian.name]
-        self.batchnorm = jacobian.get("batchnorm", "batch")
-        self.strategy = jacobian.get("strategy", "auto")
+    def __init__(self, terms: list[Term], method: JacobianMethod | None = None, matching: Any = None,
+                 generator: torch.Generator | None = None):
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names) or "total" in names:
+            raise ValueError(f"term names must be unique and not 'total': {names}")
+        self.terms = list(terms)
+        self.method = method if method is not None else NoJacobian()
+        self.matching = matching
         self.generator = generator
+        self.needs = frozenset().union(*(t.needs for t in self.terms))
+        self.weights = {t.name: float(t.weight) for t in self.terms}
 
-    def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, terms, _ = self.evaluate(student, teacher, inputs, labels)
+    def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale)
         return logits, terms
 
-    def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
-        """As calling it, plus the gradients the Jacobian term matched (None for methods without)."""
+    def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+        """As calling it, plus the gradients the Jacobian term matched (None for methods without).
+        `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale)."""
+        make_jacobian_ready(student)
+        make_jacobian_ready(teacher)
+        gradients = "gradients" in self.needs and self.method.uses_gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
-        with torch.set_grad_enabled(self.method.uses_gradients or torch.is_grad_enabled()):
-            return self._evaluate(student, teacher, inputs, labels)
+        with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
+            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale)
+            values = {term.name: term(step) for term in self.terms}
+            total = sum((self.weights[name] * value for name, value in values.items()),
+                        step.student_logits.new_zeros(()))
+            values["total"] = gate_of(student).loss(total)
+        return step.student_logits, values, step.matched
 
-    def _evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+    def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+             gradients: bool, gradient_scale: float = 1.0) -> Step:
         if self.method.perturbs_inputs:
-            inputs, labels = self.perturb(inputs, labels)
-        uses_gradients = self.method.uses_gradients
-        teacher_inputs = inputs.detach().requires_grad_(uses_gradients)
-        with torch.set_grad_enabled(uses_gradients), (affine_batchnorm(teacher) if uses_gradients
-                                                      else contextlib.nullcontext()):
-            teacher_logits = teacher(teacher_inputs)
-
+            inputs, labels = self.method.perturb(inputs, labels, self.generator)
+        student_gate, teacher_gate = gate_of(student), gate_of(teacher)
+        teacher_inputs = inputs.detach().requires_grad_(gradients)
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
-        # statistics are closed to the input-gradients (jacobian_forward). `running`, `func`, and
-        # BatchNorm layers that cannot be gated: a second, per-sample forward pass for the
+        # statistics are closed to the input-gradients (gated BatchNorm). `running`, `func`, and
+        # BatchNorm layers that are not converted: a second, per-sample forward pass for the
         # Jacobian, so the first one needs no input-gradient. `coupled`: BatchNorm as it is.
-        mode = self.batchnorm if uses_gradients and has_training_batchnorm(student) else "coupled"
-        student_strategy = self.resolve(student, inputs.device, mode) if uses_gradients else None
-        separate = mode == "running" or (mode == "batch" and (student_strategy == "func"
-                                                              or not can_gate_batchnorm(student)))
-        student_inputs = inputs.detach().requires_grad_(uses_gradients and not separate)
-        first_pass = self.first_pass(student, student_inputs, uses_gradients, mode, separate, student_strategy)
-        with first_pass as statistics:
-            logits = student(student_inputs)
-        terms = {"distill": self.distill(logits, teacher_logits.detach(), self.temperature)}
+        mode = self.method.batchnorm if gradients and has_training_batchnorm(student) else "coupled"
+        strategy = self.resolve(student, inputs.device, mode) if gradients else None
+        separate = mode == "running" or (mode == "batch" and (strategy == "func" or not can_gate_batchnorm(student)))
+        student_inputs = inputs.detach().requires_grad_(gradients and not separate)
+        record = "statistics" in self.needs and has_training_batchnorm(student)
+        with contextlib.ExitStack() as stack:
+            capture = (stack.enter_context(self.matching.capture(student, teacher))
+                       if "features" in self.needs else None)
+            with torch.set_grad_enabled(gradients), (teacher_gate.forward_pass(activations=False) if gradients
+                                                     else contextlib.nullcontext()):
+                teacher_logits = teacher(teacher_inputs)
+            with self.first_pass(student, student_inputs, gradients, mode, separate, strategy, record) as statistics:
+                logits = student(student_inputs)
+        step = Step(student, teacher, inputs, labels, logits, teacher_logits, statistics=statistics)
+        if capture is not None:
+            from jacdistill_cli.engine.features import split_features
 
-        matched = None
-        if uses_gradients:
-            with per_sample_batchnorm(student, mode if separate else "coupled", statistics), statistics_closed():
+            step.student_features, step.teacher_features = split_features(capture, len(self.matching.pairs))
+            capture.clear()
+        if gradients:
+            with per_sample_batchnorm(student, mode if separate else "coupled", statistics), student_gate.jacobians():
                 if separate:
                     jacobian_inputs = inputs.detach().requires_grad_(True)
-                    with self.prepared(student, student_strategy, jacobian_inputs, gate_batchnorm=False):
+                    with self.prepared(student, strategy, jacobian_inputs, batchnorm=False):
                         jacobian_logits = student(jacobian_inputs)
                 else:
                     jacobian_inputs, jacobian_logits = student_inputs, logits
+                create_graph = any(self.weights[t.name] > 0 for t in self.terms if "gradients" in t.needs)
                 passes = Passes(jacobian_logits, jacobian_inputs, teacher_logits, teacher_inputs, labels,
-                                self.settings, create_graph=self.alpha > 0, generator=self.generator,
-                                student_strategy=student_strategy,
+                                create_graph=create_graph, generator=self.generator,
+                                student_strategy=strategy,
                                 teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
-                                student_forward=student, teacher_forward=teacher)
-                per_sample, matched = method_term(self.method, passes)
-            terms["jacobian"] = per_sample.mean()
-        elif self.method.perturbs_inputs:
-            # On perturbed inputs, E||S(x+e) - T(x+e)||^2 = ||S(x) - T(x)||^2 + sigma^2 ||J_S - J_T||_F^2 + O(sigma^4).
-            terms["jacobian"] = (logits - teacher_logits.detach()).pow(2).sum(dim=1).mean()
-        else:
-            terms["jacobian"] = logits.new_zeros(())
-
-        total = (1 - self.alpha) * terms["distill"] + self.alpha * terms["jacobian"]
-        if self.hard_weight > 0:
-            terms["hard"] = F.cross_entropy(logits, labels)
-            total = total + self.hard_weight * terms["hard"]
-        terms["total"] = total
-        return logits, terms, matched
+                                student_forward=student, teacher_forward=teacher, scale=gradient_scale)
+                step.jacobian_distance, step.matched = self.method.term(passes)
+        return step
 
     @contextlib.contextmanager
-    def first_pass(self, student: nn.Module, inputs: Tensor, uses_gradients: bool, mode: str, separate: bool,
-                   strategy: str | None) -> Iterator[Any]:
+    def first_pass(self, student: nn.Module, inputs: Tensor, gradients: bool, mode: str, separate: bool,
+                   strategy: str | None, record: bool) -> Iterator[Any]:
         """Context of the student's train-mode pass; yields the BatchNorm statistics a separate
         per-sample pass will use (None without one)."""
-        if not uses_gradients:
-            yield None
+        if not gradients:
+            if record:
+                with recorded_batchnorm_statistics(student) as statistics:
+                    yield statistics
+            else:
+                yield None
         elif separate and mode == "running":
             # Taken before this pass updates them, so that the term depends on the parameters
             # only through the network itself.
@@ -155,40 +154,65 @@ class Objective:
             with recorded_batchnorm_statistics(student) as statistics:
                 yield statistics
         else:
-            with self.prepared(student, strategy, inputs, gate_batchnorm=mode == "batch"):
+            with self.prepared(student, strategy, inputs, batchnorm=mode == "batch"):
                 yield None
 
     @staticmethod
-    def prepared(student: nn.Module, strategy: str | None, inputs: Tensor, gate_batchnorm: bool):
-        """jacobian_forward, except for `func`: torch.func cannot trace its autograd.Functions."""
+    def prepared(student: nn.Module, strategy: str | None, inputs: Tensor, batchnorm: bool):
+        """The gate's forward pass, except for `func`: torch.func cannot trace its autograd.Functions."""
         if strategy == "func":
             return contextlib.nullcontext()
-        return jacobian_forward(student, gate_batchnorm, inputs)
+        return gate_of(student).forward_pass(inputs=inputs, batchnorm=batchnorm)
 
     def resolve(self, model: nn.Module, device: torch.device, batchnorm: str) -> str:
         """The backward strategy for one network; `func` needs a per-sample forward pass."""
-        strategy = resolve_strategy(self.strategy, model, device)
+        strategy = resolve_strategy(self.method.strategy, model, device)
         if strategy == "func" and batchnorm == "coupled" and has_training_batchnorm(model):
             raise UsageError("jacobian.strategy='func' is not allowed with jacobian.batchnorm='coupled' and a "
                              "student with BatchNorm: torch.func sees one sample at a time; use "
                              "jacobian.batchnorm=batch or running, or another strategy")
         return strategy
 
-    def perturb(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """`samples` Gaussian-perturbed copies of the batch: [samples * batch, *input]."""
-        samples, sigma = int(self.settings.samples), float(self.settings.sigma)
-        repeated = inputs.repeat(samples, *([1] * (inputs.dim() - 1)))
-        noise = torch.randn(repeated.shape, generator=self.generator, device=inputs.device, dtype=inputs.dtype)
-        return repeated + sigma * noise, labels.repeat(samples)
+
+def distillation_objective(loss: Callable[[Tensor, Tensor], Tensor], alpha: float, hard_weight: float,
+                           method: JacobianMethod, matching: Any = None, generator: torch.Generator | None = None,
+                           extra_terms: Iterable[Term] = ()) -> Objective:
+    """The objective of `jacdistill train`:
+
+        (1 - alpha) * distill + alpha * jacobian [+ hard_weight * hard] [+ features.weight * features] [+ extra]
+
+    `jacobian` is the method's term, or with `method.of == "features"` the feature Jacobian of
+    `matching`'s pairs; `hard` is registered when hard_weight > 0, `features` with a matching."""
+    terms: list[Term] = [Distillation("distill", 1 - alpha, loss=loss)]
+    if matching is not None and method.of == "features":
+        terms.append(FeatureJacobianTerm("jacobian", alpha, matching=matching, method=method, create_graph=alpha > 0))
+    else:
+        terms.append(JacobianMatching("jacobian", alpha, method=method))
+    if hard_weight > 0:
+        terms.append(HardLabels("hard", hard_weight))
+    if matching is not None:
+        terms.append(FeatureTerm("features", matching.weight, matching=matching))
+    return Objective([*terms, *extra_terms], method, matching, generator)
 
 
-def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor,
-                            labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def objective_from_settings(settings: Any, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
+                            device: torch.device | str = "cpu",
+                            generator: torch.Generator | None = None) -> tuple[Objective, Any]:
+    """(the objective, its feature matching or None) of typed settings (config/settings.py
+    `ObjectiveSettings`); the matching's parameters (hint regressors) are optimised with the student."""
+    matching = None
+    if settings.features.name != "none":
+        matching = settings.features.matching(teacher, student, input_shape, device)
+    objective = distillation_objective(settings.loss, settings.alpha, settings.hard_weight, settings.method, matching,
+                                       generator, settings.terms)
+    return objective, matching
+
+
+def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor, labels: Tensor,
+                            gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain supervised training (of a teacher): the hard-label term only."""
+    import torch.nn.functional as F
+
     logits = model(inputs)
     hard = F.cross_entropy(logits, labels)
     return logits, {"hard": hard, "total": hard}
-
-
-def build_objective(cfg: Any, generator: torch.Generator | None = None) -> Objective:
-    return Objective(cfg.loss.name, cfg.temperature, cfg.alpha, cfg.hard_weight, cfg.jacobian, generator)

@@ -17,6 +17,7 @@ cleared before the loss's backward pass, so that its step is right.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -29,7 +30,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from jacdistill_cli.engine.objective import Objective, kl
+from jacdistill_cli.engine.losses import kl
+from jacdistill_cli.engine.methods import Exact, NoJacobian
+from jacdistill_cli.engine.objective import distillation_objective
+from jacdistill_cli.run.precision import Precision
 
 
 def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:
@@ -96,22 +100,34 @@ class Candidate:
         return statistics.median(self.times) if self.times else math.nan
 
 
-def optimiser_step(student: nn.Module, loss_of: Callable[[], Tensor]) -> Callable[[], None]:
+def optimiser_step(student: nn.Module, loss_of: Callable[[float], Tensor],
+                   precision: Precision | None = None) -> Callable[[], None]:
+    """One SGD step of `loss_of(gradient_scale)`, as the trainer takes it under `precision` (autocast;
+    float16 with a GradScaler)."""
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
+    precision = precision or Precision("32", next(student.parameters()).device.type)
+    scaler = precision.scaler()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_of().backward()
-        optimizer.step()
+        with precision.autocast():
+            loss = loss_of(scaler.get_scale() if scaler.is_enabled() else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
 
 def objective_step(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, settings: Any,
-                   alpha: float, temperature: float, seed: int) -> Callable[[], None]:
+                   alpha: float, temperature: float, seed: int,
+                   precision: Precision | None = None) -> Callable[[], None]:
+    from jacdistill_cli.config.registry import build
+
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    objective = Objective("kl", temperature, alpha, 0.0, settings, generator)
-    return optimiser_step(student, lambda: objective(student, teacher, x, y)[1]["total"])
+    objective = distillation_objective(functools.partial(kl, temperature=temperature), alpha, 0.0,
+                                       build("jacobian", settings), generator=generator)
+    return optimiser_step(student, lambda scale: objective(student, teacher, x, y, scale)[1]["total"], precision)
 
 
 def synchronize(device: torch.device) -> None:
@@ -161,9 +177,9 @@ def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strate
         naive_teacher = naive_jacobian(teacher(inputs), inputs).detach()
     errors = {}
     for strategy in strategies:
-        settings = OmegaConf.create({"name": "exact", "normalize": True, "squared": True, "batchnorm": "batch",
-                                     "strategy": strategy})
-        objective = Objective("kl", 1.0, 1.0, 0.0, settings, torch.Generator(device=x.device).manual_seed(seed))
+        method = Exact(normalize=True, squared=True, batchnorm="batch", strategy=strategy)
+        objective = distillation_objective(kl, 1.0, 0.0, method,
+                                           generator=torch.Generator(device=x.device).manual_seed(seed))
         work = copy.deepcopy(student)
         _, _, matched = objective.evaluate(work, teacher, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         ours_student = matched.student.movedim(0, 1).reshape(len(x), -1).detach()
@@ -186,21 +202,24 @@ def method_settings(name: str, load: Callable[[str], Any]) -> Any:
 
 def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, methods: list[str],
                      strategies: list[str], naive: list[str], alpha: float, temperature: float, seed: int,
-                     load: Callable[[str], Any]) -> list[Candidate]:
+                     load: Callable[[str], Any], precision: Precision | None = None) -> list[Candidate]:
+    """Plain KD, each method and each exact strategy under `precision`; the naive references in float32,
+    as the question wrote them."""
     from jacdistill_cli.engine.jacobian import resolve_strategy
 
     def fresh() -> nn.Module:
         return copy.deepcopy(student)
 
     candidates = [Candidate("plain KD (jacobian=none)", "kd", objective_step(
-        fresh(), teacher, x, y, OmegaConf.create({"name": "none"}), alpha, temperature, seed))]
+        fresh(), teacher, x, y, OmegaConf.create({"_target_": f"{NoJacobian.__module__}.NoJacobian", "name": "none"}),
+        alpha, temperature, seed, precision))]
     for name in methods:
         if name == "exact":
             continue
         settings = method_settings(name, load)
         label = {"projected": "projected (1 projection)", "noise": "noise (1 sample)"}.get(name, name)
         candidates.append(Candidate(label, "method", objective_step(fresh(), teacher, x, y, settings, alpha,
-                                                                    temperature, seed), method=name))
+                                                                    temperature, seed, precision), method=name))
     if "exact" in methods:
         for strategy in ["auto", *strategies]:
             settings = load("exact")
@@ -210,13 +229,13 @@ def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tenso
             resolved = student_side if student_side == teacher_side else f"{student_side}/{teacher_side}"
             label = f"exact (auto = {resolved})" if strategy == "auto" else f"exact ({strategy})"
             candidates.append(Candidate(label, "exact", objective_step(fresh(), teacher, x, y, settings, alpha,
-                                                                       temperature, seed),
+                                                                       temperature, seed, precision),
                                         method="exact", strategy=strategy, resolved=resolved))
     for variant in naive:
         work = fresh()
         label = NAIVE_LABELS[variant]
         candidates.append(Candidate(label, "naive", optimiser_step(
-            work, lambda work=work, variant=variant: naive_loss(work, teacher, x, alpha, temperature, variant)),
+            work, lambda scale, work=work, variant=variant: naive_loss(work, teacher, x, alpha, temperature, variant)),
             strategy=variant))
     return candidates
 

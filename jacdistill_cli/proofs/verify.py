@@ -13,7 +13,7 @@ For one method, on one small batch, in float64:
   through BatchNorm statistics, so not every parameter can receive one);
 - finite differences: d(term)/d(parameters) along one random direction in all parameters.
 
-Every term is evaluated as training evaluates it, through `objective.Objective` (alpha = 1,
+Every term is evaluated as training evaluates it, through the objective of training (alpha = 1,
 no distillation term), with BatchNorm buffers and random draws restored before each evaluation.
 """
 
@@ -26,14 +26,18 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.engine.jacobian import matching_distance, one_hot_vectors, training_batchnorms
-from jacdistill_cli.engine.methods import METHODS, Matched
-from jacdistill_cli.engine.objective import Objective
+from jacdistill_cli.engine.batchnorm import training_batchnorms
+from jacdistill_cli.engine.jacobian import matching_distance, one_hot_vectors
+from jacdistill_cli.engine.losses import no_distillation
+from jacdistill_cli.engine.methods import JacobianMethod, Matched
+from jacdistill_cli.engine.objective import distillation_objective
+from jacdistill_cli.proofs.finite_differences import analytic_gradients, directional_check
 
 JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float64
+# Under trainer.precision: ||ours - reference|| / ||reference|| over the batch, the networks in float32
+# under autocast (bf16 keeps 8 bits of mantissa, float16 11), against the float64 reference.
+PRECISION_TOLERANCE = {"32": 1e-4, "bf16": 0.25, "16": 0.01}
 FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth
-FD_STEP = 1e-6
-FD_TRIES = 3                   # a step that crosses a ReLU kink is redrawn
 
 
 @dataclass
@@ -49,6 +53,8 @@ class MethodReport:
     fd_error: float = 0.0                # along one random direction in all parameters
     fd_analytic: float = 0.0
     fd_numeric: float = 0.0
+    precision: str = "32"
+    precision_error: float | None = None   # worst of student and teacher, under `precision` (None: not run)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -64,6 +70,8 @@ class MethodReport:
             "without_effect": [n for n in self.parameters if n not in self.dependent],
             "parameter_fd_error": self.parameter_fd_error, "fd_error": self.fd_error,
             "fd_analytic": self.fd_analytic, "fd_numeric": self.fd_numeric,
+            "precision": self.precision, "precision_error": self.precision_error,
+            "precision_tolerance": PRECISION_TOLERANCE[self.precision],
         }
 
 
@@ -75,11 +83,11 @@ class TermFunction:
     """The method's term (loss/jacobian) on a fixed batch, as training computes it, evaluated
     any number of times with the same BatchNorm buffers and the same random draws."""
 
-    def __init__(self, settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 seed: int):
+    def __init__(self, method: JacobianMethod, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                 labels: Tensor, seed: int):
         self.student, self.teacher, self.inputs, self.labels, self.seed = student, teacher, inputs, labels, seed
         self.generator = torch.Generator(device=inputs.device)
-        self.objective = Objective("none", 1.0, 1.0, 0.0, settings, self.generator)
+        self.objective = distillation_objective(no_distillation, 1.0, 0.0, method, generator=self.generator)
         self.buffers = {name: b.detach().clone() for name, b in student.named_buffers()}
 
     def restore(self) -> None:
@@ -97,59 +105,6 @@ class TermFunction:
     def value(self) -> float:
         with torch.enable_grad():
             return float(self()[0].detach())
-
-
-def analytic_gradients(term: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
-    """d term / d params, zeros where the graph does not reach a parameter (or does not exist)."""
-    if not term.requires_grad:
-        return [torch.zeros_like(p) for p in params]
-    grads = torch.autograd.grad(term, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def central_difference(term: TermFunction, params: list[nn.Parameter], directions: list[Tensor],
-                       step: float) -> float:
-    originals = [p.detach().clone() for p in params]
-
-    def at(scale: float) -> float:
-        with torch.no_grad():
-            for p, original, d in zip(params, originals, directions):
-                p.copy_(original + scale * d)
-        return term.value()
-
-    try:
-        return (at(step) - at(-step)) / (2 * step)
-    finally:
-        with torch.no_grad():
-            for p, original in zip(params, originals):
-                p.copy_(original)
-
-
-def random_directions(params: list[nn.Parameter], generator: torch.Generator) -> list[Tensor]:
-    """One Gaussian direction over all of `params`, of unit total norm."""
-    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
-    norm = torch.sqrt(sum(d.pow(2).sum() for d in directions))
-    return [d / norm for d in directions]
-
-
-def directional_check(term: TermFunction, params: list[nn.Parameter], gradients: list[Tensor],
-                      generator: torch.Generator, scale: float) -> tuple[float, float, float]:
-    """(analytic, numeric, relative error) of the derivative along a random direction.
-
-    The term of a ReLU network jumps where an activation pattern changes; a step that crosses
-    such a kink shows as central differences that disagree between two step sizes, and the
-    direction is redrawn.
-    """
-    atol = 1e-8 * max(1.0, scale)
-    for _ in range(FD_TRIES):
-        directions = random_directions(params, generator)
-        analytic = float(sum((g * d).sum() for g, d in zip(gradients, directions)))
-        numeric = central_difference(term, params, directions, FD_STEP)
-        half = central_difference(term, params, directions, FD_STEP / 2)
-        if abs(numeric - half) <= 1e-4 * max(abs(numeric), abs(half)) + atol:
-            break
-    error = abs(analytic - numeric) / (max(abs(analytic), abs(numeric)) + atol)
-    return analytic, numeric, error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,20 +174,57 @@ def relative_error(value: Tensor, reference: Tensor) -> float:
 # One method
 # ---------------------------------------------------------------------------------------------
 
+def l2_error(value: Tensor, reference: Tensor) -> float:
+    reference = reference.detach().double()
+    return float((value.detach().double() - reference).norm() / reference.norm().clamp_min(1e-300))
+
+
+def precision_error(method: JacobianMethod, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                    seed: int, precision: str) -> float | None:
+    """The method's input-gradients as training computes them under `precision` (float32 copies of the
+    networks, autocast; float16 with the loss scale's recipe) against the float64 reference: the worse
+    relative l2 error of student and teacher. None for a method without input-gradients."""
+    from jacdistill_cli.run.precision import Precision
+
+    if not method.uses_gradients:
+        return None
+    student32, teacher32 = copy.deepcopy(student).float(), copy.deepcopy(teacher).float()
+    objective = distillation_objective(no_distillation, 1.0, 0.0, method,
+                                       generator=torch.Generator(device=inputs.device).manual_seed(seed))
+    with Precision(precision, inputs.device.type).autocast():
+        _, _, matched = objective.evaluate(student32, teacher32, inputs.float(), labels,
+                                           gradient_scale=1024.0 if precision == "16" else 1.0)
+    vectors = matched.vectors.detach().double()
+    student64, teacher64, inputs64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double(), inputs.double()
+    return max(l2_error(matched.student, reference_gradients(student64, inputs64, vectors, method.batchnorm)),
+               l2_error(matched.teacher, reference_gradients(teacher64, inputs64, vectors, method.batchnorm)))
+
+
 def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 seed: int) -> MethodReport:
-    """All checks of one method (its `jacobian` settings) on float64 copies of the networks."""
+                 seed: int, precision: str = "32") -> MethodReport:
+    """All checks of one method (its `jacobian` node) on float64 copies of the networks; with a
+    `precision` other than 32, also its input-gradients under that precision (`precision_error`)."""
     from omegaconf import OmegaConf
 
+    from jacdistill_cli.config import registry
+
+    method = registry.build("jacobian", settings)
+    error_at_precision = (precision_error(method, student, teacher, inputs, labels, seed, precision)
+                          if precision != "32" else None)
     student = copy.deepcopy(student).double()
     teacher = copy.deepcopy(teacher).double()
     inputs = inputs.double()
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p for _, p in named]
-    report = MethodReport(str(settings.name), OmegaConf.to_container(settings, resolve=True)
-                          if OmegaConf.is_config(settings) else dict(settings), parameters=names)
-    term = TermFunction(settings, student, teacher, inputs, labels, seed)
+    plain = OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else dict(settings)
+    report = MethodReport(registry.label("jacobian", settings), {k: v for k, v in plain.items() if k != "_target_"},
+                          parameters=names)
+    report.precision, report.precision_error = precision, error_at_precision
+    if error_at_precision is not None and error_at_precision > PRECISION_TOLERANCE[precision]:
+        report.failures.append(f"under precision {precision} the input-gradients differ from the float64 reference "
+                               f"by {error_at_precision:.1e} (relative l2; tolerance {PRECISION_TOLERANCE[precision]})")
+    term = TermFunction(method, student, teacher, inputs, labels, seed)
     generator = torch.Generator().manual_seed(seed)
 
     value, matched = term()
@@ -240,7 +232,7 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
     gradients = analytic_gradients(value, params)
     term.restore()
     if matched is not None:
-        batchnorm = str(settings.get("batchnorm", "batch"))
+        batchnorm = method.batchnorm
         expected_student = reference_gradients(student, inputs, matched.vectors.detach(), batchnorm)
         expected_teacher = reference_gradients(teacher, inputs, matched.vectors.detach(), batchnorm)
         report.jacobian_error_student = relative_error(matched.student, expected_student)
@@ -259,7 +251,7 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
 
     worst = 0.0
     for name, p, g in zip(names, params, gradients):
-        analytic, numeric, error = directional_check(term, [p], [g], generator, scale)
+        analytic, numeric, error = directional_check(term.value, [p], [g], generator, scale)
         if abs(numeric) > 1e-8 * max(1.0, scale):
             report.dependent.append(name)
         worst = max(worst, error)
@@ -274,7 +266,7 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
     if not report.dependent:
         report.failures.append("the term depends on no student parameter")
 
-    report.fd_analytic, report.fd_numeric, report.fd_error = directional_check(term, params, gradients, generator,
+    report.fd_analytic, report.fd_numeric, report.fd_error = directional_check(term.value, params, gradients, generator,
                                                                                 scale)
     if report.fd_error > FD_RELATIVE_TOLERANCE:
         report.failures.append(f"along a random direction, autograd gives {report.fd_analytic:.6g} and finite "
@@ -305,10 +297,20 @@ def retain_graph_mistake(student: nn.Module, teacher: nn.Module, inputs: Tensor,
 
 def method_settings(name: str, configured: Any, load: Callable[[str], Any]) -> Any:
     """The configured `jacobian` node when it is this method, else the method's shipped defaults."""
-    if configured is not None and configured.get("name") == name:
+    from jacdistill_cli.config.registry import label
+
+    if configured is not None and label("jacobian", configured) == name:
         return configured
     return load(name)
 
 
 def checkable_methods() -> list[str]:
-    return [name for name, method in METHODS.items() if method.uses_gradients or method.perturbs_inputs]
+    """The shipped methods with a term to check (all but `none`), in the README's order."""
+    from hydra.utils import get_object
+
+    from jacdistill_cli.config import registry
+
+    order = ["top1", "target", "exact", "projected", "noise"]
+    names = [name for name, target in registry.shipped_options("jacobian").items()
+             if get_object(target).uses_gradients or get_object(target).perturbs_inputs]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))

@@ -97,6 +97,13 @@ class RunLogger:
         self.writer.close()
 
 
+class NullLogger:
+    """What the ranks other than 0 log to under torch.distributed: nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def _session_end(succeeded: bool) -> Any:
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams.api_pb2 import Status

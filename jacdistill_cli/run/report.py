@@ -27,6 +27,7 @@ TABLE_METRICS = ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine"
 # The x-axis of the plot, in order of preference, when `x=auto` and the key varies across groups.
 PREFERRED_X = ("dataset.samples_per_class", "alpha")
 FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
+UNREADABLE = "unreadable"   # its .hydra files cannot be read: settings unknown
 
 
 @dataclass
@@ -95,22 +96,56 @@ def last_error(log_file: Path) -> str:
     return errors[-1].split("][ERROR] - ", 1)[1].strip() if errors else ""
 
 
+class Unreadable(Exception):
+    """A run's .hydra file that is not the YAML Hydra writes."""
+
+
+def read_yaml(path: Path):
+    """A YAML file as OmegaConf reads it; Unreadable (one line saying why) when it cannot be parsed."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml, OmegaConf and OS errors all mean the same here
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise Unreadable(f"{path.parent.name}/{path.name} is not valid YAML ({first})") from None
+
+
+def read_overrides(run_dir: Path) -> dict[str, str]:
+    """A run's command-line overrides from .hydra/overrides.yaml (a list of `key=value`)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    listed = read_yaml(path) or []
+    if not OmegaConf.is_list(listed) and not isinstance(listed, list):
+        raise Unreadable(".hydra/overrides.yaml holds no list of overrides")
+    return dict(parse_override(o) for o in listed)
+
+
 def job_name(run_dir: Path) -> str | None:
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
         return None
-    return OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.name", default=None)
+    try:
+        return OmegaConf.select(read_yaml(hydra_file), "hydra.job.name", default=None)
+    except Unreadable:
+        return None  # read_run says why
 
 
 def read_run(run_dir: Path, root: Path) -> Run:
-    overrides = dict(parse_override(o) for o in (OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") or []))
     name = run_dir.relative_to(root).as_posix() if run_dir != root else "."
+    try:
+        overrides = read_overrides(run_dir)
+        if (run_dir / ".hydra" / "hydra.yaml").is_file():
+            read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    except Unreadable as err:
+        return Run(name, {}, None, UNREADABLE, str(err))
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         try:
-            return Run(name, overrides, json.loads(metrics_file.read_text()))
-        except json.JSONDecodeError:
+            metrics = json.loads(metrics_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return Run(name, overrides, None, UNFINISHED, "metrics.json is not valid JSON")
+        if not isinstance(metrics, dict):
+            return Run(name, overrides, None, UNFINISHED,
+                       f"metrics.json holds a {type(metrics).__name__}, not an object of metrics")
+        return Run(name, overrides, metrics)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:
         return Run(name, overrides, None, FAILED, error)
@@ -156,10 +191,12 @@ def collect(directory: Path) -> list[Run]:
         jobs = expected_jobs(sweep)
         if jobs is None:
             continue
-        started = [dict(parse_override(o) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml") or [])
-                   for d in dirs if sweep in d.parents]
-        excluded = set(OmegaConf.select(OmegaConf.load(sweep / "multirun.yaml"),
-                                        "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
+        started = [r.overrides for d, r in zip(dirs, runs) if sweep in d.parents and r.status != UNREADABLE]
+        try:
+            excluded = set(OmegaConf.select(read_yaml(sweep / "multirun.yaml"),
+                                            "hydra.job.config.override_dirname.exclude_keys", default=None) or [])
+        except Unreadable:
+            continue
         for job in jobs:
             overrides = dict(parse_override(o) for o in job)
             if overrides not in started:
@@ -179,6 +216,9 @@ def build_report(directory: Path) -> Report:
     if not runs:
         raise UsageError(f"dir={str(directory)!r} is not allowed: it holds no train run (no .hydra/overrides.yaml "
                          "of a `jacdistill train` job at or below it)")
+    if all(r.status == UNREADABLE for r in runs):
+        raise UsageError(f"dir={str(directory)!r} is not allowed: no run under it can be read: {runs[0].name}: "
+                         f"{runs[0].detail}")
     keys = sorted({k for r in runs for k in r.overrides if k != SEED_KEY})
     values = {k: {r.overrides.get(k, "") for r in runs} for k in keys}
     varying = [k for k in keys if len(values[k]) > 1]
@@ -202,7 +242,10 @@ def metric_names(all_metrics: Iterable[dict]) -> list[str]:
 
 
 def short(value: float | None, digits: int = 4) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    """A metric for the table: '–' when missing, nan/inf as such (a diverged run shows as one)."""
+    if value is None:
+        return "–"
+    return str(value) if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def markdown(report: Report) -> str:

@@ -125,14 +125,15 @@ def check_device_name(name: Any, key: str = "trainer.device") -> str:
     return name
 
 
-def select_device(name: str, key: str = "trainer.device"):
+def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):
     """The torch device of a setting: `auto` (the first GPU when torch sees one, else the CPU), `cpu`,
-    `cuda` or `cuda:N`; a GPU that torch does not see is refused in one line."""
+    `cuda` or `cuda:N`; a GPU that torch does not see is refused in one line. Under torch.distributed
+    (`local_rank` given) each rank takes GPU `local_rank` (CPU ranks share the CPU)."""
     import torch
 
     check_device_name(name, key)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -142,6 +143,9 @@ def select_device(name: str, key: str = "trainer.device"):
         if index >= count:
             raise UsageError(f"{key}={name!r} is not allowed: torch sees {count} CUDA GPU(s), "
                              f"cuda:0 to cuda:{count - 1}")
+    if name == "cuda" and local_rank is not None:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

@@ -14,21 +14,24 @@ from torch import nn
 
 from jacdistill_cli.zoo.data import DataBundle, batches
 from jacdistill_cli.engine.jacobian import class_gradients
+from jacdistill_cli.run.distributed import (SINGLE, World, average_gradients, broadcast_parameters, reduce_sums,
+                                            shard)
 from jacdistill_cli.run.logger import RunLogger
+from jacdistill_cli.run.precision import Precision
 from jacdistill_cli.run.saliency import saliency_image
 
 log = logging.getLogger("jacdistill")
 
 
 def make_optimizer(params, optim: Any, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam or SGD from the `optim` node, with a per-epoch cosine or constant schedule."""
-    if optim.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=bool(optim.nesterov),
-                                    weight_decay=optim.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    if optim.get("schedule", "cosine") == "cosine":
+    """The optimiser of the typed `optim` settings (config/settings.py `OptimSettings`: its target called
+    with the parameters), with a per-epoch cosine, constant or multi-step schedule."""
+    optimizer = optim.build(params)
+    if optim.schedule == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    elif optim.schedule == "multistep":
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(optim.milestones),
+                                                        gamma=optim.gamma)
     else:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     return optimizer, schedule
@@ -39,14 +42,19 @@ def _predict(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return model(inputs)
 
 
-def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: int, device: torch.device,
+             world: World = SINGLE) -> dict[str, float]:
     """accuracy; with a teacher also agreement (same argmax) and jacobian_cosine (mean cosine of the
-    two networks' input-gradients of the teacher's top class), over the whole split."""
+    two networks' input-gradients of the teacher's top class), over the whole split (under
+    torch.distributed each rank takes its shard of each batch, and the sums are reduced)."""
     was_training = student.training
     student.eval()
     totals = {"accuracy": 0.0, "agreement": 0.0, "jacobian_cosine": 0.0}
     count = 0
     for inputs, labels in batches(split, batch_size, False, None, device):
+        inputs, labels = shard(inputs, labels, world)
+        if not len(labels):
+            continue
         if teacher is None:
             totals["accuracy"] += (_predict(student, inputs).argmax(1) == labels).sum().item()
         else:
@@ -65,7 +73,8 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, split, batch_size: i
                 student_grads.flatten(1), teacher_grads.flatten(1), dim=1, eps=1e-12).sum().item()
         count += len(labels)
     student.train(was_training)
-    metrics = {k: v / max(count, 1) for k, v in totals.items()}
+    *sums, count = reduce_sums([*totals.values(), count], world, device)
+    metrics = {k: v / max(count, 1) for k, v in zip(totals, sums)}
     if teacher is None:
         metrics = {"accuracy": metrics["accuracy"]}
     return metrics
@@ -113,8 +122,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
         generator: torch.Generator, num_workers: int = 0, prefix: str = "",
         eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, saliency: str = "abs",
-        progress: bool | None = None,
-        objective_parameters: Iterable[nn.Parameter] = ()) -> dict[str, float]:
+        progress: bool | None = None, objective_parameters: Iterable[nn.Parameter] = (), world: World = SINGLE,
+        precision: Precision | None = None) -> dict[str, float]:
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
     `saliency_inputs` [n, *input] (maps drawn as `saliency`: abs or signed). A progress bar with the
@@ -122,8 +131,13 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
     val metrics with steps, epochs, train_seconds, samples_per_second."""
     from tqdm import tqdm
 
-    progress = interactive() if progress is None else progress
+    progress = (interactive() if progress is None else progress) and world.main
+    precision = precision or Precision("32", device.type)
+    scaler = precision.scaler()
+    evaluated = student.module if world.distributed else student
     # The objective's own parameters (a hint regressor) are optimised with the student's.
+    objective_parameters = list(objective_parameters)
+    broadcast_parameters(objective_parameters, world)
     optimizer, schedule = make_optimizer([*student.parameters(), *objective_parameters], optim, epochs)
     batches_per_epoch = max(1, math.ceil(len(data.train) / batch_size))
     step, samples, train_seconds = 0, 0, 0.0
@@ -136,14 +150,23 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         bar = tqdm(total=batches_per_epoch, desc=desc, leave=False, disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, bar_format=BAR_FORMAT)
         for inputs, labels in batches(data.train, batch_size, True, generator, device, num_workers):
-            _, terms = objective(student, teacher, inputs, labels)
+            global_size = len(labels)
+            inputs, labels = shard(inputs, labels, world)
+            scale = {"gradient_scale": scaler.get_scale()} if scaler.is_enabled() else {}
+            with precision.autocast():
+                _, terms = objective(student, teacher, inputs, labels, **scale)
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
+            # DDP averages the ranks' gradients: weighting by the shard's share makes it the global batch's.
+            share = len(labels) / global_size
+            scaler.scale(terms["total"] * (share * world.size) if world.distributed else terms["total"]).backward()
+            average_gradients(objective_parameters, world)
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
-            samples += len(labels)
-            values = {name: term.item() for name, term in terms.items()}
-            if not math.isfinite(values["total"]):
+            samples += global_size
+            names = list(terms)
+            values = dict(zip(names, reduce_sums([terms[n].item() * share for n in names], world, device)))
+            if not math.isfinite(values["total"]) and not scaler.is_enabled():   # float16: the scaler skips it
                 raise FloatingPointError(f"loss/total is {values['total']} at step {step}: training diverged")
             logger.scalars({f"{prefix}loss/{name}": v for name, v in values.items()}, step)
             for name, v in values.items():
@@ -158,11 +181,11 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         train_seconds += time.perf_counter() - started
         summary = "  ".join(f"{name} {v / batches_per_epoch:.4f}" for name, v in running.items())
         if epoch % eval_every == 0 or epoch == epochs:
-            val = evaluate(student, teacher, data.val, eval_batch_size, device)
+            val = evaluate(evaluated, teacher, data.val, eval_batch_size, device, world)
             logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
-            if teacher is not None and saliency_inputs is not None:
+            if world.main and teacher is not None and saliency_inputs is not None:
                 logger.image(f"{prefix}saliency/input_teacher_student",
-                             saliency_image(student, teacher, saliency_inputs, saliency), step)
+                             saliency_image(evaluated, teacher, saliency_inputs, saliency), step)
             summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
         log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
     return {**val, "steps": step, "epochs": epochs, "train_seconds": train_seconds,

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -27,15 +28,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from jacdistill_cli.errors import UsageError, setting_error
 
-DATASETS: dict[str, Callable[[DictConfig], "DataBundle"]] = {}
+def dataset_builder(builder: Callable[[DictConfig], "DataBundle"]) -> Callable[..., "DataBundle"]:
+    """A shipped dataset's builder, called (as every dataset `_target_` is) with the node's settings as
+    keywords; it reads them as a node."""
 
+    def build(**settings: Any) -> "DataBundle":
+        return builder(OmegaConf.create(settings))
 
-def register_dataset(name: str):
-    def add(builder):
-        DATASETS[name] = builder
-        return builder
-
-    return add
+    build.__name__, build.__qualname__, build.__doc__ = builder.__name__, builder.__qualname__, builder.__doc__
+    build.__module__ = builder.__module__
+    return build
 
 
 @dataclass
@@ -161,22 +163,35 @@ class DataBundle:
 
 def build_data(cfg: DictConfig) -> DataBundle:
     """The bundle of the `dataset` node: the builder's splits, then `samples_per_class`."""
-    name = cfg.name
-    if name not in DATASETS:
-        raise UsageError(f"dataset.name={name!r} is not allowed: it must be one of {', '.join(DATASETS)}")
-    bundle = DATASETS[name](cfg)
+    from jacdistill_cli.config import registry
+
+    split_seed(cfg)
+    bundle = registry.build("dataset", cfg)
     bundle.config = OmegaConf.to_container(cfg, resolve=True)
     if bundle.config.get("root") is not None:
         # stored in checkpoints: `jacdistill evaluate` finds the files from any working directory
         bundle.config["root"] = str(data_root(cfg))
+    for split in ("train", "val", "test"):
+        if len(getattr(bundle, split)) == 0:
+            raise UsageError(f"dataset {name}: its {split} split is empty ({len(bundle.train)} training, "
+                             f"{len(bundle.val)} validation, {len(bundle.test)} test samples); give more samples "
+                             "per class, or larger dataset.val_fraction/dataset.test_fraction")
     samples = cfg.get("samples_per_class")
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise setting_error("dataset.samples_per_class", samples, "it must be null (all) or an integer >= 1")
         full = bundle.train
-        bundle.train = per_class_subset(full, samples, int(cfg.get("split_seed", 0)), "dataset.samples_per_class")
+        bundle.train = per_class_subset(full, samples, split_seed(cfg), "dataset.samples_per_class")
         bundle.teacher_train = full
     return bundle
+
+
+def split_seed(cfg: DictConfig) -> int:
+    """dataset.split_seed: the seed of the train/val/test split and of subsets, an integer >= 0."""
+    seed = cfg.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise setting_error("dataset.split_seed", seed, "it must be an integer >= 0")
+    return seed
 
 
 def batches(split: Split | Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None,
@@ -275,7 +290,7 @@ def digits_arrays() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(raw.target, dtype=torch.long)
 
 
-@register_dataset("digits")
+@dataset_builder
 def digits(cfg: DictConfig) -> DataBundle:
     """scikit-learn's handwritten digits: 1797 images of 1x8x8 in [0, 16], 10 classes.
     Augmentation: shifts of one pixel (no flips: digits are not mirror-symmetric)."""
@@ -283,14 +298,14 @@ def digits(cfg: DictConfig) -> DataBundle:
     mean, std = images.mean().item(), images.std().item()
     images = (images - mean) / std
     fractions = fractions_of(cfg, "val_fraction", "test_fraction")
-    val_index, test_index, train_index = stratified_split(labels, fractions, int(cfg.split_seed))
+    val_index, test_index, train_index = stratified_split(labels, fractions, split_seed(cfg))
     augment = training_augment(cfg, pad=1, flip=False, mean=[mean], std=[std])
     split = lambda index, aug=None: TensorSplit(images[index], labels[index], aug)  # noqa: E731
     return DataBundle("digits", split(train_index, augment), split(val_index), split(test_index),
                       num_classes=10, input_shape=(1, 8, 8), mean=[mean], std=[std])
 
 
-@register_dataset("fake")
+@dataset_builder
 def fake(cfg: DictConfig) -> DataBundle:
     """Synthetic images of any shape and class count, in memory, the same for the same `data_seed`.
 
@@ -349,7 +364,7 @@ def holdout_bundle(cfg: DictConfig, name: str, base_train: Dataset, train_labels
                    std: list[float], augment: Augment | None) -> DataBundle:
     """Train/val from a stratified, seeded hold-out of the official training files; test from the test files."""
     (val_fraction,) = fractions_of(cfg, "val_fraction")
-    val_index, train_index = stratified_split(train_labels, (val_fraction,), int(cfg.split_seed))
+    val_index, train_index = stratified_split(train_labels, (val_fraction,), split_seed(cfg))
     test_index = torch.arange(len(test_labels))
     return DataBundle(name, IndexedSplit(base_train, train_index, train_labels[train_index], augment),
                       IndexedSplit(base_train, val_index, train_labels[val_index]),
@@ -396,43 +411,129 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
                           10, (1, 28, 28), mean, std, augment)
 
 
-@register_dataset("mnist")
+@dataset_builder
 def mnist(cfg: DictConfig) -> DataBundle:
     """MNIST handwritten digits. Augmentation: shifts of up to 2 pixels, no flips."""
     return mnist_like(cfg, "mnist", "MNIST", flip=False)
 
 
-@register_dataset("fashion_mnist")
+@dataset_builder
 def fashion_mnist(cfg: DictConfig) -> DataBundle:
     """Fashion-MNIST clothing images. Augmentation: shifts of up to 2 pixels and horizontal flips."""
     return mnist_like(cfg, "fashion_mnist", "FashionMNIST", flip=True)
 
 
-def cifar_loader(loader_name: str, verify: bool):
-    """torchvision's CIFAR class; with verify=false, the same class without its md5 checks (files
-    must still exist and parse), for files that are not byte-identical to the published ones."""
-    import torchvision
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR python batch without running code: it admits only what the published files
+    (and the same format written by numpy 1 or 2) hold: dicts, lists, str, bytes, ints, and numpy
+    arrays of numeric dtypes. A pickle naming any other callable is refused (pickle.UnpicklingError)
+    before anything is called, whatever its md5 checksum or `dataset.verify` says."""
 
-    loader = getattr(torchvision.datasets, loader_name)
-    if verify:
-        return loader
-    unchecked = lambda files: [[file, None] for file, _ in files]  # noqa: E731
-    return type(f"Unverified{loader_name}", (loader,), {
-        "train_list": unchecked(loader.train_list), "test_list": unchecked(loader.test_list),
-        "meta": {**loader.meta, "md5": None}})
+    def find_class(self, module: str, name: str):
+        allowed = CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"it would call {module}.{name}, which a CIFAR batch never holds")
+        return allowed()
+
+
+def _numeric_dtype(*args):
+    """numpy.dtype, for numeric types only (bool, integers, floats): an object dtype would let an
+    array hold arbitrary objects."""
+    import numpy as np
+
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise pickle.UnpicklingError(f"it holds an array of dtype {dtype}, not of numbers")
+    return dtype
+
+
+def _reconstruct(subtype, shape, dtype_code):
+    """numpy's _reconstruct (the first step of unpickling an array), for plain ndarrays only."""
+    import numpy as np
+
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("it holds an array subclass, not a plain numpy array")
+    return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype_code))
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    """numpy's _frombuffer (arrays pickled with protocol 5), for numeric dtypes only."""
+    import numpy as np
+
+    if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)) or not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError("it holds an array built from something other than bytes")
+    _numeric_dtype(dtype)
+    array = np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+    return array.copy()
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """_codecs.encode as Python 3 pickles bytes for protocol 2: str to bytes, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("it encodes something other than a latin-1 string")
+    return text.encode("latin1")
+
+
+def _ndarray():
+    import numpy as np
+
+    return np.ndarray
+
+
+# (module, name) -> the object handed to the unpickler. numpy 1 writes numpy.core, numpy 2 numpy._core.
+CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): (lambda: _reconstruct) for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): (lambda: _frombuffer) for core in ("core", "_core")},
+    ("numpy", "ndarray"): _ndarray,
+    ("numpy", "dtype"): lambda: _numeric_dtype,
+    ("_codecs", "encode"): lambda: _latin1_bytes,
+}
+
+
+def read_cifar_batch(path: Path, what: str) -> dict:
+    """One CIFAR python batch (or meta) file as a dict with str keys, read by CifarUnpickler.
+    Python 2 str objects (the published files) are read as latin-1. Raises pickle.UnpicklingError."""
+    with open(path, "rb") as f:
+        try:
+            entry = CifarUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: any parse failure
+            raise pickle.UnpicklingError(f"it cannot be parsed as a pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+        raise pickle.UnpicklingError(f"it holds a {type(entry).__name__}, not the dict of a CIFAR {what}")
+    return entry
+
+
+def cifar_images_and_labels(path: Path, label_key: str) -> tuple[Any, list[int]]:
+    """data [n, 3072] uint8 and labels [n] of one batch file, checked against the published format."""
+    import numpy as np
+
+    entry = read_cifar_batch(path, "batch")
+    data = entry.get("data")
+    labels = entry.get(label_key, entry.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise pickle.UnpicklingError("its 'data' is not a uint8 array of shape [n, 3072]")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise pickle.UnpicklingError(f"its '{label_key}' is not a list of {len(data)} integer labels")
+    return data, [int(v) for v in labels]
 
 
 def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> DataBundle:
-    """CIFAR-10/100 through torchvision's loader: 3x32x32. Expects ROOT/cifar-10-batches-py or
-    ROOT/cifar-100-python (python pickle batches), or the .tar.gz archive in ROOT (unpacked first)."""
-    from torchvision.datasets.utils import extract_archive
-
+    """CIFAR-10/100 in torchvision's file layout: ROOT/cifar-10-batches-py or ROOT/cifar-100-python
+    (python pickle batches), or the .tar.gz archive in ROOT (unpacked first). The batches are read by
+    CifarUnpickler (no code runs, whatever `dataset.verify` says); with verify=true (the default) each
+    file must also match the md5 checksum of the published file."""
+    import numpy as np
     import torchvision
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
     published = getattr(torchvision.datasets, loader_name)
     root = data_root(cfg)
     folder = root / published.base_folder
-    files = [f for f, _ in published.train_list + published.test_list] + [published.meta["filename"]]
+    checked = published.train_list + published.test_list + [[published.meta["filename"], published.meta["md5"]]]
+    files = [f for f, _ in checked]
     archive = root / published.filename
     if not all((folder / f).is_file() for f in files) and archive.is_file():
         extract_archive(str(archive), str(root))
@@ -440,52 +541,59 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
            f"folder {published.base_folder}/) in {root}, or set dataset.root to the directory that holds it, "
            "or dataset.download=true on a machine with network")
     download = download_flag(cfg)
-    present = all((folder / f).is_file() for f in files)
-    if not present and not download:
-        raise UsageError(f"dataset {name}: files not found in {folder} (expected {', '.join(files)}); {how}")
     verify = cfg.get("verify", True)
     if not isinstance(verify, bool):
         raise setting_error("dataset.verify", verify, "it must be true or false")
-    loader = cifar_loader(loader_name, verify)
+    if not all((folder / f).is_file() for f in files):
+        if not download:
+            raise UsageError(f"dataset {name}: files not found in {folder} (expected {', '.join(files)}); {how}")
+        try:
+            download_and_extract_archive(published.url, str(root), filename=published.filename,
+                                         md5=published.tgz_md5)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise failed_download(name, root, err, how) from None
+    if verify and not all(check_integrity(str(folder / f), md5) for f, md5 in checked):
+        raise UsageError(f"dataset {name}: the files in {folder} do not match the md5 checksums of the "
+                         "published CIFAR files (corrupted or modified); replace them, or set "
+                         "dataset.verify=false to use them as they are (they are still read as data only)")
+    label_key = "labels" if num_classes == 10 else "fine_labels"
+    parts: dict[str, tuple[Any, list[int]]] = {}
+    for split, listed in (("train", published.train_list), ("test", published.test_list)):
+        arrays, labels = [], []
+        for file, _ in listed:
+            try:
+                data, batch_labels = cifar_images_and_labels(folder / file, label_key)
+            except pickle.UnpicklingError as err:
+                raise UsageError(f"dataset {name}: {folder / file} is refused: {err}; a CIFAR python batch holds "
+                                 "only a dict of a uint8 array and lists") from None
+            arrays.append(data)
+            labels += batch_labels
+        parts[split] = (np.concatenate(arrays), labels)
     try:
-        train = loader(str(root), train=True, download=download and not present)
-        test = loader(str(root), train=False, download=False)
-    except RuntimeError as err:
-        if present and verify:
-            raise UsageError(f"dataset {name}: the files in {folder} do not match the md5 checksums of the "
-                             "published CIFAR files (corrupted or modified); replace them, or set "
-                             "dataset.verify=false to use them as they are") from None
-        if present:
-            raise UsageError(f"dataset {name}: the files in {folder} cannot be read ({err})") from None
-        raise failed_download(name, root, err, how) from None
-    except OSError as err:
-        raise failed_download(name, root, err, how) from None
-    except pickle_errors() as err:
-        raise UsageError(f"dataset {name}: the files in {folder} are not CIFAR python batches ({err}); {how}") from None
+        read_cifar_batch(folder / published.meta["filename"], "meta file")
+    except pickle.UnpicklingError as err:
+        raise UsageError(f"dataset {name}: {folder / published.meta['filename']} is refused: {err}") from None
+    for split, (_, labels) in parts.items():
+        if labels and not 0 <= min(labels) <= max(labels) < num_classes:
+            raise UsageError(f"dataset {name}: the {split} labels in {folder} are not all in [0, {num_classes})")
     mean, std = list(cfg.mean), list(cfg.std)
     augment = training_augment(cfg, pad=4, flip=True, mean=mean, std=std)
-    to_images = lambda data: torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    train_labels = torch.tensor(train.targets, dtype=torch.long)
-    test_labels = torch.tensor(test.targets, dtype=torch.long)
-    return holdout_bundle(cfg, name, UInt8Images(to_images(train.data), train_labels, mean, std), train_labels,
-                          UInt8Images(to_images(test.data), test_labels, mean, std), test_labels,
-                          num_classes, (3, 32, 32), mean, std, augment)
+    to_images = lambda data: torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous()  # noqa: E731
+    train_labels = torch.tensor(parts["train"][1], dtype=torch.long)
+    test_labels = torch.tensor(parts["test"][1], dtype=torch.long)
+    return holdout_bundle(cfg, name, UInt8Images(to_images(parts["train"][0]), train_labels, mean, std),
+                          train_labels, UInt8Images(to_images(parts["test"][0]), test_labels, mean, std),
+                          test_labels, num_classes, (3, 32, 32), mean, std, augment)
 
 
-def pickle_errors() -> tuple[type[Exception], ...]:
-    import pickle
-
-    return (pickle.UnpicklingError, EOFError, KeyError, ValueError)
-
-
-@register_dataset("cifar10")
+@dataset_builder
 def cifar10(cfg: DictConfig) -> DataBundle:
     """CIFAR-10: 50000 training and 10000 test images, 10 classes. Augmentation: shifts of up to 4
     pixels (pad 4, crop 32) and horizontal flips."""
     return cifar(cfg, "cifar10", "CIFAR10", 10)
 
 
-@register_dataset("cifar100")
+@dataset_builder
 def cifar100(cfg: DictConfig) -> DataBundle:
     """CIFAR-100: 50000 training and 10000 test images, 100 classes. Augmentation as CIFAR-10."""
     return cifar(cfg, "cifar100", "CIFAR100", 100)
@@ -496,7 +604,7 @@ def cifar100(cfg: DictConfig) -> DataBundle:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-@register_dataset("imagefolder")
+@dataset_builder
 def imagefolder(cfg: DictConfig) -> DataBundle:
     """A directory of class folders (ROOT/<class>/<image>), read by torchvision's ImageFolder.
 
@@ -529,28 +637,32 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
 
     def folder(path: Path, transform: list) -> torchvision.datasets.ImageFolder:
         try:
-            return torchvision.datasets.ImageFolder(str(path), transform=transforms.Compose(transform))
+            return torchvision.datasets.ImageFolder(str(path), transform=transforms.Compose(transform),
+                                                    loader=read_image)
         except (FileNotFoundError, RuntimeError) as err:
             raise UsageError(f"dataset.root={str(root)!r} is not allowed: {str(err).splitlines()[0]}; imagefolder "
                              f"expects class folders holding images ({', '.join(IMAGE_SUFFIXES)})") from None
 
-    split_seed = int(cfg.split_seed)
+    seed = split_seed(cfg)
     separate = (root / "train").is_dir() and (root / "test").is_dir()
     pool = folder(root / "train" if separate else root, base_transform)
     classes = pool.classes
+    if len(classes) < 2:
+        raise UsageError(f"dataset.root={str(root)!r} is not allowed: it holds {len(classes)} class folder"
+                         f"{'' if len(classes) == 1 else 's'} ({', '.join(classes)}); a classifier needs at least 2")
     labels = torch.tensor(pool.targets, dtype=torch.long)
     val_index = test_index = None
     train_index = torch.arange(len(labels))
     if not separate:
         val_index, test_index, train_index = stratified_split(
-            labels, fractions_of(cfg, "val_fraction", "test_fraction"), split_seed)
+            labels, fractions_of(cfg, "val_fraction", "test_fraction"), seed)
     elif not (root / "val").is_dir():
         (val_fraction,) = fractions_of(cfg, "val_fraction")
-        val_index, train_index = stratified_split(labels, (val_fraction,), split_seed)
+        val_index, train_index = stratified_split(labels, (val_fraction,), seed)
 
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
-        mean, std = estimate_normalisation(pool, train_index, split_seed)
+        mean, std = estimate_normalisation(pool, train_index, seed)
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise UsageError(f"dataset.mean={mean} and dataset.std={std} are not allowed: each must hold "
@@ -574,6 +686,20 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
     test = part(test_index) if test_index is not None else whole(root / "test")
     return DataBundle("imagefolder", train, val, test, num_classes=len(classes),
                       input_shape=(channels, size[0], size[1]), mean=mean, std=std)
+
+
+def read_image(path: str):
+    """An image file as a PIL image (ImageFolder's loader); one that cannot be decoded is named in one line."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for truncated or foreign files
+        raise UsageError(f"dataset imagefolder: the image {path} cannot be read ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'}); remove or replace it") from None
 
 
 def _rgb(image):

@@ -20,61 +20,79 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jacdistill_cli.errors import UsageError, setting_error
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from jacdistill_cli.config.checks import SettingError, boolean
+from jacdistill_cli.errors import UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
 NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class"}
-
-
-class ModelSettingError(Exception):
-    """A model setting out of range; `build_model` names it under its role (teacher./student.)."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        super().__init__(key, value, allowed)
-        self.key, self.value, self.allowed = key, value, allowed
-
-
-def register_model(name: str):
-    def add(builder):
-        MODELS[name] = builder
-        return builder
-
-    return add
+PACKAGE_TARGETS = "jacdistill_cli."
+# Checkpoints written before models were chosen by `_target_` name their builder.
+LEGACY_NAMES = {"mlp": "mlp", "cnn": "cnn", "lenet5": "lenet5", "vgg": "vgg", "resnet_cifar": "resnet_cifar",
+                "wrn": "wrn", "torchvision": "torchvision_model", "vgg_cifar": "vgg_cifar"}
+ModelSettingError = SettingError   # a model setting out of range, named under its role by build_model
 
 
 def architecture(node: DictConfig) -> dict[str, Any]:
-    """The architecture of a teacher/student node as a plain dict: {"name": ..., settings...}."""
+    """The architecture of a teacher/student node as a plain dict: {"_target_": ..., "name": ..., settings...}."""
     spec = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
 
 
-def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, role: str = "model") -> nn.Module:
-    """role names the config group (teacher/student) in error messages."""
-    settings = dict(spec)
-    name = settings.pop("name", None)
-    if name not in MODELS:
-        raise UsageError(f"{role}.name={name!r} is not allowed: it must be one of {', '.join(sorted(MODELS))}")
-    builder = MODELS[name]
-    accepted = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
-    unknown = sorted(set(settings) - set(accepted))
-    if unknown:
-        raise UsageError(f"{role}.{unknown[0]} is not a setting of model {name!r}; its settings are: {', '.join(accepted)}")
-    try:
-        return builder(input_shape=tuple(input_shape), num_classes=num_classes, **settings)
-    except ModelSettingError as err:
-        raise setting_error(f"{role}.{err.key}", err.value, err.allowed) from None
+def with_target(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its `_target_` (a checkpoint of the legacy layout names only its builder)."""
+    if "_target_" in spec or spec.get("name") not in LEGACY_NAMES:
+        return spec
+    return {"_target_": f"{__name__}.{LEGACY_NAMES[spec['name']]}", **spec}
+
+
+def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, role: str = "model",
+                trusted: tuple[str, ...] | None = None) -> nn.Module:
+    """The model of `spec` (its `_target_` called as (input_shape, num_classes, **settings)), made
+    Jacobian-ready (engine/layers.py). `role` names the config group (teacher/student) in error
+    messages. A spec read from a checkpoint passes `trusted`, the targets the user's configuration
+    names: a target outside this package is then imported only if it is one of them."""
+    from jacdistill_cli.config import registry
+    from jacdistill_cli.engine.layers import make_jacobian_ready
+
+    spec = with_target(dict(spec))
+    target = str(spec.get("_target_", ""))
+    if trusted is not None and not target.startswith(PACKAGE_TARGETS) and target not in trusted:
+        raise UsageError(f"{role}: the checkpoint's model is built by {spec.get('_target_')!r}, which is not part of "
+                         f"jacdistill; give the same {role}._target_ in your configuration to trust it")
+    model = registry.build(role, spec, exclude=NOT_ARCHITECTURE, input_shape=tuple(input_shape),
+                           num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{role}._target_={spec.get('_target_')!r} is not allowed: it must return an nn.Module, "
+                         f"it returned {type(model).__name__}")
+    return make_jacobian_ready(model)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@register_model("mlp")
+def widths(key: str, value: Any, example: str, count: int | None = None, allow_empty: bool = True) -> list[int]:
+    """A list of layer widths (channel counts, hidden sizes): integers >= 1, `count` of them when given."""
+    items = list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items) or (
+            count is not None and len(items) != count) or (not allow_empty and not items):
+        many = f"{count} integers" if count is not None else "a list of integers"
+        raise ModelSettingError(key, value, f"it must be {many} >= 1, e.g. {example}")
+    return items
+
+
+def probability(key: str, value: Any) -> float:
+    """A dropout rate: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ModelSettingError(key, value, "it must be a number in [0, 1)")
+    return float(value)
+
+
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (64,), batchnorm: bool = False,
         dropout: float = 0.0) -> nn.Module:
     """Flatten, then Linear-(BatchNorm)-ReLU blocks of the given widths, then a linear classifier."""
+    hidden = widths("hidden", hidden, "[64] or [256,256] ([] for a linear model)")
+    batchnorm, dropout = boolean("batchnorm", batchnorm), probability("dropout", dropout)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
@@ -89,11 +107,14 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (64,
     return nn.Sequential(*layers)
 
 
-@register_model("cnn")
 def cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (32, 64), hidden: int = 128,
         batchnorm: bool = True) -> nn.Module:
     """3x3 conv-(BatchNorm)-ReLU blocks, each max-pooled by 2 while the map is at least 4 wide,
     then global average pooling and a one-hidden-layer head. Fits any [C, H, W] input."""
+    channels = widths("channels", channels, "[16,32]", allow_empty=False)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+        raise ModelSettingError("hidden", hidden, "it must be an integer >= 0 (0: no hidden layer)")
+    batchnorm = boolean("batchnorm", batchnorm)
     in_channels, height = input_shape[0], input_shape[1]
     layers: list[nn.Module] = []
     for out_channels in channels:
@@ -118,12 +139,11 @@ def scaled(channels: int, width: float) -> int:
 
 
 def positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelSettingError(key, value, "it must be a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ModelSettingError(key, value, "it must be a finite number > 0")
     return float(value)
 
 
-@register_model("lenet5")
 def lenet5(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (6, 16),
            hidden: Sequence[int] = (120, 84), activation: str = "relu") -> nn.Module:
     """LeCun et al.'s LeNet-5: conv 5x5 (6) - pool 2 - conv 5x5 (16) - pool 2 - linear 120 - 84 - classes.
@@ -135,8 +155,8 @@ def lenet5(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[in
     """
     if activation not in ("relu", "tanh"):
         raise ModelSettingError("activation", activation, "it must be relu or tanh")
-    if len(channels) != 2:
-        raise ModelSettingError("channels", list(channels), "it must be two channel counts, e.g. [6, 16]")
+    channels = widths("channels", channels, "[6,16]", count=2)
+    hidden = widths("hidden", hidden, "[120,84]")
     act = nn.ReLU if activation == "relu" else nn.Tanh
     in_channels, height, width = input_shape[0], input_shape[1], input_shape[2]
     layers: list[nn.Module] = []
@@ -169,18 +189,19 @@ VGG_LAYOUTS: dict[int, list[int | str]] = {
 }
 
 
-@register_model("vgg")
 def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: float = 1.0,
         batchnorm: bool = True) -> nn.Module:
     """CIFAR-style VGG: 3x3 conv-(BatchNorm)-ReLU layers with 2x2 max pools (see VGG_LAYOUTS), global
     average pooling, one linear classifier. `depth` counts the weight layers: VGG-9 (8 convs, the
     conv stack of VGG-11) and VGG-4 (3 convs) are the ICML 2018 paper's teacher and student; depth 6
-    is the layout CRD/mdistiller call vgg8. `width` scales every channel count. A pool is skipped
-    where the map is narrower than 2, so small inputs (8x8, 28x28) fit.
+    has the channels of CRD/mdistiller's vgg8 but not its pooling or conv biases (`vgg_cifar` is
+    that network). `width` scales every channel count. A pool is skipped where the map is narrower
+    than 2, so small inputs (8x8, 28x28) fit.
     """
-    if depth not in VGG_LAYOUTS:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in VGG_LAYOUTS:
         raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_LAYOUTS))}")
     width = positive_number("width", width)
+    batchnorm = boolean("batchnorm", batchnorm)
     in_channels, size = input_shape[0], min(input_shape[1], input_shape[2])
     layers: list[nn.Module] = []
     for item in VGG_LAYOUTS[depth]:
@@ -197,6 +218,65 @@ def vgg(input_shape: tuple[int, ...], num_classes: int, depth: int = 9, width: f
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
     return nn.Sequential(*layers)
+
+
+# CRD/mdistiller's CIFAR VGGs (models/vgg.py of RepDistiller): five blocks of 3x3 convolutions by depth.
+VGG_CIFAR_BLOCKS: dict[int, list[list[int]]] = {
+    8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+    13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    19: [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+class BlockVGG(nn.Module):
+    """block0 .. block4 (each conv3x3 with bias - BatchNorm - ReLU, repeated), pool0 .. pool3 after the
+    first four (a 2x2 max pool, or nothing where `pooled` says no), global average pooling, `classifier`.
+    The module names are those of the published files, so their state_dicts load as they are."""
+
+    def __init__(self, blocks: list[nn.Sequential], pooled: list[bool], features: int, num_classes: int):
+        super().__init__()
+        for i, block in enumerate(blocks):
+            setattr(self, f"block{i}", block)
+        for i, pool in enumerate(pooled):
+            setattr(self, f"pool{i}", nn.MaxPool2d(2) if pool else nn.Identity())
+        self.depth = len(blocks)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x)
+            if i < self.depth - 1:
+                x = getattr(self, f"pool{i}")(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def vgg_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 8, width: float = 1.0) -> nn.Module:
+    """CRD/mdistiller's BatchNorm VGG for CIFAR (their vgg8_bn, vgg13_bn, ...; the published vgg8 and
+    vgg13 teachers): five blocks of conv3x3 (with bias) - BatchNorm - ReLU layers (VGG_CIFAR_BLOCKS;
+    `depth` is the number in the name, the convolutions plus three as ImageNet VGG counts: vgg8 has 5
+    convolutions, vgg13 has 10), a 2x2 max pool after blocks 0, 1 and 2, and after block 3 while the map
+    is still wider than 4 (32x32 inputs reach blocks 3 and 4 at 4x4, 64x64 inputs are pooled once more,
+    as in the original code), global average pooling, one linear layer. A pool is skipped where the map
+    is narrower than 2. `width` scales every channel count (1.0: the published network)."""
+    if depth not in VGG_CIFAR_BLOCKS:
+        raise ModelSettingError("depth", depth, f"it must be one of {', '.join(map(str, VGG_CIFAR_BLOCKS))}")
+    width = positive_number("width", width)
+    in_channels, size = input_shape[0], min(input_shape[1], input_shape[2])
+    blocks, pooled = [], []
+    for i, convs in enumerate(VGG_CIFAR_BLOCKS[depth]):
+        layers: list[nn.Module] = []
+        for channels in convs:
+            out_channels = scaled(channels, width)
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
+            in_channels = out_channels
+        blocks.append(nn.Sequential(*layers))
+        if i < 4:
+            pool = size >= 2 and (i < 3 or size > 4)
+            pooled.append(pool)
+            size = size // 2 if pool else size
+    return BlockVGG(blocks, pooled, in_channels, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -238,7 +318,6 @@ class Backbone(nn.Module):
 RESNET_DEPTHS = "6n+2: 8, 14, 20, 32, 44, 56, 110"
 
 
-@register_model("resnet_cifar")
 def resnet_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 20,
                  channels: Sequence[int] = (16, 16, 32, 64)) -> nn.Module:
     """He et al.'s CIFAR ResNet in the CRD/mdistiller layout: a 3x3 stem of channels[0], then three
@@ -248,8 +327,7 @@ def resnet_cifar(input_shape: tuple[int, ...], num_classes: int, depth: int = 20
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ModelSettingError("depth", depth, f"it must be {RESNET_DEPTHS}, ...")
-    if len(channels) != 4 or not all(isinstance(c, int) and c >= 1 for c in channels):
-        raise ModelSettingError("channels", list(channels), "it must be 4 channel counts: stem and three stages")
+    channels = widths("channels", channels, "[16,16,32,64] (stem and three stages)", count=4)
     blocks = (depth - 2) // 6
     stem = nn.Sequential(nn.Conv2d(input_shape[0], channels[0], 3, 1, 1, bias=False),
                          nn.BatchNorm2d(channels[0]), nn.ReLU())
@@ -285,7 +363,6 @@ class WideBlock(nn.Module):
         return out + (x if self.project is None else self.project(activated))
 
 
-@register_model("wrn")
 def wrn(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: int = 2,
         dropout: float = 0.0) -> nn.Module:
     """Zagoruyko & Komodakis' wide ResNet WRN-depth-width: a 3x3 stem of 16 channels, three stages of
@@ -373,25 +450,81 @@ def _takes(model: nn.Module, channels: int, height: int, width: int) -> bool:
         return False
 
 
-@register_model("torchvision")
+WEIGHTS_ALLOWED = ("it must be null (random initialisation), a torchvision weights name of the model such as "
+                   "ResNet18_Weights.IMAGENET1K_V1 (downloaded where there is network), or the path of a state_dict "
+                   "file of it (such as the file that name downloads)")
+
+
+def pretrained_network(arch: str, num_classes: int, weights: str, options: dict[str, Any]) -> nn.Module:
+    """torchvision network `arch` with `weights`: a weights name of torchvision (torch's hub cache holds
+    the download), or the path of a state_dict file of the network, loaded strictly and weights-only."""
+    import os
+
+    import torchvision
+
+    if not isinstance(weights, str) or not weights:
+        raise ModelSettingError("weights", weights, WEIGHTS_ALLOWED)
+    path = os.path.expanduser(weights)
+    if os.path.isfile(path) or os.sep in weights or weights.endswith((".pt", ".pth")):
+        if not os.path.isfile(path):
+            raise ModelSettingError("weights", weights, f"no such file; {WEIGHTS_ALLOWED}")
+        from jacdistill_cli.zoo.checkpoints import unpickling_reason
+
+        net = torchvision.models.get_model(arch, **options)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ModelSettingError("weights", weights, f"{unpickling_reason(path, err)}; {WEIGHTS_ALLOWED}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ModelSettingError("weights", weights, f"the file holds no state_dict; {WEIGHTS_ALLOWED}")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ModelSettingError("weights", weights, f"its tensors do not fit {arch} with {num_classes} classes: "
+                                    f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}")
+        return net
+    try:
+        enum = torchvision.models.get_weight(weights)
+    except (ValueError, KeyError, AttributeError):
+        raise ModelSettingError("weights", weights, f"it names no weights of torchvision; {WEIGHTS_ALLOWED}") from None
+    if not isinstance(enum, torchvision.models.get_model_weights(arch)):
+        raise ModelSettingError("weights", weights, f"they are not weights of {arch}; its weights are "
+                                + ", ".join(str(w) for w in torchvision.models.get_model_weights(arch)))
+    classes = len(enum.meta.get("categories") or [])
+    if classes != num_classes:
+        raise ModelSettingError("weights", weights, f"they classify {classes} classes, the dataset has {num_classes}")
+    options = {k: v for k, v in options.items() if k not in ("weights", "init_weights")}
+    try:
+        return torchvision.models.get_model(arch, **{**options, "weights": enum})
+    except OSError as err:  # no network: urllib's URLError is an OSError
+        raise ModelSettingError("weights", weights, f"downloading {enum.url} failed ({err}); on a machine without "
+                                "network, download that file elsewhere and give its path") from None
+
+
 def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resnet18",
-                      image_size: int | None = None) -> nn.Module:
-    """Any classification network of torchvision.models by name, randomly initialised, with the
-    dataset's class count. `image_size`: the square size inputs are resized to; null picks the
-    input's own size when at least 32 and the network takes it, else the smallest of 32, 64, 96,
-    128, 160, 224, 299 that it takes. In-place activations are switched off and hard-sigmoid/swish
-    replaced by equal twice-differentiable ones, for double backward."""
+                      image_size: int | None = None, weights: str | None = None) -> nn.Module:
+    """Any classification network of torchvision.models by name, with the dataset's class count:
+    randomly initialised, or with `weights` (a torchvision weights name such as
+    ResNet18_Weights.IMAGENET1K_V1, or a state_dict file: see `pretrained_network`), for the
+    ImageNet-scale teachers torchvision publishes. `image_size`: the square size inputs are resized
+    to; null picks the input's own size when at least 32 and the network takes it, else the smallest
+    of 32, 64, 96, 128, 160, 224, 299 that it takes. In-place activations are switched off and
+    hard-sigmoid/swish replaced by equal twice-differentiable ones, for double backward."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
-    if arch not in available:
+    if not isinstance(arch, str) or arch not in available:
         raise ModelSettingError("arch", arch, "it must name a classification model of torchvision.models, e.g. "
                                 "resnet18, mobilenet_v3_small, shufflenet_v2_x0_5, vgg11_bn, efficientnet_b0, "
                                 "convnext_tiny, vit_b_16 (torchvision.models.list_models() lists them all)")
     options: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         options.update(aux_logits=False, init_weights=True)
-    net = twice_differentiable(torchvision.models.get_model(arch, **options))
+    if weights is None:
+        net = torchvision.models.get_model(arch, **options)
+    else:
+        net = pretrained_network(arch, num_classes, weights, options)
+    net = twice_differentiable(net)
     adapted = TorchvisionClassifier(net, input_shape[0], None)
     adapted.eval()
     height, width = input_shape[1], input_shape[2]

@@ -1,0 +1,139 @@
+"""One mechanism for every config group: a node names what builds its object with Hydra's `_target_`.
+
+    conf/loss/kl.yaml:        _target_: jacdistill_cli.engine.losses.kl
+                              temperature: ${temperature}
+    myconf/student/tiny.yaml: _target_: mymodels.tiny
+                              width: 8
+
+The options of a group are its config files (shipped in conf/, or a user's found through
+`--config-dir`/`hydra.searchpath`); the target is located with Hydra's own locator and called with
+the node's keys as keywords, plus what the caller supplies (a model's input shape and class count,
+an optimiser's parameters). The target checks its own settings: a `config.checks.SettingError`
+becomes one line naming `<group>.<key>`. A key the target does not take is refused in one line
+listing the keys it takes. `name` labels the option (logs, hyperparameters, reports); a shipped
+option's name may not be pointed at another target (`optim.name=adamw` on `optim=adam` is refused,
+never silently Adam).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from importlib import resources
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from jacdistill_cli.config.checks import SettingError
+from jacdistill_cli.errors import UsageError, setting_error
+
+RESERVED = ("_target_", "_partial_", "_recursive_", "_convert_", "name")
+
+
+def locate(group: str, node: Any) -> Callable:
+    """The callable the node's `_target_` names, or one line saying what is wrong."""
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+    if not isinstance(target, str) or not target:
+        raise UsageError(f"{group} has no _target_: each option of the {group} group names what builds it with "
+                         f"`_target_: package.module.name`")
+    from hydra.utils import get_object
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())   # a user's own module next to where the command runs, as with `python -m`
+    try:
+        found = get_object(target)
+    except Exception as err:   # Hydra wraps import failures in its own errors
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise setting_error(f"{group}._target_", target, f"it cannot be imported ({cause}); "
+                            "it must name a function or class, e.g. mypackage.module.name, importable from "
+                            "the current directory or PYTHONPATH") from None
+    if not callable(found):
+        raise setting_error(f"{group}._target_", target, "it must name a function or class")
+    return found
+
+
+def settings_of(node: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The node's keyword settings: every key but the reserved ones and `exclude`, resolved."""
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    skip = set(RESERVED) | set(exclude)
+    return {k: v for k, v in plain.items() if k not in skip}
+
+
+def accepted_keys(target: Callable, supplied: Iterable[str] = ()) -> tuple[list[str], bool]:
+    """(keyword parameters of the target other than those the caller supplies, takes **kwargs)."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    supplied = set(supplied)
+    names = [p.name for p in parameters
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in supplied]
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def check_keys(group: str, target: Callable, settings: dict[str, Any], supplied: Iterable[str] = (),
+               positional: int = 0) -> None:
+    names, takes_any = accepted_keys(target, supplied)
+    names = names[positional:]
+    if takes_any:
+        return
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        shown = getattr(target, "__qualname__", str(target))
+        raise UsageError(f"{group}.{unknown[0]} is not a setting of {shown!r}; its settings are: "
+                         f"{', '.join(names) or '(none)'}")
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_options(group: str) -> dict[str, str]:
+    """{option name: _target_} of the options shipped in conf/<group>/."""
+    folder = resources.files("jacdistill_cli.conf") / group
+    options = {}
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name.endswith(".yaml"):
+                node = OmegaConf.create(entry.read_text())
+                if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
+                    options[entry.name.removesuffix(".yaml")] = node["_target_"]
+    return options
+
+
+def check_name(group: str, node: Any) -> None:
+    """A shipped option's name labels its own target only."""
+    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+    options = shipped_options(group)
+    if name is not None and name in options and options[name] != node.get("_target_"):
+        raise setting_error(f"{group}.name", name, f"{group}={name} is the option that builds {options[name]}, but "
+                            f"this node builds {node.get('_target_')}; choose the option with {group}={name} "
+                            f"(options: {', '.join(sorted(options))}) or set {group}._target_")
+
+
+def label(group: str, node: Any) -> str:
+    """The option's name: its `name`, else the last part of its `_target_`."""
+    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+    if name is not None:
+        return str(name)
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def build(group: str, node: Any, *args: Any, exclude: Iterable[str] = (), **supplied: Any) -> Any:
+    """Call the node's target with `args`, the node's settings and `supplied` keywords."""
+    target = locate(group, node)
+    check_name(group, node)
+    settings = settings_of(node, exclude)
+    check_keys(group, target, settings, supplied, positional=len(args))
+    try:
+        return target(*args, **settings, **supplied)
+    except SettingError as err:
+        raise setting_error(f"{group}.{err.key}", err.value, err.allowed) from None
+
+
+def bind(group: str, node: Any, exclude: Iterable[str] = (), positional: int = 0) -> Callable:
+    """The node's target with its settings bound as keywords (a function that takes the rest)."""
+    target = locate(group, node)
+    check_name(group, node)
+    settings = settings_of(node, exclude)
+    check_keys(group, target, settings, positional=positional)
+    return functools.partial(target, **settings)

@@ -1,0 +1,355 @@
+"""Jacobian-ready layers, put in place once when a model is built (`make_jacobian_ready`).
+
+A Jacobian term differentiates an input-gradient a second time, and with BatchNorm in train mode it
+needs per-sample input-gradients from a batch-coupled forward pass. Plain layers give the right
+numbers but waste work on it; these subclasses of nn.ReLU, nn.MaxPool2d, nn.BatchNorm1d/2d/3d and
+nn.Conv2d keep their parameters, buffers and `state_dict` keys (checkpoints stay compatible) and
+behave exactly like their parents unless the model's `JacobianGate` is open:
+
+- inside `gate.forward_pass(...)` (the objective's forward pass of a step):
+  ReLU and MaxPool2d run with backward passes that skip their second derivatives (zero wherever
+  they exist, but computed and added as tensors of zeros by autograd); with `batchnorm=True`,
+  train-mode BatchNorm runs PyTorch's fused kernels with a backward that has two modes (below);
+  eval-mode BatchNorm runs as the per-channel affine map it is (an input-gradient of one
+  multiplication); a Conv2d applied to the pass's `inputs` itself computes its input-gradient only
+  where the Jacobian is taken.
+- inside `gate.jacobians()` (the input-gradients of the step): BatchNorm's input-gradient is the one
+  of the per-sample function that holds the batch statistics constant (still functions of the
+  parameters), and the input convolution computes its input-gradient.
+- in the backward pass of a loss wrapped by `gate.loss(total)`: the input convolution computes no
+  input-gradient (nothing reads the gradient of the input batch).
+- inside `gate.holding(statistics)`: BatchNorm normalises with the given statistics (a separate
+  per-sample pass; see engine/batchnorm.py).
+
+Everywhere else the input-gradient of a converted model is the true one. The gate belongs to the
+model (two models, two gates: objectives in two threads do not meet), and no `forward` is ever
+assigned: the choice is made inside each layer's own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from types import MappingProxyType
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+
+
+class JacobianGate:
+    """The state one model's Jacobian-ready layers read: set by the objective, per model."""
+
+    def __init__(self) -> None:
+        self.active = False          # inside an objective's forward pass
+        self.activations = False     # cheaper ReLU / MaxPool2d backward passes
+        self.batchnorm = False       # train-mode BatchNorm gated (one pass for both terms)
+        self.inputs: Tensor | None = None   # the leaf the Jacobian is taken with respect to
+        self.closed = 0              # > 0: backward passes inside jacobians()
+        self.loss_backward = 0       # > 0: the backward pass of a loss wrapped by loss()
+        self.held: dict[nn.Module, Iterator[tuple[Tensor, Tensor]]] = {}
+
+    def __deepcopy__(self, memo) -> "JacobianGate":
+        return JacobianGate()   # a copied model gets a closed gate of its own
+
+    @contextlib.contextmanager
+    def forward_pass(self, inputs: Tensor | None = None, batchnorm: bool = False,
+                     activations: bool = True) -> Iterator[None]:
+        saved = (self.active, self.activations, self.batchnorm, self.inputs)
+        self.active, self.activations, self.batchnorm, self.inputs = True, activations, batchnorm, inputs
+        try:
+            yield
+        finally:
+            self.active, self.activations, self.batchnorm, self.inputs = saved
+
+    @contextlib.contextmanager
+    def jacobians(self) -> Iterator[None]:
+        self.closed += 1
+        try:
+            yield
+        finally:
+            self.closed -= 1
+
+    @contextlib.contextmanager
+    def holding(self, statistics: dict[nn.Module, list[tuple[Tensor, Tensor]]]) -> Iterator[None]:
+        # A module called k times per pass recorded k statistics; every pass inside uses them in order.
+        saved = self.held
+        self.held = {m: itertools.cycle(s) for m, s in statistics.items()}
+        try:
+            yield
+        finally:
+            self.held = saved
+
+    def loss(self, total: Tensor) -> Tensor:
+        """`total` itself, whose backward pass tells the input convolution to skip the input's gradient."""
+        return _LossRoot.apply(total, self) if total.requires_grad else total
+
+
+class _LossRoot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, total: Tensor, gate: JacobianGate) -> Tensor:
+        ctx.gate = gate
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate = ctx.gate
+        gate.loss_backward += 1
+
+        def leave() -> None:
+            gate.loss_backward -= 1
+
+        Variable._execution_engine.queue_callback(leave)   # when this backward pass ends
+        return grad, None
+
+
+def gate_of(model: nn.Module) -> JacobianGate | None:
+    """The gate of a converted model (or of the model a wrapper such as DDP holds), else None."""
+    for module in model.modules():
+        gate = module.__dict__.get("jacobian_gate")
+        if gate is not None:
+            return gate
+    return None
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _ReLU(torch.autograd.Function):
+    """ReLU whose backward multiplies by a constant mask (autograd's own also differentiates the mask)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad.to(out.dtype), out.detach(), 0)
+
+
+class _MaxPool2d(torch.autograd.Function):
+    """2-d max pooling whose backward routes by constant indices (as `_ReLU`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(x, indices)
+        ctx.settings = (kernel, stride, padding, dilation, ceil_mode)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, indices = ctx.saved_tensors
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad.to(x.dtype), x.detach(), *ctx.settings, indices)
+        return grad_x, None, None, None, None, None
+
+
+class _BatchNormScale(torch.autograd.Function):
+    """weight / sqrt(var(x) + eps) per channel, from the mean and 1/std that BatchNorm's forward
+    saved (no pass over x), differentiable in x and weight: d(1/std)/dx = -(x - mean) / (n std^3)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return invstd * weight if weight is not None else invstd.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        grad_invstd = grad * weight if weight is not None else grad
+        count = x.numel() // x.shape[1]
+        coefficient = (-grad_invstd * invstd.pow(3) / count).view(shape)
+        grad_x = (x - mean.view(shape)) * coefficient if ctx.needs_input_grad[0] else None
+        grad_weight = grad * invstd if weight is not None and ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None
+
+
+class _GatedBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm (PyTorch's fused kernels). Its backward is nn.BatchNorm's, except inside
+    the gate's `jacobians()`: there it returns the input-gradient of the per-sample function that
+    holds the batch statistics constant, grad * weight / std, with std differentiable in the saved
+    input (`_BatchNormScale`), so a loss built from it still sees the statistics as the functions of
+    the parameters they are."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, module: nn.Module,
+                momentum: float, gate: JacobianGate) -> Tensor:
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, module.running_mean, module.running_var,
+                                                    True, momentum, module.eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.gate, ctx.scale = module.eps, gate, None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        if ctx.gate.closed:
+            if ctx.scale is None or ctx.scale_graph != torch.is_grad_enabled():
+                # Once per forward pass, shared by every input-gradient taken from it.
+                scale = _BatchNormScale.apply(x, weight, mean, invstd)
+                ctx.scale, ctx.scale_graph = scale.view([1, -1] + [1] * (x.dim() - 2)), torch.is_grad_enabled()
+            return grad * ctx.scale, None, None, None, None, None
+        needs = ctx.needs_input_grad
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class _InputConv2d(torch.autograd.Function):
+    """A convolution of the network's input itself. Its backward computes the input-gradient inside
+    the gate's `jacobians()` only, the parameters' gradients in a loss's backward pass only (for an
+    image of few channels the input-gradient costs more than the forward pass), and both elsewhere.
+    Under autocast it computes in the autocast dtype, as nn.Conv2d does; the backward casts the saved
+    input and weight itself, so that an input-gradient taken with create_graph stays a function of
+    the weight."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups,
+                gate: JacobianGate) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.dtype = autocast_dtype(x.device.type)
+        ctx.settings = (list(stride), list(padding), list(dilation), groups)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+        ctx.gate = gate
+        if ctx.dtype is not None:
+            x, weight = x.to(ctx.dtype), weight.to(ctx.dtype)
+            bias = None if bias is None else bias.to(ctx.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.settings
+        needs = ctx.needs_input_grad
+        has_bias = needs[2] and ctx.bias_sizes is not None
+        if ctx.gate.closed:
+            mask = [needs[0], False, False]
+        elif ctx.gate.loss_backward:
+            mask = [False, needs[1], has_bias]
+        else:
+            mask = [needs[0], needs[1], has_bias]
+        dtype = ctx.dtype or x.dtype
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad.to(dtype), x.to(dtype), weight.to(dtype), ctx.bias_sizes, stride, padding, dilation, False, [0, 0],
+            groups, mask)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return cast(grad_x, x), cast(grad_weight, weight), cast(grad_bias, weight), None, None, None, None, None
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
+class _Gated:
+    """Holds the model's gate (a plain attribute: no parameter, buffer or state_dict key)."""
+
+    jacobian_gate: JacobianGate
+
+
+class JacobianReLU(nn.ReLU, _Gated):
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.jacobian_gate
+        if gate.active and gate.activations:
+            return _ReLU.apply(x)
+        return super().forward(x)
+
+
+class JacobianMaxPool2d(nn.MaxPool2d, _Gated):
+    def forward(self, x: Tensor):
+        gate = self.jacobian_gate
+        if gate.active and gate.activations and not self.return_indices:
+            stride = self.stride if self.stride is not None else self.kernel_size
+            return _MaxPool2d.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding),
+                                    _pair(self.dilation), bool(self.ceil_mode))
+        return super().forward(x)
+
+
+def affine(module: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, variance: Tensor) -> Tensor:
+    """BatchNorm with given statistics, as the per-channel affine map it then is."""
+    scale = torch.rsqrt(variance + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+class _JacobianBatchNorm(_Gated):
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.jacobian_gate
+        held = gate.held.get(self)
+        if held is not None:                 # a separate per-sample pass: given statistics, no update
+            mean, variance = next(held)
+            return affine(self, x, mean, variance)
+        if gate.active:
+            if self.training and gate.batchnorm:
+                self._check_input_dim(x)
+                momentum = 0.0 if self.momentum is None else self.momentum
+                if self.track_running_stats and self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:   # a cumulative moving average, as nn.BatchNorm does
+                        momentum = 1.0 / float(self.num_batches_tracked)
+                return _GatedBatchNorm.apply(x, self.weight, self.bias, self, momentum, gate)
+            if not self.training and self.running_mean is not None and self.running_var is not None:
+                return affine(self, x, self.running_mean, self.running_var)
+        return super().forward(x)
+
+
+class JacobianBatchNorm1d(_JacobianBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class JacobianBatchNorm2d(_JacobianBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class JacobianBatchNorm3d(_JacobianBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+class JacobianConv2d(nn.Conv2d, _Gated):
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.jacobian_gate
+        if gate.active and x is gate.inputs and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return _InputConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                      self.groups, gate)
+        return super().forward(x)
+
+
+# Exact types only: a subclass may have a forward of its own, and keeps it.
+CONVERSIONS: Mapping[type, type] = MappingProxyType({
+    nn.ReLU: JacobianReLU, nn.MaxPool2d: JacobianMaxPool2d, nn.Conv2d: JacobianConv2d,
+    nn.BatchNorm1d: JacobianBatchNorm1d, nn.BatchNorm2d: JacobianBatchNorm2d, nn.BatchNorm3d: JacobianBatchNorm3d,
+})
+GATED_BATCHNORMS = (JacobianBatchNorm1d, JacobianBatchNorm2d, JacobianBatchNorm3d)
+
+
+def make_jacobian_ready(model: nn.Module) -> nn.Module:
+    """Replace, in place, every nn.ReLU, nn.MaxPool2d, nn.Conv2d and nn.BatchNorm1d/2d/3d of `model`
+    by its Jacobian-ready subclass (the same parameter and buffer objects, hooks and state_dict keys),
+    all sharing one new gate, also held by `model.jacobian_gate`. Returns `model`; a converted model
+    is left as it is (in the manner of torch.func.replace_all_batch_norm_modules_)."""
+    if gate_of(model) is not None:
+        return model
+    gate = JacobianGate()
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            cls = CONVERSIONS.get(type(child)) if child is not None else None
+            if cls is None:
+                continue
+            converted = cls.__new__(cls)
+            converted.__dict__.update(child.__dict__)
+            converted.jacobian_gate = gate
+            parent._modules[name] = converted
+    model.jacobian_gate = gate
+    return model

@@ -1,0 +1,102 @@
+"""The terms of the objective. Each is registered once in the objective's list, says what it needs
+from the step, and returns a scalar; the objective computes each need once and adds the terms up:
+
+    total = sum(term.weight * term(step))
+
+Needs: `gradients` (the Jacobian method's input-gradients of both networks), `features` (the
+captured features of the matched module pairs), `statistics` (the BatchNorm statistics of the
+student's train-mode pass, for a separate per-sample pass). Logits and labels are always there.
+`loss/<name>` is logged for each term.
+
+A user's own term subclasses `Term` (a name, a weight, its needs and `__call__(step)`), and is added
+with `terms.<name>={_target_: ..., weight: ...}` (see the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from jacdistill_cli.engine.objective import Step
+
+NEEDS = ("gradients", "features", "statistics")
+
+
+@dataclass
+class Term:
+    name: str
+    weight: float
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __call__(self, step: "Step") -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Distillation(Term):
+    """The distillation loss between the student's and the (constant) teacher's logits."""
+
+    loss: Callable[[Tensor, Tensor], Tensor] = None
+
+    def __call__(self, step: "Step") -> Tensor:
+        return self.loss(step.student_logits, step.teacher_logits.detach())
+
+
+@dataclass
+class JacobianMatching(Term):
+    """The Jacobian method's term: mean over the batch of the per-sample distance between input-
+    gradients; for `noise`, ||S(x+e) - T(x+e)||^2 on the perturbed inputs; for `none`, 0."""
+
+    method: Any = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"gradients"}) if self.method.uses_gradients else frozenset()
+
+    def __call__(self, step: "Step") -> Tensor:
+        if self.method.uses_gradients:
+            return step.jacobian_distance.mean()
+        if self.method.perturbs_inputs:
+            # E||S(x+e) - T(x+e)||^2 = ||S(x) - T(x)||^2 + sigma^2 ||J_S - J_T||_F^2 + O(sigma^4).
+            return (step.student_logits - step.teacher_logits.detach()).pow(2).sum(dim=1).mean()
+        return step.student_logits.new_zeros(())
+
+
+@dataclass
+class HardLabels(Term):
+    """Cross-entropy on the true labels."""
+
+    def __call__(self, step: "Step") -> Tensor:
+        return F.cross_entropy(step.student_logits, step.labels)
+
+
+@dataclass
+class FeatureTerm(Term):
+    """The feature term (attention or hint) of the matched pairs: engine/features.py."""
+
+    matching: Any = None
+    needs: ClassVar[frozenset[str]] = frozenset({"features"})
+
+    def __call__(self, step: "Step") -> Tensor:
+        return self.matching.term(step.student_features, step.teacher_features)
+
+
+@dataclass
+class FeatureJacobianTerm(Term):
+    """The distance between the input-gradients of the matched features' attention summaries
+    (`jacobian.of=features`), with the method's normalize/squared/batchnorm settings."""
+
+    matching: Any = None
+    method: Any = None
+    needs: ClassVar[frozenset[str]] = frozenset({"statistics"})
+    create_graph: bool = field(default=True)
+
+    def __call__(self, step: "Step") -> Tensor:
+        from jacdistill_cli.engine.features import feature_jacobian_term
+
+        return feature_jacobian_term(step.student, step.teacher, self.matching.pairs, step.inputs, self.method,
+                                     create_graph=self.create_graph, statistics=step.statistics).mean()

@@ -1,0 +1,98 @@
+"""One optimisation step of `fit` on a fixed global batch, in one process or as one rank of several:
+the worker of tests/test_distributed.py (importable by the processes the launcher spawns)."""
+
+from __future__ import annotations
+
+import torch
+from hydra import compose, initialize_config_module
+from torch import nn
+
+from jacdistill_cli.config import settings
+from jacdistill_cli.config.settings import OptimSettings
+from jacdistill_cli.engine.objective import objective_from_settings
+from jacdistill_cli.run import distributed
+from jacdistill_cli.run.logger import NullLogger
+from jacdistill_cli.run.trainer import fit
+from jacdistill_cli.zoo.data import DataBundle, TensorSplit
+from jacdistill_cli.zoo.models import build_model
+
+CASES = {"top1": ["jacobian=top1"], "target": ["jacobian=target"], "projected": ["jacobian=projected"],
+         "exact": ["jacobian=exact"], "noise": ["jacobian=noise"], "hint": ["jacobian=top1", "features=hint"]}
+SHAPE, CLASSES, BATCH, SEED = (1, 8, 8), 4, 8, 0
+
+
+def models():
+    torch.manual_seed(SEED)
+    spec = {"name": "cnn", "channels": [3, 4], "hidden": 6, "batchnorm": True}
+    student = build_model(spec, SHAPE, CLASSES).train()
+    teacher = build_model({**spec, "channels": [4, 5]}, SHAPE, CLASSES).eval().requires_grad_(False)
+    return student, teacher
+
+
+def data() -> DataBundle:
+    g = torch.Generator().manual_seed(1)
+    split = TensorSplit(torch.randn(BATCH, *SHAPE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g))
+    return DataBundle("toy", split, split, split, CLASSES, SHAPE)
+
+
+def objective_for(case: str, student, teacher):
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=CASES[case])
+    built, matching = objective_from_settings(settings.validate_objective(cfg), teacher, student, SHAPE,
+                                              generator=torch.Generator().manual_seed(SEED))
+    return built, matching
+
+
+def sgd() -> OptimSettings:
+    return OptimSettings("sgd", lambda params: torch.optim.SGD(params, lr=0.5), "constant")
+
+
+def step(case: str, world: distributed.World) -> list[torch.Tensor]:
+    """The student's and the hint regressor's parameters after one step on the global batch."""
+    student, teacher = models()
+    built, matching = objective_for(case, student, teacher)
+    trained = nn.parallel.DistributedDataParallel(student) if world.distributed else student
+    extra = list(matching.parameters()) if matching is not None else []
+    fit(trained, teacher, built, data(), epochs=1, batch_size=BATCH, eval_batch_size=BATCH, optim=sgd(),
+        device=torch.device("cpu"), logger=NullLogger(), generator=torch.Generator().manual_seed(SEED),
+        progress=False, objective_parameters=extra, world=world)
+    return [p.detach().clone() for p in [*student.parameters(), *extra]]
+
+
+def rank_step(cases: list[str]) -> dict[str, list[torch.Tensor]]:
+    torch.set_num_threads(1)
+    world = distributed.world_from_environment()
+    distributed.start(world, "cpu")
+    try:
+        return {case: step(case, world) for case in cases}
+    finally:
+        distributed.stop()
+
+
+def reference_step(case: str) -> list[torch.Tensor]:
+    """One process, the same global batch, BatchNorm per half as on two ranks: the mean of the two
+    halves' objectives (each with the rank's generator state), one SGD step."""
+    student, teacher = models()
+    bundle = data()
+    order = torch.randperm(BATCH, generator=torch.Generator().manual_seed(SEED))
+    inputs, labels = bundle.train.inputs[order], bundle.train.labels[order]
+    total = 0
+    matching = None
+    for half in range(2):
+        built, matching_half = objective_for(case, student, teacher)
+        if matching is None:
+            matching = matching_half
+        else:   # one regressor, as the ranks hold one (the same initial values)
+            matching_half.load_state_dict(matching.state_dict())
+            built.matching = matching
+            for term in built.terms:
+                if hasattr(term, "matching"):
+                    term.matching = matching
+        part = slice(half * BATCH // 2, (half + 1) * BATCH // 2)
+        total = total + built(student, teacher, inputs[part], labels[part])[1]["total"] / 2
+    extra = list(matching.parameters()) if matching is not None else []
+    optimizer = sgd().build([*student.parameters(), *extra])
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    return [p.detach().clone() for p in [*student.parameters(), *extra]]

@@ -114,7 +114,8 @@ def summary_table(metrics: dict[str, Any], run_dir) -> str:
             ("val accuracy", f"{metrics['val_accuracy']:.4f}", "")]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'':{width}}  student  teacher", *(f"{n:{width}}  {s:>7}  {t:>7}".rstrip() for n, s, t in rows),
-             f"{metrics['epochs']} epochs, {metrics['steps']} steps in {metrics['train_seconds']:.1f} s "
+             f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {metrics['steps']} steps in "
+             f"{metrics['train_seconds']:.1f} s "
              f"({metrics['samples_per_second']:.0f} samples/s) on {metrics['device']}, seed {metrics['seed']}",
              f"run directory: {run_dir}"]
     return "\n".join(lines)

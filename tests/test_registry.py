@@ -3,6 +3,7 @@ directory outside the package, optimisers by target, and one clear line for what
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jacdistill_cli.config import registry, settings
+from jacdistill_cli.engine.terms import Term
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.trainer import make_optimizer
 
@@ -118,3 +120,28 @@ def test_a_users_loss_and_student_train_end_to_end_through_the_console_script(cl
     assert distill and all(0 <= v <= 1 for v in distill) and len(set(distill)) > 1
     resolved = OmegaConf.load(run_dir / "config.yaml")
     assert resolved.loss._target_ == "mylosses.cosine" and resolved.student._target_ == "mymodels.tiny"
+
+
+@dataclasses.dataclass
+class LogitPenalty(Term):
+    """A user's own term: the mean squared logit of the student."""
+
+    def __call__(self, step) -> torch.Tensor:
+        return step.student_logits.pow(2).mean()
+
+
+def test_a_users_term_is_registered_logged_and_weighted():
+    from jacdistill_cli.engine.objective import objective_from_settings
+
+    cfg = compose_train(f"+terms.penalty={{_target_:{__name__}.LogitPenalty,weight:0.25}}")
+    objective_settings = settings.validate_objective(cfg)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    objective, _ = objective_from_settings(objective_settings, teacher, student, (4,))
+    logits, terms = objective(student, teacher, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    assert terms["penalty"].item() == pytest.approx(logits.pow(2).mean().item())
+    expected = 0.5 * terms["distill"] + 0.5 * terms["jacobian"] + 0.25 * terms["penalty"]
+    assert terms["total"].item() == pytest.approx(expected.item())
+    with pytest.raises(UsageError, match=r"^terms.jacobian=.* is not allowed: the name is taken by a shipped term"):
+        settings.validate_objective(compose_train(f"+terms.jacobian={{_target_:{__name__}.LogitPenalty,weight:1}}"))

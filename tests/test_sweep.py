@@ -245,6 +245,31 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     assert f"grid/{names[1]}: not started" in result.stdout
 
 
+def test_a_sweep_rerun_skips_finished_jobs_and_resumes_the_others(sweep, tmp_path, teacher_cache):
+    copy = tmp_path / "grid"
+    shutil.copytree(sweep, copy)
+    names = sorted(RUNS)
+    for name in ("metrics.json", "student.pt"):                  # killed after its last epoch, before the test
+        (copy / names[3] / name).unlink()
+    for name in ("metrics.json", "student.pt", "last.pt"):       # killed before its first save
+        (copy / names[1] / name).unlink()
+    kept = {name: (copy / name / "metrics.json").stat().st_mtime_ns for name in (names[0], names[2])}
+    result = run_cli("train", "-m", f"alpha={','.join(ALPHAS)}", f"seed={','.join(SEEDS)}", *FAST,
+                     "trainer.threads=1", f"hydra.sweep.dir={copy}", cwd=tmp_path,
+                     env={"JACDISTILL_CACHE": str(teacher_cache)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished in") == 2 and result.stdout.count("resuming from") == 1
+    assert {name: (copy / name / "metrics.json").stat().st_mtime_ns for name in kept} == kept
+    wall_clock = ("train_seconds", "samples_per_second", "teacher_source")   # teacher_source: cache now
+    for name in (names[1], names[3]):   # the same results as the sweep never interrupted
+        again, first = (json.loads((root / name / "metrics.json").read_text()) for root in (copy, sweep))
+        assert {k: v for k, v in again.items() if k not in wall_clock} == {
+            k: v for k, v in first.items() if k not in wall_clock}
+        events = EventAccumulator(str(copy / name), size_guidance={"scalars": 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss/total")] == list(range(1, first["steps"] + 1))
+
+
 def test_job_directory_names_are_readable_unique_and_fit_a_file_name():
     assert job_dirname("alpha=0.3,jacobian=exact", 0) == "alpha=0.3,jacobian=exact"
     assert job_dirname("", 7) == "7"

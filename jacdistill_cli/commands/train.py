@@ -125,41 +125,100 @@ def summary_table(metrics: dict[str, Any], run_dir) -> str:
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it. With
     `trainer.devices=N > 1` (and no torchrun/srun around it) it starts N workers and waits for them."""
+    import contextlib
+
     from jacdistill_cli.config import settings
+    from jacdistill_cli.run import distributed, resume
     from jacdistill_cli.errors import setting_error
     from jacdistill_cli.run.runtime import SALIENCY_MODES
 
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
         raise setting_error("trainer.saliency", cfg.trainer.saliency,
                             f"it must be one of {', '.join(SALIENCY_MODES)}")
-    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
-    from jacdistill_cli.run import distributed
     from jacdistill_cli.run.runtime import run_directory
 
+    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    resume.validate(cfg)
     run_dir = run_directory()
     world = distributed.world_from_environment()
-    if cfg.trainer.devices > 1 and not world.distributed:
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
+    command = resume.resume_command(run_dir)
+    lock = resume.DirectoryLock(run_dir) if world.main else contextlib.nullcontext()
+    with lock, resume.Signals() as signals:
         try:
-            return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir)),
-                                      cfg.trainer.devices)
-        except ChildFailedError as err:
-            raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") \
-                from None
-    return train(cfg, run_dir, world)
+            claim = claimed(cfg, run_dir) if world.main else None   # another config's results: refused here
+            if claim is not None and claim.finished is not None:
+                return float(claim.finished.get("val_accuracy", float("nan")))
+            if cfg.trainer.devices > 1 and not world.distributed:
+                return launched(cfg, run_dir, claim, command)
+            return train(cfg, run_dir, world, signals, claim)
+        except resume.Interrupted as stop:
+            stopped(cfg, run_dir, stop, command)
 
 
-def worker(cfg_yaml: str, run_dir: str) -> float:
-    """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
+def claimed(cfg: DictConfig, run_dir: Path):
+    """The run directory claimed for this configuration (resume.Claim), its records written: skipped
+    when this configuration finished there, cleared when started over."""
     import logging
 
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.runtime import save_resolved_config
+
+    log = logging.getLogger("jacdistill")
+    claim = resume.claim_directory(cfg, run_dir)
+    if claim.finished is not None:
+        log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
+        return claim
+    resume.remove_stale_temporaries(run_dir)
+    if claim.restart:
+        for name in (resume.LAST, resume.BEST, "metrics.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    resume.save_hydra_files(cfg, run_dir)
+    save_resolved_config(cfg, run_dir)
+    return claim
+
+
+def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
+    """`trainer.devices=N`: N workers through torch's elastic launcher; this process holds the run
+    directory's lock and waits. A worker's one-line error or interruption is this command's."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from jacdistill_cli.run import distributed
+
+    try:
+        return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), claim, command),
+                                  cfg.trainer.devices)
+    except ChildFailedError as err:
+        metrics = run_dir / "metrics.json"
+        if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "interrupted":
+            codes = [f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 128]
+            raise SystemExit(codes[0] if codes else 1) from None   # rank 0 said how to resume
+        raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") from None
+
+
+def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str) -> float:
+    """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
+    import logging
+    import sys
+
+    from jacdistill_cli.errors import UsageError as Usage
+    from jacdistill_cli.run import distributed, resume
 
     world = distributed.world_from_environment()
     logging.basicConfig(level=logging.INFO if world.main else logging.WARNING,
                         format=f"[%(asctime)s][rank {world.rank}][%(levelname)s] - %(message)s")
-    return train(OmegaConf.create(cfg_yaml), Path(run_dir), world)
+    cfg = OmegaConf.create(cfg_yaml)
+    with resume.Signals() as signals:
+        try:
+            return train(cfg, Path(run_dir), world, signals, claim)
+        except resume.Interrupted as stop:
+            if world.main:
+                stopped(cfg, Path(run_dir), stop, command)
+            raise SystemExit(128 + int(stop.signum)) from None
+        except Usage as err:
+            print(f"jacdistill train: error: {err}", file=sys.stderr)
+            raise
 
 
 def worker_failure(err: Exception) -> str:
@@ -170,29 +229,28 @@ def worker_failure(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
-def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
-    """The run in one process: the whole of it, or, under torch.distributed, this rank's part of it
-    (only rank 0 writes the run directory)."""
-    from jacdistill_cli.config import settings
-
-    objective_settings, optim_settings = settings.validate_train(cfg)
+def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) -> float:
+    """The run in its directory: skipped when this configuration finished there, continued from
+    last.pt when it was interrupted, otherwise from the start. Under torch.distributed, this rank's
+    part of it: rank 0 claims and writes the directory, every rank continues from the same last.pt."""
     import logging
 
     import torch
 
-    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
-    from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.run import distributed
+    from jacdistill_cli.config import settings
+    from jacdistill_cli.engine.objective import objective_from_settings
+    from jacdistill_cli.run import distributed, resume
     from jacdistill_cli.run.logger import NullLogger, RunLogger
     from jacdistill_cli.run.precision import Precision, precision_name
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
-    from jacdistill_cli.engine.objective import objective_from_settings
-    from jacdistill_cli.run.runtime import (describe_device, save_resolved_config, seed_everything, select_device,
-                                            write_json)
+    from jacdistill_cli.run.runtime import describe_device, seed_everything, select_device, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
 
+    objective_settings, optim_settings = settings.validate_train(cfg)
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
@@ -201,9 +259,10 @@ def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
     if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
         raise UsageError("the ranks of this run have different run directories; under torchrun or srun give every "
                          "rank the same hydra.run.dir=...")
+    claim = distributed.broadcast(claim, world)   # rank 0 claimed the directory
     log.info(f"run directory: {run_dir}" + (f" ({world.size} processes)" if world.distributed else ""))
-    if world.main:
-        save_resolved_config(cfg, run_dir)
+    if claim.finished is not None:
+        return float(claim.finished.get("val_accuracy", float("nan")))
     seed_everything(cfg.seed)
     precision = Precision(precision_name(cfg.trainer.precision), device.type)
 
@@ -214,13 +273,23 @@ def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
     if features.name != "none":   # a wrong module path stops here, before a teacher is trained
         features.matching(build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher"),
                           student, data.input_shape)
-    logger = RunLogger(run_dir) if world.main else NullLogger()
-    logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
+    state = resume.load_state(claim.resume) if claim.resume is not None else None
+    resumed_step = None if state is None else int(state["progress"]["step"])
+    if world.main and (resumed_step is not None or claim.restart):
+        resume.drop_session_end(run_dir)  # the interrupted session's end; this one ends it again
+    # Continued: earlier files' events after the saved step are dropped; started over: all of them.
+    logger = RunLogger(run_dir, purge_step=resumed_step + 1 if resumed_step is not None else
+                       0 if claim.restart else None) if world.main else NullLogger()
+    if resumed_step is None:
+        logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
+    else:
+        logger.hparams_continue()
     succeeded = False
-    feature_matching = None
+    feature_matching = checkpoint = None
     try:
         teacher, teacher_info = obtain_teacher(cfg, data, device, logger, world, run_dir)
-        logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
+        if resumed_step is None:
+            logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
 
         seed_everything(cfg.seed)
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
@@ -228,6 +297,8 @@ def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         objective, feature_matching = objective_from_settings(objective_settings, teacher, student,
                                                               data.input_shape, device, generator)
+        if feature_matching is not None:
+            log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
         trained = student
         if world.distributed:
             if cfg.trainer.sync_batchnorm:
@@ -236,57 +307,116 @@ def train(cfg: DictConfig, run_dir: Path, world: Any) -> float:
             # input-gradients (each rank would keep its own).
             trained = torch.nn.parallel.DistributedDataParallel(
                 trained, device_ids=[device.index] if device.type == "cuda" else None)
-        if feature_matching is not None:
-            log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
+            student = trained.module
+
+        def student_payload(metrics: dict) -> dict:
+            payload = make_checkpoint(student, "student", spec, data, metrics)
+            if feature_matching is not None:
+                payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors
+            return payload
+
+        batch_generator = torch.Generator().manual_seed(cfg.seed)
+        checkpoint = resume.Checkpointer(
+            run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
+            generators={"batches": batch_generator, "objective": generator},
+            modules={"features": feature_matching} if feature_matching is not None else {},
+            best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
+            signals=signals, flush=logger.flush, state=state, world=world)
         history = fit(trained, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=optim_settings, device=device, logger=logger,
-                      generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.trainer.num_workers,
+                      generator=batch_generator, num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
                       saliency=OmegaConf.select(cfg, "trainer.saliency", default="abs"),
                       objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
-                      world=world, precision=precision)
-        student = trained.module if world.distributed else trained
+                      checkpoint=checkpoint, world=world, precision=precision)
+        selected = {"selected": cfg.trainer.select, "best_epoch": checkpoint.best["epoch"],
+                    "best_step": checkpoint.best["step"], "best_val_accuracy": checkpoint.best["val_accuracy"]}
+        val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
+        if cfg.trainer.select == "best":
+            distributed.barrier(world)   # best.pt is written by rank 0
+            best = resume.load_best(run_dir / resume.BEST, student, feature_matching)
+            val = {k: best["metrics"][f"val_{k}"] for k in val}
         test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device, world)
         metrics = {
+            "status": resume.FINISHED, **selected,
             "test_accuracy": test["accuracy"], "agreement": test["agreement"],
-            "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": history["accuracy"],
-            "val_agreement": history["agreement"], "val_jacobian_cosine": history["jacobian_cosine"],
+            "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": val["accuracy"],
+            "val_agreement": val["agreement"], "val_jacobian_cosine": val["jacobian_cosine"],
             "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
             "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
-            "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed, "status": "finished",
+            "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed,
             "device": describe_device(device), "torch": torch.__version__,
             "world_size": world.size, "precision": precision.name,
             "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
             "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
         }
-        logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
-                        "test/jacobian_cosine": test["jacobian_cosine"],
-                        # at the first and the last step: a level line to read the student's curves against
-                        "teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, history["steps"])
-        succeeded = True
+        with signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
+            logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
+                            "test/jacobian_cosine": test["jacobian_cosine"],
+                            # at the first and the last step: a level line to read the student's curves against
+                            "teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, history["steps"])
+            succeeded = True
+            logger.hparams_end(succeeded)
+            logger.close()
+            if world.main:
+                save_checkpoint(student_payload({k: v for k, v in metrics.items() if isinstance(v, float)}),
+                                run_dir / "student.pt")
+                write_json(run_dir / "metrics.json", metrics)
+    except resume.Interrupted as stop:
+        logger.hparams_end(False)
+        logger.close()
+        if stop.progress is None and checkpoint is not None:
+            stop.progress = checkpoint.progress
+        raise
     except Exception as err:
         # In the run's train.log, where `jacdistill report` finds why a job of a sweep has no metrics.
         log.error(f"failed: {type(err).__name__}: {err}")
+        logger.hparams_end(False)
+        logger.close()
         raise
     finally:
-        logger.hparams_end(succeeded)
-        logger.close()
-    if not world.main:
         distributed.stop()
-        return history["accuracy"]
-    payload = make_checkpoint(student, "student", spec, data, {k: v for k, v in metrics.items() if isinstance(v, float)})
-    if feature_matching is not None:
-        payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors, trained with the student
-    save_checkpoint(payload, run_dir / "student.pt")
-    write_json(run_dir / "metrics.json", metrics)
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
-             f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})")
+             f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})"
+             + (f"  from the best epoch {selected['best_epoch']}" if cfg.trainer.select == "best" else ""))
     log.info(f"run directory: {run_dir}")
-    distributed.stop()
     if single_run() and world.main:
         print(summary_table(metrics, run_dir))
+    if signals.pending is not None:
+        raise resume.Interrupted(signals.pending, None, finished=True)
     return metrics["val_accuracy"]
+
+
+def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:
+    """After a signal: metrics.json says interrupted (unless the run had finished), one line says
+    how to resume, SIGUSR1 under SLURM requeues the job; exit status 128 + the signal's number."""
+    import logging
+    import sys
+
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.runtime import write_json
+
+    log = logging.getLogger("jacdistill")
+    name = resume.SIGNALS.get(stop.signum, str(stop.signum))
+    if stop.finished:
+        line = f"stopped by {name} after the run finished; its results are in {run_dir}"
+    else:
+        at = stop.progress
+        where = f"at epoch {at.epoch}, step {at.step}" if at is not None else "before training began"
+        saved = (run_dir / resume.LAST).is_file()
+        if (run_dir / "config.yaml").is_file():  # else stopped before the directory was claimed: no record
+            write_json(run_dir / "metrics.json", {
+                "status": resume.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
+                "step": at.step if at else None, "last_checkpoint": str(run_dir / resume.LAST) if saved else None,
+                "resume": command})
+        line = f"interrupted by {name} {where}{' (last.pt saved)' if saved else ''}; resume with: {command}"
+    log.warning(line)
+    warning = resume.requeue_under_slurm() if stop.signum == resume.signal.SIGUSR1 else None
+    print(f"jacdistill train: {line}", file=sys.stderr)
+    if warning:
+        print(f"jacdistill train: warning: {warning}", file=sys.stderr)
+    raise SystemExit(128 + int(stop.signum))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://jacdistill_cli.conf", config_name="train")

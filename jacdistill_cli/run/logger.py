@@ -47,9 +47,11 @@ def metric_order(tag: str) -> tuple:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        """`purge_step`: a run continued (or started over) in its directory; TensorBoard drops the
+        events of earlier files at this step and after, so no step is shown twice."""
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=10)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=10, purge_step=purge_step)
         self._hparams_open = False
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -85,12 +87,20 @@ class RunLogger:
         self.writer._get_file_writer().add_summary(session_start)
         self._hparams_open = True
 
+    def hparams_continue(self) -> None:
+        """A resumed run continues the session its first part started (TensorBoard keeps a tag's
+        first record, so a second start would be ignored); hparams_end closes it."""
+        self._hparams_open = True
+
     def hparams_end(self, succeeded: bool) -> None:
         """Close the run's hparams session as succeeded or failed (shown in the HPARAMS tab's Status)."""
         if not self._hparams_open:
             return
         self.writer._get_file_writer().add_summary(_session_end(succeeded))
         self._hparams_open = False
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.flush()

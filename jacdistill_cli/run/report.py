@@ -145,6 +145,9 @@ def read_run(run_dir: Path, root: Path) -> Run:
         if not isinstance(metrics, dict):
             return Run(name, overrides, None, UNFINISHED,
                        f"metrics.json holds a {type(metrics).__name__}, not an object of metrics")
+        if metrics.get("status") == "interrupted":
+            return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} at epoch "
+                       f"{metrics.get('epoch')}, step {metrics.get('step')}; resume: {metrics.get('resume')}")
         return Run(name, overrides, metrics)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:

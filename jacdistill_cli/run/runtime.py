@@ -97,9 +97,27 @@ def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
     return name
 
 
+_UNIQUE: list[str] = []
+
+
+def unique_suffix() -> str:
+    """A short random name part, the same for the whole process: default run directories
+    (`outputs/train/DATE/TIME-3f9a1c`) of runs started in the same second differ by it. Six hex
+    digits keep names short for TensorBoard; a collision (one in 16 million) is still caught: a
+    run refuses a directory that another configuration's results or a live run hold."""
+    import secrets
+
+    if not _UNIQUE:
+        _UNIQUE.append(secrets.token_hex(3))
+    return _UNIQUE[0]
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("jd_job_dir"):
         OmegaConf.register_new_resolver("jd_job_dir", job_dirname)
+    if not OmegaConf.has_resolver("jd_unique"):
+        # Cached in the config like Hydra's `now`, so a sweep's jobs (copies of its config) share it.
+        OmegaConf.register_new_resolver("jd_unique", unique_suffix, use_cache=True)
 
 
 def run_directory() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -18,6 +19,7 @@ from jacdistill_cli.run.distributed import (SINGLE, World, average_gradients, br
                                             shard)
 from jacdistill_cli.run.logger import RunLogger
 from jacdistill_cli.run.precision import Precision
+from jacdistill_cli.run.resume import Checkpointer, Progress
 from jacdistill_cli.run.saliency import saliency_image
 
 log = logging.getLogger("jacdistill")
@@ -122,13 +124,23 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
         batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
         generator: torch.Generator, num_workers: int = 0, prefix: str = "",
         eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, saliency: str = "abs",
-        progress: bool | None = None, objective_parameters: Iterable[nn.Parameter] = (), world: World = SINGLE,
-        precision: Precision | None = None) -> dict[str, float]:
+        progress: bool | None = None,
+        objective_parameters: Iterable[nn.Parameter] = (), checkpoint: Checkpointer | None = None,
+        world: World = SINGLE, precision: Precision | None = None) -> dict[str, float]:
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
     `saliency_inputs` [n, *input] (maps drawn as `saliency`: abs or signed). A progress bar with the
     running loss terms shows each epoch when `progress` (default: stderr is a terminal). Returns the last
-    val metrics with steps, epochs, train_seconds, samples_per_second."""
+    val metrics with steps, epochs, train_seconds, samples_per_second.
+
+    With a `checkpoint`, training continues from its last.pt (if it has one), saves last.pt every
+    epoch (and every `every_steps` steps) and stops at the next step boundary when a signal arrives.
+    `generator` (the batch order and augmentation) is the one stream a resumed epoch replays: the
+    batches before the saved position are drawn again, not trained on.
+
+    Under torch.distributed (`world`) `student` is the DDP-wrapped model, each rank steps on its shard of
+    every batch and the logged terms are those of the global batch; `precision` runs the objective
+    under autocast (and a GradScaler for float16)."""
     from tqdm import tqdm
 
     progress = (interactive() if progress is None else progress) and world.main
@@ -140,53 +152,73 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
     broadcast_parameters(objective_parameters, world)
     optimizer, schedule = make_optimizer([*student.parameters(), *objective_parameters], optim, epochs)
     batches_per_epoch = max(1, math.ceil(len(data.train) / batch_size))
-    step, samples, train_seconds = 0, 0, 0.0
-    val: dict[str, float] = {}
-    for epoch in range(1, epochs + 1):
-        student.train()
-        started = time.perf_counter()
-        running: dict[str, float] = {}
-        desc = f"{prefix}epoch {epoch}/{epochs}"
-        bar = tqdm(total=batches_per_epoch, desc=desc, leave=False, disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True, bar_format=BAR_FORMAT)
-        for inputs, labels in batches(data.train, batch_size, True, generator, device, num_workers):
-            global_size = len(labels)
-            inputs, labels = shard(inputs, labels, world)
-            scale = {"gradient_scale": scaler.get_scale()} if scaler.is_enabled() else {}
-            with precision.autocast():
-                _, terms = objective(student, teacher, inputs, labels, **scale)
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages the ranks' gradients: weighting by the shard's share makes it the global batch's.
-            share = len(labels) / global_size
-            scaler.scale(terms["total"] * (share * world.size) if world.distributed else terms["total"]).backward()
-            average_gradients(objective_parameters, world)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            samples += global_size
-            names = list(terms)
-            values = dict(zip(names, reduce_sums([terms[n].item() * share for n in names], world, device)))
-            if not math.isfinite(values["total"]) and not scaler.is_enabled():   # float16: the scaler skips it
-                raise FloatingPointError(f"loss/total is {values['total']} at step {step}: training diverged")
-            logger.scalars({f"{prefix}loss/{name}": v for name, v in values.items()}, step)
-            for name, v in values.items():
-                running[name] = running.get(name, 0.0) + v
-            if progress:
-                bar.update()
-                bar.set_postfix_str(progress_postfix({name: v / bar.n for name, v in running.items()},
-                                                     progress_room(desc, batches_per_epoch)), refresh=False)
-        bar.refresh()  # the epoch's final counts and running means, however fast it ran
-        bar.close()
-        schedule.step()
-        train_seconds += time.perf_counter() - started
-        summary = "  ".join(f"{name} {v / batches_per_epoch:.4f}" for name, v in running.items())
-        if epoch % eval_every == 0 or epoch == epochs:
-            val = evaluate(evaluated, teacher, data.val, eval_batch_size, device, world)
-            logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, step)
-            if world.main and teacher is not None and saliency_inputs is not None:
-                logger.image(f"{prefix}saliency/input_teacher_student",
-                             saliency_image(evaluated, teacher, saliency_inputs, saliency), step)
-            summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
-        log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
-    return {**val, "steps": step, "epochs": epochs, "train_seconds": train_seconds,
-            "samples_per_second": samples / max(train_seconds, 1e-9)}
+    at = checkpoint.restore(evaluated, optimizer, schedule) if checkpoint is not None else Progress()
+    deferring = checkpoint.signals.deferring() if checkpoint is not None else contextlib.nullcontext()
+    with deferring:
+        for epoch in range(at.epoch, epochs + 1):
+            student.train()
+            started = time.perf_counter()
+            skip = at.batch if epoch == at.epoch else 0
+            if skip and at.epoch_start_generator is not None:
+                generator.set_state(at.epoch_start_generator)  # replays the epoch's order up to the position
+            else:
+                at.running = {}
+            at.epoch_start_generator = generator.get_state()
+            desc = f"{prefix}epoch {epoch}/{epochs}"
+            bar = tqdm(total=batches_per_epoch, initial=skip, desc=desc, leave=False, disable=not progress,
+                       file=sys.stderr, dynamic_ncols=True, bar_format=BAR_FORMAT)
+            for index, (inputs, labels) in enumerate(batches(data.train, batch_size, True, generator, device,
+                                                             num_workers)):
+                if index < skip:
+                    continue
+                global_size = len(labels)
+                inputs, labels = shard(inputs, labels, world)
+                scale = {"gradient_scale": scaler.get_scale()} if scaler.is_enabled() else {}
+                with precision.autocast():
+                    _, terms = objective(student, teacher, inputs, labels, **scale)
+                optimizer.zero_grad(set_to_none=True)
+                # DDP averages the ranks' gradients: weighting by the shard's share makes it the global batch's.
+                share = len(labels) / global_size
+                total = terms["total"] * (share * world.size) if world.distributed else terms["total"]
+                scaler.scale(total).backward()
+                average_gradients(objective_parameters, world)
+                scaler.step(optimizer)
+                scaler.update()
+                at.step += 1
+                at.batch = index + 1
+                at.samples += global_size
+                names = list(terms)
+                values = dict(zip(names, reduce_sums([terms[n].item() * share for n in names], world, device)))
+                if not math.isfinite(values["total"]) and not scaler.is_enabled():  # float16: the scaler skips it
+                    raise FloatingPointError(f"loss/total is {values['total']} at step {at.step}: training diverged")
+                logger.scalars({f"{prefix}loss/{name}": v for name, v in values.items()}, at.step)
+                for name, v in values.items():
+                    at.running[name] = at.running.get(name, 0.0) + v
+                if progress:
+                    bar.update()
+                    bar.set_postfix_str(progress_postfix({name: v / bar.n for name, v in at.running.items()},
+                                                         progress_room(desc, batches_per_epoch)), refresh=False)
+                if checkpoint is not None:
+                    at.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    checkpoint.after_step(evaluated, optimizer, schedule, end_of_epoch=at.batch == batches_per_epoch)
+            bar.refresh()  # the epoch's final counts and running means, however fast it ran
+            bar.close()
+            schedule.step()
+            at.train_seconds += time.perf_counter() - started
+            summary = "  ".join(f"{name} {v / batches_per_epoch:.4f}" for name, v in at.running.items())
+            val = None
+            if epoch % eval_every == 0 or epoch == epochs:
+                val = at.val = evaluate(evaluated, teacher, data.val, eval_batch_size, device, world)
+                logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, at.step)
+                if world.main and teacher is not None and saliency_inputs is not None:
+                    logger.image(f"{prefix}saliency/input_teacher_student",
+                                 saliency_image(evaluated, teacher, saliency_inputs, saliency), at.step)
+                summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
+            log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
+            at.epoch, at.batch = epoch + 1, 0
+            at.epoch_start_generator = generator.get_state()
+            if checkpoint is not None:
+                checkpoint.after_epoch(evaluated, optimizer, schedule, val)
+    return {**at.val, "steps": at.step, "epochs": epochs, "train_seconds": at.train_seconds,
+            "samples_per_second": at.samples / max(at.train_seconds, 1e-9)}

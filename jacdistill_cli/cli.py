@@ -19,6 +19,61 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("jacdistill_cli.commands.report", "table, CSV and plot of the final metrics of the runs of a sweep: jacdistill report DIR"),
 }
 
+# Shell completion: the commands, then each command's Hydra overrides (Hydra's own completion, asked with
+# `jacdistill <command> -sc query=bash` and a COMP_LINE without the command word, which Hydra does not expect).
+SHELLS = ("bash", "zsh")
+BASH_COMPLETION = """# jacdistill: tab completion of the commands and of each command's overrides (from Hydra).
+# Load it with: eval "$(jacdistill completion bash)"   (e.g. in ~/.bashrc)
+_jacdistill_complete()
+{
+    local cur=${COMP_WORDS[COMP_CWORD]}
+    if (( COMP_CWORD <= 1 )); then
+        COMPREPLY=($(compgen -W "{commands} completion" -- "$cur"))
+        return 0
+    fi
+    local command=${COMP_WORDS[1]}
+    case "$command" in
+        completion) COMPREPLY=($(compgen -W "{shells}" -- "$cur")); return 0 ;;
+        {alternatives}) ;;
+        *) return 0 ;;
+    esac
+    local before=${COMP_LINE:0:COMP_POINT}
+    local overrides=${before#*"$command"}
+    local choices
+    choices=$(COMP_LINE="jacdistill$overrides" COMP_POINT=$(( ${#overrides} + 10 )) \\
+              "${COMP_WORDS[0]}" "$command" -sc query=bash 2>/dev/null)
+    COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$cur"))
+}
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _jacdistill_complete jacdistill
+"""
+# zsh runs the bash function through its bash-completion emulation.
+ZSH_PREFIX = """# Load it with: eval "$(jacdistill completion zsh)"   (e.g. in ~/.zshrc)
+autoload -Uz compinit bashcompinit && compinit && bashcompinit
+"""
+
+
+def completion_script(shell: str) -> str:
+    script = (BASH_COMPLETION.replace("{commands}", " ".join(COMMANDS)).replace("{shells}", " ".join(SHELLS))
+              .replace("{alternatives}", "|".join(COMMANDS)))
+    return script if shell == "bash" else ZSH_PREFIX + script
+
+
+def completion_install_request(args: list[str]) -> str | None:
+    """`-sc install=bash` (or uninstall) among a command's arguments, as written, else None. Hydra's own
+    script would bind completion to the words `jacdistill` and `<command>` and ask `jacdistill -sc ...`,
+    which is no command: it breaks the shell's completion of jacdistill."""
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-sc", "--shell-completion") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(("-sc=", "--shell-completion=")):
+            value = arg.partition("=")[2]
+        if value is not None and value.split("=")[0] in ("install", "uninstall"):
+            return f"{arg} {value}" if "=" not in arg else arg
+    return None
+
+
 USAGE = """usage: jacdistill <command> [key=value ...] [-m] [--cfg job] [--help]
 
 Knowledge distillation with Jacobian matching. Each command is a Hydra application with its
@@ -26,6 +81,8 @@ own config (conf/<command>.yaml): every Hydra override, -m/--multirun, --cfg and
 
 commands:
 {commands}
+
+  completion  print the shell's tab completion of the commands and their overrides: jacdistill completion bash|zsh
 
 examples:
   jacdistill train
@@ -79,6 +136,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jacdistill {version('jacdistill')}")
         return 0
     command = args[0]
+    if command == "completion":
+        shell = args[1] if len(args) == 2 else None
+        if shell not in SHELLS:
+            given = " ".join(args[1:]) or "(none)"
+            print(f"jacdistill completion: error: shell={given} is not allowed: it must be one of "
+                  f"{', '.join(SHELLS)}, as in eval \"$(jacdistill completion bash)\"", file=sys.stderr)
+            return 2
+        print(completion_script(shell), end="")
+        return 0
+    install = completion_install_request(args[1:]) if command in COMMANDS else None
+    if install is not None:
+        shell = install.rpartition("=")[2]
+        shell = shell if shell in SHELLS else "bash"
+        print(f"jacdistill {command}: error: {install} is not allowed: it would complete `{command}` as a command "
+              f"of its own; use eval \"$(jacdistill completion {shell})\", which completes the commands and "
+              "their overrides", file=sys.stderr)
+        return 2
     if command not in COMMANDS:
         print(f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.cli import COMMANDS
+from jacdistill_cli.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,49 @@ def test_unknown_command_is_one_line(cli):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"jacdistill: error: unknown command 'trian'; the commands are: {', '.join(COMMANDS)}"]
+
+
+COMPLETE = r"""
+eval "$(jacdistill completion bash)"
+complete -p jacdistill
+ask() {  # what bash offers for the line "$1", the cursor at its end
+    COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; read -ra COMP_WORDS <<< "$COMP_LINE"
+    [[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
+    COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=(); _jacdistill_complete
+    echo "${COMPREPLY[*]}"
+}
+ask "jacdistill t"
+ask "jacdistill completion "
+ask "jacdistill train jacobian=e"
+ask "jacdistill train alpha=0.3 trainer.ep"
+"""
+
+
+def test_bash_completes_the_commands_then_each_commands_overrides_through_hydra(tmp_path):
+    """In a real bash: the script registers one completion for `jacdistill`; the first word completes to
+    a command, the next ones to the command's overrides as Hydra completes them."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(["bash", "--norc", "--noprofile", "-c", COMPLETE], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "complete -o default -o nospace -F _jacdistill_complete jacdistill",
+        "train teacher", "bash zsh", "jacobian=exact", "trainer.epochs="]
+    assert not list(tmp_path.iterdir())  # asking writes nothing
+
+
+def test_hydra_completion_install_is_refused_in_one_line(capsys):
+    """Hydra's own `-sc install=bash` would bind completion to the words `jacdistill` and `train`."""
+    assert main(["train", "-sc", "install=bash"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['jacdistill train: error: -sc install=bash is not allowed: it would complete `train` as a '
+                   'command of its own; use eval "$(jacdistill completion bash)", which completes the commands '
+                   'and their overrides']
+    assert main(["completion", "fish"]) == 2
+    assert capsys.readouterr().err.startswith("jacdistill completion: error: shell=fish is not allowed: ")
+    assert main(["completion", "zsh"]) == 0
+    assert "bashcompinit" in capsys.readouterr().out
 
 
 def test_each_command_is_its_own_hydra_app(cli):

@@ -93,26 +93,48 @@ def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
 
 
-def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(cli, tmp_path):
-    """One seed, one size: the three recipes, through the console script, named by what varies."""
+def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(tmp_path):
+    """One seed, one size: the three recipes, through the README's reproduction script and the console
+    script, named by what varies."""
+    import os
+    import subprocess
+    import sys
+
     sweep = tmp_path / "sweep"
-    result = cli("train", "experiment=digits_fewshot", "seed=0", "dataset.samples_per_class=1", "trainer.epochs=2",
-                 "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "digits_fewshot.sh"), str(sweep),
+                             "seed=0", "dataset.samples_per_class=1", "trainer.epochs=2", "teacher.epochs=2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"the table: {sweep}/report.md"
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert names == [f"dataset.samples_per_class=1,recipe={r},seed=0,teacher.epochs=2,trainer.epochs=2"
-                     for r in sorted(RECIPES)]
-    metrics = {name.split(",")[1]: json.loads((sweep / name / "metrics.json").read_text()) for name in names}
+    # Only the recipe varies: seed, samples per class and the epochs are the same in every job.
+    assert names == [f"recipe={r}" for r in sorted(RECIPES)]
+    metrics = {name: json.loads((sweep / name / "metrics.json").read_text()) for name in names}
+    # The recipe and the preset are hyperparameters of each run in TensorBoard's HPARAMS tab.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    for name in names:
+        events = EventAccumulator(str(sweep / name))
+        events.Reload()
+        start = metadata.parse_session_start_info_plugin_data(
+            events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+        assert start.hparams["recipe"].string_value == name.split("=")[1]
+        assert start.hparams["experiment"].string_value == "digits_fewshot"
+        assert start.hparams["samples_per_class"].string_value == "1"
     # 1 sample per class: 10 training samples, one batch an epoch.
     assert all(m["steps"] == 2 for m in metrics.values())
     teacher_sources = {m["teacher_checkpoint"] for m in metrics.values()}
     assert len(teacher_sources) == 1  # one teacher for the seed, trained once and reused
 
-    report = cli("report", str(sweep), cwd=tmp_path)
-    assert report.returncode == 0, report.stderr
-    assert "| dataset.samples_per_class" not in report.stdout  # constant: in the header line, not a column
+    # The sweep ended with its report (the report command gives the same).
+    report = (sweep / "report.md").read_text()
+    assert report in result.stdout
+    assert "| dataset.samples_per_class" not in report  # constant: in the header line, not a column
     for recipe in RECIPES:
-        assert f"| {recipe} | 1 |" in report.stdout
+        assert f"| {recipe} | 1 |" in report
     assert Path(sweep / "report.png").is_file()
 
 

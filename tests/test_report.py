@@ -101,7 +101,7 @@ def test_alpha_is_the_x_axis_when_it_is_swept(tmp_path):
 
 def test_one_run_directory_is_a_group_of_one_without_std(tmp_path):
     run = make_run(tmp_path / "run", [], {"test_accuracy": 0.75})
-    report, text = write_report(run)
+    report, text, _ = write_report(run)
     assert [len(g.finished) for g in report.groups] == [1] and report.groups[0].mean_std("test_accuracy") == (0.75, None)
     assert "| 1 | 0.7500 |" in text
     assert next(csv.DictReader(open(run / "report.csv")))["test_accuracy_std"] == ""
@@ -155,7 +155,24 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, sweep):
         assert len(lines) == 1 and lines[0].startswith("jacdistill report: error: ") and message in lines[0], lines
     assert not (tmp_path / "missing").exists() and not list(empty.iterdir()) and not list(work.iterdir())
     assert not list(sweep.glob("report.*"))
-    ok = cli("report", str(sweep), cwd=work)
+    # HOME and the cache directories are fresh: matplotlib's font cache goes to a temporary directory.
+    home = tmp_path / "home"
+    home.mkdir()
+    ok = cli("report", str(sweep), cwd=work, env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+                                                  "XDG_CONFIG_HOME": str(home / ".config"), "MPLCONFIGDIR": ""})
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in sweep.glob("report.*")) == ["report.csv", "report.md", "report.png"]
     assert not list(work.iterdir())  # no run directory, log or .hydra/ of the report's own
+    assert not list(home.iterdir())
+
+
+def test_no_plot_when_no_run_finished(tmp_path):
+    """Runs that failed or are still running get the table that says so, and no empty report.png (one
+    left by an earlier report is removed)."""
+    root = tmp_path / "sweep"
+    make_run(root / "alpha=0.1", ["alpha=0.1"], None, "[2026-01-01][jacdistill][ERROR] - failed: RuntimeError: boom")
+    make_run(root / "alpha=0.2", ["alpha=0.2"], None)
+    (root / "report.png").write_bytes(b"an earlier plot")
+    _, text, written = write_report(root)
+    assert [p.name for p in written] == ["report.md", "report.csv"] and not (root / "report.png").exists()
+    assert "0 of 2 finished" in text and "alpha=0.1: failed (failed: RuntimeError: boom)" in text

@@ -54,6 +54,17 @@ def test_train_logs_every_term_and_writes_its_run_directory(cli, tmp_path):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["samples_per_second"] > 0
     assert (run_dir / "student.pt").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    # What the run was: its seed, that it finished, where and with which torch.
+    import torch
+
+    assert metrics["seed"] == 0 and metrics["status"] == "finished"
+    assert metrics["device"] == "cpu" and metrics["torch"] == torch.__version__
+    # A single run ends with a short table of its results on stdout, and where it is.
+    table = result.stdout.strip().splitlines()[-7:]
+    assert table[0].split() == ["student", "teacher"]
+    assert table[1].split()[-2:] == [f"{metrics['test_accuracy']:.4f}", f"{metrics['teacher_test_accuracy']:.4f}"]
+    assert table[2].endswith(f"{metrics['agreement']:.4f}") and table[3].endswith(f"{metrics['jacobian_cosine']:.4f}")
+    assert table[5].startswith(f"2 epochs, {steps} steps in ") and table[-1] == f"run directory: {run_dir}"
 
 
 def test_exact_jacobian_run_completes(cli, tmp_path):
@@ -121,6 +132,8 @@ BAD_INPUTS = [
     ("trainer.epochs=0", "trainer.epochs=0", ">= 1"),
     ("trainer.batch_size=0", "trainer.batch_size=0", ">= 1"),
     ("alpha=abc", "alpha='abc'", "[0, 1]"),
+    ("trainer.device=gpu", "trainer.device='gpu'", "auto, cpu, cuda, cuda:N"),
+    ("trainer.saliency=both", "trainer.saliency='both'", "abs, signed"),
     ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint='/nonexistent/teacher.pt'", "no such file"),
 ]
 
@@ -150,6 +163,22 @@ def test_cuda_without_a_gpu_is_refused(cli, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "jacdistill train: error: trainer.device='cuda' is not allowed: torch sees no CUDA GPU on this machine; "
         "use trainer.device=auto or trainer.device=cpu"]
+
+
+def test_a_gpu_torch_does_not_see_is_refused_in_one_line():
+    """cuda:N names one of the GPUs torch sees; one past the last (cuda:0 on a machine without) is refused."""
+    import torch
+
+    from jacdistill_cli.errors import UsageError
+    from jacdistill_cli.run.runtime import select_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    seen = "torch sees no CUDA GPU" if count == 0 else f"torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+    with pytest.raises(UsageError, match=f"^trainer.device='cuda:{count}' is not allowed: {seen}"):
+        select_device(f"cuda:{count}")
+    for index in range(count):
+        assert select_device(f"cuda:{index}") == torch.device("cuda", index)
+    assert select_device("cpu") == torch.device("cpu")
 
 
 def test_unknown_group_option_lists_the_available_ones(cli, tmp_path):

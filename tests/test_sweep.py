@@ -28,24 +28,39 @@ from tensorboard.plugins.hparams.backend_context import Context as HParamsContex
 from conftest import FAST, run_cli
 from jacdistill_cli.run.report import build_report
 from jacdistill_cli.run.runtime import MAX_DIRNAME, job_dirname
-from jacdistill_cli.run.saliency import TILE, saliency_grid, saliency_image
+from jacdistill_cli.run.saliency import CAPTION_HEIGHT, LABEL_WIDTH, TILE, saliency_grid, saliency_image
 
 ALPHAS, SEEDS = ("0.2", "0.8"), ("0", "1")
-# Hydra's override_dirname: every override of the job, keys sorted.
-RUNS = {f"alpha={a},seed={s},teacher.epochs=2,trainer.epochs=1,trainer.threads=1": (a, s)
-        for a in ALPHAS for s in SEEDS}
+# Named by what the sweep varies, keys sorted; the constant overrides (trainer.epochs=1, ...) left out.
+RUNS = {f"alpha={a},seed={s}": (a, s) for a in ALPHAS for s in SEEDS}
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, teacher_cache) -> Path:
-    """4 jobs (alpha x seed), 1 epoch each, two at a time in joblib's worker processes."""
+    """4 jobs (alpha x seed), 1 epoch each, two at a time in joblib's worker processes; HOME is a fresh
+    directory, so that whatever the sweep (and the report it ends with) writes outside it shows."""
     root = tmp_path_factory.mktemp("sweep")
+    (root / "home").mkdir()
     result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                      f"alpha={','.join(ALPHAS)}", f"seed={','.join(SEEDS)}", *FAST, "trainer.threads=1",
-                     f"hydra.sweep.dir={root / 'sweep'}", cwd=root, env={"JACDISTILL_CACHE": str(teacher_cache)})
+                     f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
+                     env={"JACDISTILL_CACHE": str(teacher_cache), "HOME": str(root / "home"),
+                          "XDG_CACHE_HOME": str(root / "home" / ".cache"), "MPLCONFIGDIR": ""})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Joblib.Parallel" in result.stdout + result.stderr  # the jobs ran through the joblib launcher
+    (root / "sweep" / "stdout.txt").write_text(result.stdout)
+    assert sorted(p.name for p in root.iterdir()) == ["home", "sweep"] and not list((root / "home").iterdir())
     return root / "sweep"
+
+
+def test_a_multirun_says_where_it_is_and_leaves_its_report(sweep):
+    stdout = (sweep / "stdout.txt").read_text().splitlines()
+    where = f"jacdistill train: sweep directory {sweep.resolve()}"
+    assert stdout[0] == where and stdout[-1] == where  # the first and the last line
+    report = (sweep / "report.md").read_text()
+    assert report in "\n".join(stdout) and "| 0.2 | 2 |" in report and "| 0.8 | 2 |" in report
+    assert next(csv.DictReader(open(sweep / "report.csv")))["runs"] == "2"
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def accumulator(run_dir: Path) -> EventAccumulator:
@@ -58,29 +73,60 @@ def test_tensorboard_sees_each_job_as_one_run_named_by_its_overrides(sweep):
     multiplexer = EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(sweep))
     multiplexer.Reload()
-    # Exactly one run per job, named by its overrides: no extra run for hparams in a subfolder.
+    # Exactly one run per job, named by its overrides: no extra run for hparams in a subfolder, nor for the
+    # sweep's experiment summary, which is a file of its own in the first run's directory.
     assert set(multiplexer.Runs()) == set(RUNS)
+    first = sorted(RUNS)[0]
     for name in RUNS:
-        assert len(list((sweep / name).glob("events.out.tfevents.*"))) == 1
-        assert not list((sweep / name).glob("*/**/events.out.tfevents.*"))
+        files = sorted(p.name for p in (sweep / name).glob("events.out.tfevents.*"))
+        assert len(files) == (2 if name == first else 1) and not list((sweep / name).glob("*/**/events.out.tfevents.*"))
+    (summary,) = (sweep / first).glob("events.out.tfevents.*.experiment")
+    summary_only = EventAccumulator(str(summary))
+    summary_only.Reload()
+    assert summary_only.Tags()["scalars"] == [] and summary_only.Tags()["images"] == []
+    assert list(summary_only.PluginTagToContent(hparams_metadata.PLUGIN_NAME)) == [hparams_metadata.EXPERIMENT_TAG]
 
 
-def test_hparams_tab_compares_the_whole_sweep(sweep):
-    """What TensorBoard's HPARAMS tab shows for the sweep directory, from its own hparams backend."""
+def hparams_experiment(logdir: Path):
+    """The experiment TensorBoard's HPARAMS tab shows for `logdir`, and its sessions (run -> hparams),
+    from TensorBoard's own hparams backend."""
     multiplexer = EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(sweep))
+    multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
-    backend = HParamsContext(TBContext(logdir=str(sweep), data_provider=MultiplexerDataProvider(multiplexer, str(sweep))))
+    backend = HParamsContext(TBContext(logdir=str(logdir),
+                                       data_provider=MultiplexerDataProvider(multiplexer, str(logdir))))
     request = RequestContext()
-    experiment = backend.experiment_from_metadata(request, "", True, backend.hparams_metadata(request, ""),
+    content = backend.hparams_metadata(request, "")
+    experiment = backend.experiment_from_metadata(request, "", True, content,
                                                   backend.hparams_from_data_provider(request, "", limit=None))
+    sessions = {run for run, tags in content.items() if hparams_metadata.SESSION_START_INFO_TAG in tags}
+    return experiment, sessions
+
+
+def test_hparams_tab_leads_with_accuracy_and_compares_the_whole_sweep(sweep, tmp_path):
+    experiment, sessions = hparams_experiment(sweep)
+    assert sessions == set(RUNS)
+    # The tab shows the first five metrics as columns: the student's test and validation accuracy first.
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert metrics[:4] == ["test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy"]
+    assert {"loss/total", "loss/jacobian", "teacher/test_accuracy"} <= set(metrics[4:])
     differs = {info.name: info.differs for info in experiment.hparam_infos}
     assert differs["alpha"] and differs["seed"]  # what the sweep varies
     assert not differs["loss"] and not differs["jacobian"] and not differs["temperature"]
-    alpha = [info for info in experiment.hparam_infos if info.name == "alpha"][0]
+    assert not differs["trainer.epochs"] and "recipe" not in differs  # no recipe chosen: left blank
+    infos = {info.name: info for info in experiment.hparam_infos}
+    alpha = infos["alpha"]
     assert (alpha.domain_interval.min_value, alpha.domain_interval.max_value) == (0.2, 0.8)
-    metrics = {info.name.tag for info in experiment.metric_infos}
-    assert {"test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy", "loss/total"} <= metrics
+    # Text hyperparameters list no allowed values: the tab would hide another sweep's runs by them.
+    assert not infos["seed"].HasField("domain_discrete") and not infos["loss"].HasField("domain_discrete")
+
+    # Two sweeps in one log directory: every run of both is a session of the tab, whichever summary it takes.
+    both = tmp_path / "both"
+    shutil.copytree(sweep, both / "a")
+    shutil.copytree(sweep, both / "b")
+    experiment, sessions = hparams_experiment(both)
+    assert sessions == {f"{s}/{run}" for s in "ab" for run in RUNS}
+    assert [info.name.tag for info in experiment.metric_infos][:4] == metrics[:4]
 
 
 def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
@@ -96,36 +142,47 @@ def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
         end = hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG])
         hparams = {k: (v.number_value if v.WhichOneof("kind") == "number_value" else v.string_value)
                    for k, v in start.hparams.items()}
-        assert hparams["alpha"] == pytest.approx(float(alpha)) and hparams["seed"] == int(seed)
+        # Integers as text (the tab prints numbers as 4.0000): the seed reads 0, the epochs 1.
+        assert hparams["alpha"] == pytest.approx(float(alpha)) and hparams["seed"] == seed
+        assert hparams["trainer.epochs"] == "1" and hparams["trainer.batch_size"] == "64"
         assert (hparams["loss"], hparams["jacobian"], hparams["dataset"]) == ("kl", "top1", "digits")
         assert hparams["temperature"] == 4 and hparams["hard_weight"] == 0
+        assert "recipe" not in hparams  # no recipe chosen: left blank
         assert hparams["jacobian.normalize"] == "true" and hparams["jacobian.batchnorm"] == "batch"
         assert hparams["teacher"].startswith("cnn(") and hparams["student"].startswith("mlp(")
         assert "samples_per_class" not in hparams  # null: the whole training split, left blank
         assert end.status == Status.Value("STATUS_SUCCESS")
-        # No experiment summary of its own: TensorBoard builds the sweep's from all its runs (below).
-        assert hparams_metadata.EXPERIMENT_TAG not in content
+        # No experiment summary of its own: the sweep writes one for all its runs (above).
+        if name != sorted(RUNS)[0]:
+            assert hparams_metadata.EXPERIMENT_TAG not in content
         assert scalars["test/accuracy"][-1] == pytest.approx(metrics["test_accuracy"])
         assert scalars["val/accuracy"][-1] == pytest.approx(metrics["val_accuracy"])
         assert scalars["test/jacobian_cosine"][-1] == pytest.approx(metrics["jacobian_cosine"])
 
-        # Custom scalars: the three loss terms in one chart.
+        # Custom scalars: one chart per loss term (with every run of the sweep), one per validation metric.
         (config,) = events.Tensors("custom_scalars__config__")
         layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
         charts = [chart for category in layout.category for chart in category.chart]
-        loss_chart = [c for c in charts if any(re.search(p, "loss/jacobian") for p in c.multiline.tag)]
-        assert len(loss_chart) == 1
-        for tag in ("loss/distill", "loss/jacobian", "loss/total"):
-            assert tag in scalars and any(re.search(p, tag) for p in loss_chart[0].multiline.tag), tag
-        assert not any(re.search(p, "teacher/loss/total") for p in loss_chart[0].multiline.tag)
+        assert [c.title for c in charts] == ["loss/total", "loss/distill", "loss/jacobian",  # no hard, features
+                                             "val/accuracy", "val/agreement", "val/jacobian_cosine"]
+        for chart in charts:
+            assert [tag for tag in scalars if any(re.search(p, tag) for p in chart.multiline.tag)] == [chart.title]
+        # The teacher's accuracy: a level line from the first step to the last, not a lone point.
+        teacher = events.Scalars("teacher/test_accuracy")
+        assert [e.step for e in teacher] == [0, metrics["steps"]]
+        assert [e.value for e in teacher] == [pytest.approx(metrics["teacher_test_accuracy"])] * 2
 
-        # Saliency: one image per evaluation (1 epoch), 3 rows (input, teacher, student) of 8 images.
+        # Saliency: one image per evaluation (1 epoch), 3 rows (input, teacher, student) of 8 images,
+        # labelled on the left, each column's gradient cosine under it.
         images = events.Images("saliency/input_teacher_student")
         assert len(images) == 1 and images[0].step == metrics["steps"]
-        assert (images[0].width, images[0].height) == (8 * (TILE + 2) + 2, 3 * (TILE + 2) + 2)
+        assert (images[0].width, images[0].height) == (LABEL_WIDTH + 8 * (TILE + 2) + 2,
+                                                        3 * (TILE + 2) + 2 + CAPTION_HEIGHT)
         picture = Image.open(io.BytesIO(images[0].encoded_image_string)).convert("L")
         picture = torch.tensor(np.asarray(picture), dtype=torch.float32)
-        rows = [picture[2 + r * (TILE + 2): 2 + r * (TILE + 2) + TILE] for r in range(3)]
+        rows = [picture[2 + r * (TILE + 2): 2 + r * (TILE + 2) + TILE, LABEL_WIDTH:] for r in range(3)]
+        assert all(picture[2 + r * (TILE + 2): 2 + r * (TILE + 2) + TILE, :LABEL_WIDTH].max() > 128
+                   for r in range(3))  # a label (white text on black) beside each row
         assert all(row.std() > 0 for row in rows)
         assert not torch.equal(rows[1], rows[2])  # teacher and student maps differ after one epoch
 
@@ -163,6 +220,10 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
                      f"hydra.sweep.dir={copy / 'diverged'}",
                      cwd=tmp_path, env={"JACDISTILL_CACHE": str(teacher_cache)})
     assert failed.returncode != 0 and "FloatingPointError" in failed.stderr
+    # The sweep stopped with the error, and still left its report and said where it is, last.
+    assert "0: failed (failed: FloatingPointError" in (copy / "diverged" / "report.md").read_text()
+    where = f"jacdistill train: sweep directory {(copy / 'diverged').resolve()} (the sweep ended early)"
+    assert failed.stdout.splitlines()[-1] == where
 
     report = build_report(copy)
     status = {run.name: (run.status, run.detail) for run in report.runs}
@@ -179,7 +240,8 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     result = run_cli("report", str(copy), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "3 run(s) without results" in result.stdout
-    assert re.search(r"diverged/optim\.lr=1e\+30.*: failed \(failed: FloatingPointError", result.stdout)
+    # One job, nothing varies: named by its number.
+    assert re.search(r"diverged/0: failed \(failed: FloatingPointError", result.stdout)
     assert f"grid/{names[1]}: not started" in result.stdout
 
 
@@ -231,20 +293,45 @@ def test_saliency_grid_shows_inputs_and_both_maps_for_one_and_three_channels():
         teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * 36, 4))
         student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * 36, 4))
         grid = saliency_image(student, teacher, inputs)
-        assert grid.shape == (3, 3 * (TILE + 2) + 2, 5 * (TILE + 2) + 2)
+        assert grid.shape == (3, 3 * (TILE + 2) + 2 + CAPTION_HEIGHT, LABEL_WIDTH + 5 * (TILE + 2) + 2)
         assert grid.min() >= 0 and grid.max() <= 1
-        # Row 2, column 1: the teacher's |gradient| of its top class for input 0, scaled to [0, 1].
+        # Row 2, column 1: the teacher's |gradient| of its top class for input 0, scaled to [0, 1]
+        # (to the 1/255 of an 8-bit image).
         top = teacher(inputs).argmax(1)
-        expected = teacher[1].weight[top[0]].detach().view(channels, 6, 6).abs().amax(0)
+        weights = teacher[1].weight[top[0]].detach().view(channels, 6, 6)
+        expected = weights.abs().amax(0)
         expected = (expected - expected.min()) / (expected.max() - expected.min())
-        tile = grid[0, TILE + 4: 2 * TILE + 4, 2: TILE + 2]
+        tile = grid[0, TILE + 4: 2 * TILE + 4, LABEL_WIDTH + 2: LABEL_WIDTH + TILE + 2]
         scaled = torch.nn.functional.interpolate(expected[None, None], size=(TILE, TILE), mode="nearest")[0, 0]
-        assert torch.allclose(tile, scaled, atol=1e-6)
-    flat = saliency_grid(torch.randn(2, 10), torch.randn(2, 10), torch.randn(2, 10), tile=8)
+        assert torch.allclose(tile, scaled, atol=0.5 / 255 + 1e-6)
+        # Signed: red where the gradient (summed over channels) is positive, blue where negative.
+        signed = saliency_grid(inputs, torch.stack([weights] * 5), torch.stack([weights] * 5), mode="signed",
+                               labels=False)
+        tile = signed[:, TILE + 4: 2 * TILE + 4, 2: TILE + 2]
+        summed = torch.nn.functional.interpolate(weights.sum(0)[None, None], size=(TILE, TILE))[0, 0]
+        red, blue = tile[0] - tile[2], summed / summed.abs().max()
+        assert torch.allclose(red, blue, atol=1e-6)
+    flat = saliency_grid(torch.randn(2, 10), torch.randn(2, 10), torch.randn(2, 10), tile=8, labels=False)
     assert flat.shape == (3, 3 * 10 + 2, 2 * 10 + 2)
 
 
-def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path):
+def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients():
+    """The numbers under the columns are the cosines of the gradients: drawn text, compared by pixels
+    with the same grid for known cosines."""
+    inputs = torch.rand(3, 1, 6, 6)
+    teacher = torch.randn(3, 1, 6, 6)
+    student = torch.stack([teacher[0], -teacher[1], torch.randn(1, 6, 6)])
+    cosines = torch.nn.functional.cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1)
+    assert cosines[0] == pytest.approx(1) and cosines[1] == pytest.approx(-1)
+    grid = saliency_grid(inputs, teacher, student)
+    from jacdistill_cli.run.saliency import _labelled
+
+    plain = saliency_grid(inputs, teacher, student, labels=False)
+    assert torch.equal(grid, _labelled(plain, TILE, cosines.tolist()))
+    assert not torch.equal(grid, _labelled(plain, TILE, [0.5, 0.5, 0.5]))
+
+
+def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
@@ -266,6 +353,53 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path)
         logger.close()
         err = capsys.readouterr().err
         if progress:  # tqdm: one bar per epoch, 5 batches of 8, with the running mean of each loss term
-            assert "epoch 2/2" in err and "5/5" in err and "hard=" in err and "total=" in err
+            assert "epoch 2/2" in err and "5/5" in err and "hard " in err and "total " in err
         else:
             assert "epoch" not in err
+
+
+def test_progress_bar_fits_80_columns(tmp_path):
+    """On a pseudo-terminal of 80 columns, every state of a bar fits in one line: the usual terms in full
+    or shortened, and with five terms and a long description the bar is cut by tqdm, never wrapped."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from tqdm import tqdm
+
+    from jacdistill_cli.run.trainer import BAR_FORMAT, progress_postfix, progress_room
+
+    def shown(desc: str, terms: dict[str, float], columns: int) -> list[str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with os.fdopen(slave, "w") as terminal:
+            bar = tqdm(total=1234, desc=desc, file=terminal, dynamic_ncols=True, bar_format=BAR_FORMAT,
+                       mininterval=0)
+            for _ in range(3):
+                bar.update(400)
+                bar.set_postfix_str(progress_postfix(terms, progress_room(desc, 1234, terminal)))
+            bar.close()
+        written = b""
+        while True:  # everything written, until the closed terminal reads as ended
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            written += chunk
+        os.close(master)
+        written = written.decode()
+        lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in re.split(r"[\r\n]", written)]
+        return [line for line in lines if line.strip()]
+
+    usual = {"distill": 0.0231, "jacobian": 1.0556, "total": 0.8490, "hard": 2.1234}
+    lines = shown("epoch 12/100", usual, 80)
+    assert lines and all(len(line) < 80 for line in lines), [len(line) for line in lines]
+    assert re.search(r"1200/1234 \S+, tot 0\.85\d*  dist 0\.02\d*  jac 1\.0[56]\d*  hard 2\.12\d*$", lines[-1])
+    wide = shown("epoch 12/100", usual, 160)
+    assert wide[-1].endswith("total 0.8490  distill 0.0231  jacobian 1.0556  hard 2.1234")
+    every = shown("teacher/epoch 100/100", {**usual, "features": 0.5}, 80)
+    assert all(len(line) < 80 for line in every) and ", tot 0.85  dist" in every[-1]

@@ -30,15 +30,17 @@ def translate_argv(args: list[str]) -> list[str]:
 @one_line_errors("report")
 def run(cfg: DictConfig) -> None:
     from jacdistill_cli.errors import UsageError
-    from jacdistill_cli.run.report import OUTPUT_NAMES, write_report
+    from jacdistill_cli.run.report import write_report
 
     if cfg.dir is None or str(cfg.dir).strip() == "":
         raise UsageError("dir=null is not allowed: give the run or sweep directory, as in "
                          "`jacdistill report outputs/train/multirun/DATE/TIME`")
     directory = os.path.expanduser(str(cfg.dir))
-    _, text = write_report(directory, metric=str(cfg.metric), x=str(cfg.x))
+    _, text, written = write_report(directory, metric=str(cfg.metric), x=str(cfg.x))
     print(text, end="")
-    print(f"\nwritten: {', '.join(os.path.join(directory, name) for name in OUTPUT_NAMES)}")
+    print(f"\nwritten: {', '.join(str(path) for path in written)}")
+    if not any(path.name == "report.png" for path in written):
+        print("no report.png: no run has finished yet")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://jacdistill_cli.conf", config_name="report")

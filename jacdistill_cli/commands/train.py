@@ -14,10 +14,33 @@ from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
-# Custom-scalars layout: the loss terms in one chart (a term a run does not log is simply absent).
-CHARTS = {"loss": {"loss terms": ["^loss/distill$", "^loss/jacobian$", "^loss/total$", "^loss/hard$",
-                                  "^loss/features$"]},
-          "validation": {"agreement and accuracy": ["^val/accuracy$", "^val/agreement$", "^val/jacobian_cosine$"]}}
+# Custom-scalars layout: one chart per loss term the run logs and per validation metric, each drawn with
+# every run of the sweep (TensorBoard merges the runs' layouts, so a term no run logs gets no chart).
+VAL_METRICS = ("accuracy", "agreement", "jacobian_cosine")
+
+
+def charts(terms: list[str]) -> dict[str, dict[str, list[str]]]:
+    """The layout for a run whose objective returns `terms` (total first)."""
+    ordered = sorted(terms, key=lambda term: term != "total")
+    return {"loss terms (per step)": {f"loss/{term}": [f"^loss/{term}$"] for term in ordered},
+            "validation (per evaluation)": {f"val/{name}": [f"^val/{name}$"] for name in VAL_METRICS}}
+
+
+def with_layout(objective, logger):
+    """`objective`, which writes the run's custom-scalars layout when its first step shows the terms."""
+    written = False
+
+    def first_step_writes_layout(student, teacher, inputs, labels, **options):
+        nonlocal written
+        logits, terms = objective(student, teacher, inputs, labels, **options)
+        if not written:
+            logger.layout(charts(list(terms)))
+            written = True
+        return logits, terms
+
+    return first_step_writes_layout
+
+
 NOT_HPARAMS = {"cache_dir"}
 
 
@@ -32,12 +55,24 @@ def compact(node: DictConfig) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
 
 
+def choice_of(group: str) -> str | None:
+    """The option chosen for a config group without keys of its own (recipe, experiment), or None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters, flat, for TensorBoard's HPARAMS tab: every top-level setting (alpha,
-    temperature, hard_weight, seed, ...), the distillation loss, the Jacobian method and each of its
-    settings, teacher, student, dataset, samples_per_class (None: the whole training split), optimiser."""
+    temperature, hard_weight, seed, ...), the recipe and experiment preset, the distillation loss, the
+    Jacobian method and each of its settings, teacher, student, dataset, samples_per_class (None: the whole
+    training split), optimiser."""
     hparams: dict[str, Any] = {key: value for key, value in cfg.items()
                                if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
+    hparams["recipe"] = choice_of("recipe")
+    hparams["experiment"] = choice_of("experiment")
     hparams["loss"] = label("loss", cfg.loss)
     hparams["jacobian"] = label("jacobian", cfg.jacobian)
     for key, value in cfg.jacobian.items():
@@ -62,6 +97,30 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     return hparams
 
 
+def single_run() -> bool:
+    """Whether this is a single run (not a job of a multirun, whose sweep ends with its report)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+
+
+def summary_table(metrics: dict[str, Any], run_dir) -> str:
+    """What a single run ends with on stdout: the student's test metrics beside the teacher's accuracy,
+    then time, device and where the run is."""
+    rows = [("test accuracy", f"{metrics['test_accuracy']:.4f}", f"{metrics['teacher_test_accuracy']:.4f}"),
+            ("agreement with the teacher", f"{metrics['agreement']:.4f}", ""),
+            ("input-gradient cosine", f"{metrics['jacobian_cosine']:.4f}", ""),
+            ("val accuracy", f"{metrics['val_accuracy']:.4f}", "")]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'':{width}}  student  teacher", *(f"{n:{width}}  {s:>7}  {t:>7}".rstrip() for n, s, t in rows),
+             f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {metrics['steps']} steps in "
+             f"{metrics['train_seconds']:.1f} s "
+             f"({metrics['samples_per_second']:.0f} samples/s) on {metrics['device']}, seed {metrics['seed']}",
+             f"run directory: {run_dir}"]
+    return "\n".join(lines)
+
+
 @one_line_errors("train")
 def run(cfg: DictConfig) -> float:
     """Returns the final validation accuracy, so Hydra sweepers can optimise it. With
@@ -70,6 +129,12 @@ def run(cfg: DictConfig) -> float:
 
     from jacdistill_cli.config import settings
     from jacdistill_cli.run import distributed, resume
+    from jacdistill_cli.errors import setting_error
+    from jacdistill_cli.run.runtime import SALIENCY_MODES
+
+    if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
+        raise setting_error("trainer.saliency", cfg.trainer.saliency,
+                            f"it must be one of {', '.join(SALIENCY_MODES)}")
     from jacdistill_cli.run.runtime import run_directory
 
     settings.validate_train(cfg)  # before any work: nothing is written for a bad value
@@ -177,7 +242,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     from jacdistill_cli.run import distributed, resume
     from jacdistill_cli.run.logger import NullLogger, RunLogger
     from jacdistill_cli.run.precision import Precision, precision_name
-    from jacdistill_cli.run.runtime import seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import describe_device, seed_everything, select_device, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
@@ -216,7 +281,6 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     logger = RunLogger(run_dir, purge_step=resumed_step + 1 if resumed_step is not None else
                        0 if claim.restart else None) if world.main else NullLogger()
     if resumed_step is None:
-        logger.layout(CHARTS)
         logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
     else:
         logger.hparams_continue()
@@ -263,11 +327,12 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
             modules={"features": feature_matching} if feature_matching is not None else {},
             best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
             signals=signals, flush=logger.flush, state=state, world=world)
-        history = fit(trained, teacher, objective, data, epochs=cfg.trainer.epochs,
+        history = fit(trained, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=optim_settings, device=device, logger=logger,
                       generator=batch_generator, num_workers=cfg.trainer.num_workers,
                       eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
+                      saliency=OmegaConf.select(cfg, "trainer.saliency", default="abs"),
                       objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
                       checkpoint=checkpoint, world=world, precision=precision, reused=reused)
         selected = {"selected": cfg.trainer.select, "best_epoch": checkpoint.best["epoch"],
@@ -285,14 +350,17 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
             "val_agreement": val["agreement"], "val_jacobian_cosine": val["jacobian_cosine"],
             "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
             "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
-            "epochs": history["epochs"], "steps": history["steps"], "device": str(device),
+            "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed,
+            "device": describe_device(device), "torch": torch.__version__,
             "world_size": world.size, "precision": precision.name,
             "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
             "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
         }
         with signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
             logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
-                            "test/jacobian_cosine": test["jacobian_cosine"]}, history["steps"])
+                            "test/jacobian_cosine": test["jacobian_cosine"],
+                            # at the first and the last step: a level line to read the student's curves against
+                            "teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, history["steps"])
             succeeded = True
             logger.hparams_end(succeeded)
             logger.close()
@@ -318,6 +386,8 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})"
              + (f"  from the best epoch {selected['best_epoch']}" if cfg.trainer.select == "best" else ""))
     log.info(f"run directory: {run_dir}")
+    if single_run() and world.main:
+        print(summary_table(metrics, run_dir))
     if signals.pending is not None:
         raise resume.Interrupted(signals.pending, None, finished=True)
     return metrics["val_accuracy"]

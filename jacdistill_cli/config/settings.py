@@ -59,7 +59,9 @@ def validate_trainer(cfg: DictConfig) -> None:
     integer(cfg, "trainer.num_workers", low=0, allowed="it must be an integer >= 0")
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         integer(cfg, "trainer.threads", low=1, allowed="it must be null (torch's default) or an integer >= 1")
-    choice(cfg, "trainer.device", DEVICES)
+    from jacdistill_cli.run.runtime import check_device_name
+
+    check_device_name(value(cfg, "trainer.device"), "trainer.device")  # auto, cpu, cuda or cuda:N
     integer(cfg, "trainer.devices", low=1, allowed="it must be an integer >= 1 (processes of data-parallel training)")
     from jacdistill_cli.run.precision import PRECISIONS
 

@@ -19,7 +19,7 @@ from typing import Iterable
 from omegaconf import OmegaConf
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.run.runtime import job_dirname
+from jacdistill_cli.run.runtime import job_dirname, swept_keys, varying_dirname
 
 SEED_KEY = "seed"
 # Columns of the printed table; the CSV has every numeric metric of metrics.json.
@@ -203,8 +203,8 @@ def collect(directory: Path) -> list[Run]:
         for job in jobs:
             overrides = dict(parse_override(o) for o in job)
             if overrides not in started:
-                # Named as its directory would have been (Hydra's override_dirname: sorted overrides).
-                dirname = job_dirname(",".join(sorted(o for o in job if parse_override(o)[0] not in excluded)), "?")
+                # Named as its directory would have been: the overrides the sweep varies, sorted.
+                dirname = job_dirname(varying_dirname(job, swept_keys(str(sweep.resolve())), sorted(excluded)), "?")
                 name = (sweep.relative_to(root) / dirname).as_posix()
                 runs.append(Run(name, overrides, None, NOT_STARTED, "no job directory"))
     return runs
@@ -337,6 +337,7 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
     horizontal bars per group when no numeric key varies."""
     import logging
 
+    private_matplotlib_config()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,18 +374,41 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
 
 
 OUTPUT_NAMES = ("report.md", "report.csv", "report.png")
+_MPL_CONFIG = None  # the temporary directory matplotlib keeps its font cache in, removed when the process ends
 
 
-def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto") -> tuple[Report, str]:
-    """Build the report of `directory` and write report.md, report.csv and report.png into it."""
+def private_matplotlib_config() -> None:
+    """Point matplotlib's config and font cache at a temporary directory (removed at exit) before it is
+    imported, so that drawing a report writes nothing outside the report's directory (by default
+    matplotlib builds its font cache under ~/.cache/matplotlib). A MPLCONFIGDIR the user set is kept."""
+    import os
+    import sys
+    import tempfile
+
+    global _MPL_CONFIG
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
+        return
+    _MPL_CONFIG = tempfile.TemporaryDirectory(prefix="jacdistill-matplotlib-")
+    os.environ["MPLCONFIGDIR"] = _MPL_CONFIG.name
+
+
+def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto") -> tuple[Report, str, list[Path]]:
+    """Build the report of `directory` and write report.md, report.csv and, when a run finished,
+    report.png into it (a report.png of an earlier report is removed when none did: no empty plot).
+    Returns the report, its Markdown text and the files written."""
     report = build_report(directory)
     if metric not in report.metrics and any(r.metrics for r in report.runs):
         raise UsageError(f"metric={metric!r} is not allowed: it must be one of {', '.join(report.metrics)}")
     x_axis(report, x)  # a bad x stops before anything is written
     text = markdown(report)
     directory = Path(directory)
-    (directory / "report.md").write_text(text)
-    write_csv(report, directory / "report.csv")
-    draw(report, directory / "report.png", metric, x)
-    return report, text
-
+    written = [directory / "report.md", directory / "report.csv"]
+    written[0].write_text(text)
+    write_csv(report, written[1])
+    png = directory / "report.png"
+    if any(group.values(metric) for group in report.groups):
+        draw(report, png, metric, x)
+        written.append(png)
+    elif png.is_file():
+        png.unlink()
+    return report, text, written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,26 +15,83 @@ from omegaconf import DictConfig, OmegaConf
 from jacdistill_cli.errors import UsageError
 
 MAX_DIRNAME = 120
+SALIENCY_MODES = ("abs", "signed")  # how run/saliency.py draws the input-gradients (trainer.saliency)
 # Hydra's own sweeper runs each combination of values once, so its jobs' overrides are unique.
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
+def _parse(lines: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([str(line) for line in lines])
+
+
+def _values(override) -> int:
+    """How many values an override gives its key: 1 for a plain value, the count of a choice or range
+    sweep, 2 (more than one) for a sweep whose values are drawn (an interval)."""
+    if not override.is_sweep_override():
+        return 1
+    try:
+        return len(list(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - interval and other drawn sweeps: several values
+        return 2
+
+
+@functools.lru_cache(maxsize=32)
+def swept_keys(sweep_dir: str) -> frozenset[str] | None:
+    """The keys that take more than one value in the sweep at `sweep_dir`, read from the multirun.yaml
+    Hydra's basic sweeper writes there before its first job: the command line's overrides and the
+    config's hydra.sweeper.params (the command line wins for a key in both). None when unknown
+    (no such file: another sweeper, or not a sweep)."""
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    if not multirun.is_file():
+        return None
+    try:
+        cfg = OmegaConf.load(multirun)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+        lines = [f"{k}={v}" for k, v in params.items()]
+        lines += list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
+        counts = {override.key_or_group: _values(override) for override in _parse(lines)}
+    except Exception:  # noqa: BLE001 - an unreadable grid: the jobs are named by all their overrides
+        return None
+    return frozenset(key for key, count in counts.items() if count > 1)
+
+
+def varying_dirname(task: list[str], swept: frozenset[str] | None, exclude: list[str] = (),
+                    item_sep: str = ",", kv_sep: str = "=") -> str:
+    """Hydra's override_dirname of a job's overrides `task`, keeping only the keys the sweep varies
+    (all of them when `swept` is None) and leaving out `exclude`: `alpha=0.3,seed=1`."""
+    lines = sorted(o.input_line for o in _parse(task)
+                   if o.key_or_group not in exclude and (swept is None or o.key_or_group in swept))
+    return re.sub("=", kv_sep, item_sep.join(lines))
+
+
 def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
-    """A sweep job's directory name: its overrides (`alpha=0.3,jacobian=exact`), made safe for a file name.
+    """A sweep job's directory name: the overrides the sweep varies (`alpha=0.3,jacobian=exact`; a
+    constant one such as `trainer.epochs=1` is left out), made safe for a file name.
 
     TensorBoard names each run of a sweep directory by this name. It stays unique: a name whose
     characters had to be replaced, or that was cut to MAX_DIRNAME, ends in `~` and a short hash of the
-    overrides; under a sweeper other than Hydra's basic one (Optuna may draw the same values twice)
-    the job number comes first (`007,alpha=0.31`). A job with no overrides is named by its number.
+    overrides; under a sweeper other than Hydra's basic one (Optuna may draw the same values twice, and
+    which keys vary is not known in advance) the job number comes first and every override is kept
+    (`007,alpha=0.31`). A job whose overrides are all constant is named by its number.
     """
     original = str(override_dirname)
+    sweeper = OmegaConf.select(_root_, "hydra.sweeper._target_", default=None) if _root_ is not None else None
+    if _root_ is not None and sweeper in (None, BASIC_SWEEPER):
+        sweep_dir = OmegaConf.select(_root_, "hydra.sweep.dir", default=None)
+        swept = swept_keys(str(Path(sweep_dir).resolve())) if sweep_dir else None
+        if swept is not None:
+            dirname = OmegaConf.select(_root_, "hydra.job.config.override_dirname", default=None) or {}
+            original = varying_dirname(list(OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []),
+                                       swept, list(dirname.get("exclude_keys", None) or []),
+                                       dirname.get("item_sep", ","), dirname.get("kv_sep", "="))
     name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", original).strip("._")
     if not name:
         return str(job_num)
     if name != original or len(name) > MAX_DIRNAME:
         digest = hashlib.sha1(original.encode()).hexdigest()[:8]
         name = f"{name[:MAX_DIRNAME - 9]}~{digest}"
-    sweeper = OmegaConf.select(_root_, "hydra.sweeper._target_", default=None) if _root_ is not None else None
     if sweeper not in (None, BASIC_SWEEPER):
         name = f"{int(job_num):03d},{name}"
     return name
@@ -73,19 +131,49 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
 
-def select_device(name: str, local_rank: int | None = None):
-    """The training device; under torch.distributed each rank takes GPU `local_rank` (CPU ranks share the CPU)."""
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: Any, key: str = "trainer.device") -> str:
+    """A device setting's form, before any work: auto, cpu, cuda or cuda:N (whether the GPU exists is
+    select_device's question, asked when torch is imported)."""
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise UsageError(f"{key}={name!r} is not allowed: it must be one of auto, cpu, cuda, cuda:N "
+                         "(N: the index of a GPU torch sees)")
+    return name
+
+
+def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):
+    """The torch device of a setting: `auto` (the first GPU when torch sees one, else the CPU), `cpu`,
+    `cuda` or `cuda:N`; a GPU that torch does not see is refused in one line. Under torch.distributed
+    (`local_rank` given) each rank takes GPU `local_rank` (CPU ranks share the CPU)."""
     import torch
 
+    check_device_name(name, key)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None and torch.cuda.is_available():
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{key}={name!r} is not allowed: torch sees no CUDA GPU on this machine; "
+                             f"use {key}=auto or {key}=cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise UsageError(f"{key}={name!r} is not allowed: torch sees {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    if name == "cuda" and local_rank is not None:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("trainer.device='cuda' is not allowed: torch sees no CUDA GPU on this machine; "
-                         "use trainer.device=auto or trainer.device=cpu")
     return torch.device(name)
+
+
+def describe_device(device) -> str:
+    """The device in words for metrics.json: `cpu`, or the GPU's name (`cuda:0 (NVIDIA H200)`)."""
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.engine.jacobian import class_gradients
+from jacdistill_cli.run.runtime import SALIENCY_MODES
 
 TILE = 48  # pixels per image side in the grid: 8x8 digits are scaled up to be seen
 
@@ -56,29 +57,80 @@ def _rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1)
 
 
-def saliency_grid(inputs: Tensor, teacher_grads: Tensor, student_grads: Tensor, tile: int = TILE) -> Tensor:
-    """An image [3, 3 * (tile + 2) + 2, n * (tile + 2) + 2]: row 1 the inputs, row 2 the teacher's saliency, row 3 the
-    student's, one column per input. inputs and grads: [n, c, h, w] with c = 1 or 3 (or [n, d] flat,
-    drawn as a 1 x d strip). Saliency is |gradient|, the maximum over channels, each map scaled to [0, 1]."""
-    def as_images(x: Tensor) -> Tensor:
-        x = x.detach().float().cpu()
-        if x.dim() == 2:
-            x = x[:, None, None, :]
-        elif x.dim() == 3:
-            x = x[:, None]
-        return x
+LABEL_WIDTH = 56     # pixels left of the grid for the row labels
+CAPTION_HEIGHT = 14  # pixels under the grid for each column's cosine
+ROW_LABELS = ("input", "teacher", "student")
 
+
+def _maps(grads: Tensor, mode: str) -> Tensor:
+    """Saliency maps [n, 3, h, w] in [0, 1] of gradients [n, c, h, w]. `abs`: |gradient|, the maximum
+    over channels, scaled to [0, 1] per map (grey). `signed`: the gradient summed over channels, divided
+    by its largest magnitude per map, red where it is positive, blue where negative, white at zero."""
+    if mode == "abs":
+        return _rgb(_normalise(grads.abs().amax(1, keepdim=True)))
+    summed = grads.sum(1, keepdim=True)
+    scaled = summed / summed.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    positive, negative = scaled.clamp_min(0), (-scaled).clamp_min(0)
+    return torch.cat([1 - negative, 1 - positive - negative, 1 - positive], dim=1)
+
+
+def _as_images(x: Tensor) -> Tensor:
+    """[n, c, h, w] as it is; [n, d] as 1 x d strips; [n, h, w] with one channel."""
+    x = x.detach().float().cpu()
+    if x.dim() == 2:
+        x = x[:, None, None, :]
+    elif x.dim() == 3:
+        x = x[:, None]
+    return x
+
+
+def _labelled(grid: Tensor, tile: int, cosines: list[float]) -> Tensor:
+    """`grid` with the row labels (input, teacher, student) in a margin on its left and each column's
+    cosine of the teacher's and the student's gradients in a strip under it."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    _, height, width = grid.shape
+    canvas = Image.new("RGB", (LABEL_WIDTH + width, height + CAPTION_HEIGHT), (0, 0, 0))
+    pixels = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (LABEL_WIDTH, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for row, label in enumerate(ROW_LABELS):
+        draw.text((4, 2 + row * (tile + 2) + tile // 2), label, fill=(255, 255, 255), font=font, anchor="lm")
+    draw.text((4, height + CAPTION_HEIGHT // 2), "cosine", fill=(255, 255, 255), font=font, anchor="lm")
+    for column, cosine in enumerate(cosines):
+        draw.text((LABEL_WIDTH + 2 + column * (tile + 2) + tile // 2, height + CAPTION_HEIGHT // 2),
+                  f"{cosine:.2f}", fill=(255, 255, 255), font=font, anchor="mm")
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def saliency_grid(inputs: Tensor, teacher_grads: Tensor, student_grads: Tensor, tile: int = TILE,
+                  mode: str = "abs", labels: bool = True) -> Tensor:
+    """A grid of one column per input: row 1 the input, row 2 the teacher's saliency map, row 3 the
+    student's (_maps: `abs` or `signed`), each tile `tile` pixels square with 2 pixels between. inputs and
+    grads: [n, c, h, w] with c = 1 or 3 (or [n, d] flat, drawn as a 1 x d strip). With `labels`, the rows
+    are named in a margin of LABEL_WIDTH pixels on the left and each column's cosine of the two gradients
+    is written under it (CAPTION_HEIGHT pixels): [3, 3 * (tile + 2) + 2 + CAPTION_HEIGHT,
+    LABEL_WIDTH + n * (tile + 2) + 2]; without, [3, 3 * (tile + 2) + 2, n * (tile + 2) + 2]."""
     from torchvision.utils import make_grid
 
-    images = _rgb(_normalise(as_images(inputs)))
-    maps = [_rgb(_normalise(as_images(g).abs().amax(1, keepdim=True))) for g in (teacher_grads, student_grads)]
+    if mode not in SALIENCY_MODES:
+        raise ValueError(f"saliency mode {mode!r}: it must be one of {', '.join(SALIENCY_MODES)}")
+    teacher_grads, student_grads = _as_images(teacher_grads), _as_images(student_grads)
+    images = _rgb(_normalise(_as_images(inputs)))
+    maps = [_maps(g, mode) for g in (teacher_grads, student_grads)]
     tiles = torch.cat([F.interpolate(row, size=(tile, tile), mode="nearest") for row in (images, *maps)])
-    return make_grid(tiles, nrow=len(images), padding=2, pad_value=0.5)
+    grid = make_grid(tiles, nrow=len(images), padding=2, pad_value=0.5)
+    if not labels:
+        return grid
+    cosines = F.cosine_similarity(teacher_grads.flatten(1), student_grads.flatten(1), dim=1, eps=1e-12)
+    return _labelled(grid, tile, cosines.tolist())
 
 
-def saliency_image(student: nn.Module, teacher: nn.Module, inputs: Tensor) -> Tensor:
-    """The grid of saliency_grid, [3, 3 * (TILE + 2) + 2, n * (TILE + 2) + 2], for inputs [n, *input]:
-    both networks' input-gradients of the teacher's top class for each input."""
+def saliency_image(student: nn.Module, teacher: nn.Module, inputs: Tensor, mode: str = "abs") -> Tensor:
+    """The labelled grid of saliency_grid for inputs [n, *input]: both networks' input-gradients of the
+    teacher's top class for each input, drawn as `mode` (abs or signed)."""
     with torch.no_grad():
         top = teacher(inputs).argmax(1)
-    return saliency_grid(inputs, input_gradients(teacher, inputs, top), input_gradients(student, inputs, top))
+    return saliency_grid(inputs, input_gradients(teacher, inputs, top), input_gradients(student, inputs, top),
+                         mode=mode)

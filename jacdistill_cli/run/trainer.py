@@ -93,6 +93,39 @@ def reused_teacher_outputs(objective: Any, teacher: nn.Module, split: Any, batch
     return TeacherOutputs(torch.cat([p.logits for p in parts]), gradients)
 
 
+# The progress bar: "epoch 3/20  45%|████     | 8/17 00:01, total 0.8490  distill 0.0230  jacobian 1.0556",
+# the loss terms' running means shortened (names, then digits) until the line fits the terminal.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {remaining}{postfix}"
+SHORT_NAMES = {"total": "tot", "distill": "dist", "jacobian": "jac", "features": "feat"}
+MIN_BAR = 5  # characters of the bar itself that the line keeps
+
+
+def progress_postfix(means: dict[str, float], room: int) -> str:
+    """The running means as `total 0.8490  distill 0.0230 ...` (total first), shortened to fit in `room`
+    characters: full names with 4 decimals, short names (tot, dist, jac, feat), then 3 and 2 decimals."""
+    ordered = sorted(means.items(), key=lambda item: item[0] != "total")
+    text = ""
+    for short, digits in ((False, 4), (True, 4), (True, 3), (True, 2)):
+        text = "  ".join(f"{SHORT_NAMES.get(n, n) if short else n} {v:.{digits}f}" for n, v in ordered)
+        if len(text) <= room:
+            break
+    return text
+
+
+def progress_room(desc: str, total: int, file=None) -> int:
+    """Characters left for the loss terms on a BAR_FORMAT line as wide as the terminal of `file` (default
+    stderr; COLUMNS or 80 when it is none), less what tqdm puts before them (`, `) and the last column,
+    which tqdm keeps free. The rest of a line too long for the terminal is cut by tqdm: it never wraps."""
+    import os
+    import shutil
+
+    try:
+        columns = os.get_terminal_size((file or sys.stderr).fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = shutil.get_terminal_size((80, 24)).columns
+    return columns - 1 - len(f"{desc} 100%|{' ' * MIN_BAR}| {total}/{total} 00:00, ")
+
+
 def interactive() -> bool:
     """Progress bars only when a person watches: stderr is a terminal."""
     return sys.stderr.isatty()
@@ -101,15 +134,16 @@ def interactive() -> bool:
 def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data: DataBundle, *, epochs: int,
         batch_size: int, eval_batch_size: int, optim: Any, device: torch.device, logger: RunLogger,
         generator: torch.Generator, num_workers: int = 0, prefix: str = "",
-        eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, progress: bool | None = None,
+        eval_every: int = 1, saliency_inputs: torch.Tensor | None = None, saliency: str = "abs",
+        progress: bool | None = None,
         objective_parameters: Iterable[nn.Parameter] = (), checkpoint: Checkpointer | None = None,
         world: World = SINGLE, precision: Precision | None = None,
         reused: TeacherOutputs | None = None) -> dict[str, float]:
     """Train `student` on data.train; log every loss term per step under `prefix`, and every
     `eval_every` epochs (and after the last) the val metrics and, with a teacher, the saliency maps of
-    `saliency_inputs` [n, *input]. A progress bar with the running loss terms shows each epoch when
-    `progress` (default: stderr is a terminal). Returns the last val metrics with steps, epochs,
-    train_seconds, samples_per_second.
+    `saliency_inputs` [n, *input] (maps drawn as `saliency`: abs or signed). A progress bar with the
+    running loss terms shows each epoch when `progress` (default: stderr is a terminal). Returns the last
+    val metrics with steps, epochs, train_seconds, samples_per_second.
 
     With a `checkpoint`, training continues from its last.pt (if it has one), saves last.pt every
     epoch (and every `every_steps` steps) and stops at the next step boundary when a signal arrives.
@@ -143,8 +177,9 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
             else:
                 at.running = {}
             at.epoch_start_generator = generator.get_state()
-            bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"{prefix}epoch {epoch}/{epochs}", leave=False,
-                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            desc = f"{prefix}epoch {epoch}/{epochs}"
+            bar = tqdm(total=batches_per_epoch, initial=skip, desc=desc, leave=False, disable=not progress,
+                       file=sys.stderr, dynamic_ncols=True, bar_format=BAR_FORMAT)
             for index, (inputs, labels, *samples) in enumerate(batches(
                     data.train, batch_size, True, generator, device, num_workers, indices=reused is not None)):
                 if index < skip:
@@ -176,7 +211,8 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
                     at.running[name] = at.running.get(name, 0.0) + v
                 if progress:
                     bar.update()
-                    bar.set_postfix({name: f"{v / bar.n:.4f}" for name, v in at.running.items()}, refresh=False)
+                    bar.set_postfix_str(progress_postfix({name: v / bar.n for name, v in at.running.items()},
+                                                         progress_room(desc, batches_per_epoch)), refresh=False)
                 if checkpoint is not None:
                     at.train_seconds += time.perf_counter() - started
                     started = time.perf_counter()
@@ -192,7 +228,7 @@ def fit(student: nn.Module, teacher: nn.Module | None, objective: Callable, data
                 logger.scalars({f"{prefix}val/{name}": v for name, v in val.items()}, at.step)
                 if world.main and teacher is not None and saliency_inputs is not None:
                     logger.image(f"{prefix}saliency/input_teacher_student",
-                                 saliency_image(evaluated, teacher, saliency_inputs), at.step)
+                                 saliency_image(evaluated, teacher, saliency_inputs, saliency), at.step)
                 summary += "  " + "  ".join(f"val_{name} {v:.4f}" for name, v in val.items())
             log.info(f"{prefix}epoch {epoch}/{epochs}  {summary}")
             at.epoch, at.batch = epoch + 1, 0

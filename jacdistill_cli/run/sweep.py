@@ -1,0 +1,57 @@
+"""What a multirun does around its jobs: says where its sweep directory is when it starts and when it
+ends, and leaves the sweep's report and its TensorBoard experiment summary there.
+
+A Hydra callback (conf/train.yaml, `hydra.callbacks.sweep`), called in the process that launches the
+jobs, whichever launcher runs them. When a job fails (Hydra then stops the sweep with an error) or the
+sweep is interrupted, the same is done as the process exits, for the jobs that ran.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class SweepReport(Callback):
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+        self.sweep_dir: Path | None = None
+        self.finished = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        self.finished = False
+        print(f"jacdistill {config.hydra.job.name}: sweep directory {self.sweep_dir}", flush=True)
+        atexit.register(self.finish, config.hydra.job.name, ended="the sweep ended early")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.finish(config.hydra.job.name)
+        atexit.unregister(self.finish)
+
+    def finish(self, command: str, ended: str = "") -> None:
+        """Write the sweep's report and experiment summary, then say where they are (once)."""
+        if self.finished or self.sweep_dir is None or not self.sweep_dir.is_dir():
+            return
+        self.finished = True
+        prefix = f"jacdistill {command}:"
+        if self.report:
+            from jacdistill_cli.errors import UsageError
+            from jacdistill_cli.run.report import write_report
+
+            try:
+                _, text, written = write_report(self.sweep_dir)
+                print(f"\n{text}\n{prefix} written: {', '.join(str(path) for path in written)}", flush=True)
+            except UsageError as err:  # no run of the sweep got as far as its directory
+                print(f"{prefix} no report: {err}", file=sys.stderr, flush=True)
+        try:
+            from jacdistill_cli.run.logger import write_sweep_experiment
+
+            write_sweep_experiment(self.sweep_dir)
+        except Exception as err:  # noqa: BLE001 - TensorBoard then builds the experiment from the runs
+            print(f"{prefix} no TensorBoard experiment summary: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{prefix} sweep directory {self.sweep_dir}" + (f" ({ended})" if ended else ""), flush=True)

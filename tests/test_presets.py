@@ -181,9 +181,9 @@ def test_the_multistep_schedule_is_the_benchmarks_and_bad_milestones_are_one_lin
     from jacdistill_cli.run.trainer import make_optimizer
 
     cfg = compose_job(["optim=sgd", "optim.schedule=multistep", "optim.milestones=[150,180,210]"])
-    settings.validate_optim(cfg)
+    optim = settings.validate_optim(cfg)
     base = OmegaConf.to_container(cfg)
-    optimizer, schedule = make_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim, 240)
+    optimizer, schedule = make_optimizer([torch.zeros(1, requires_grad=True)], optim, 240)
     rates = []  # the rate each epoch (1..240) trains with; the trainer steps the schedule after an epoch
     for _ in range(240):
         rates.append(optimizer.param_groups[0]["lr"])

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import UsageError
 
-MODEL_GROUPS = ("teacher", "student")
+MODEL_GROUPS = ("teacher", "student", "loss", "jacobian", "features", "optim", "dataset")   # built by _target_
 
 
 def dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -33,15 +33,18 @@ def dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def model_settings(base: DictConfig, group: str) -> list[str]:
-    """The settings the builder of the model selected in `group` takes (besides its yaml's keys)."""
-    import inspect
+    """The keyword settings the `_target_` of the option selected in `group` takes (besides its yaml's keys)."""
+    from jacdistill_cli.config.registry import accepted_keys, locate
 
-    from jacdistill_cli.zoo.models import MODELS
-
-    builder = MODELS.get(OmegaConf.select(base, f"{group}.name", default=None))
-    if builder is None:
+    node = OmegaConf.select(base, group, default=None)
+    if not isinstance(node, DictConfig) or not isinstance(node.get("_target_"), str):
         return []
-    return [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
+    try:
+        target = locate(group, node)
+    except UsageError:
+        return []
+    names, _ = accepted_keys(target, ("input_shape", "num_classes"))
+    return names
 
 
 def nearest(key: str, candidates: Iterable[str]) -> str:

@@ -101,13 +101,22 @@ def shipped_options(group: str) -> dict[str, str]:
 
 
 def check_name(group: str, node: Any) -> None:
-    """A shipped option's name labels its own target only."""
+    """`name` labels the node's own target: a shipped option's name (or the name of the function it
+    calls) labels nothing else, so that `optim.name=adamw` on `optim=adam` never trains with Adam."""
     name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+    target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
     options = shipped_options(group)
-    if name is not None and name in options and options[name] != node.get("_target_"):
+    if name is None or not options:
+        return
+    if name in options and options[name] != target:
         raise setting_error(f"{group}.name", name, f"{group}={name} is the option that builds {options[name]}, but "
-                            f"this node builds {node.get('_target_')}; choose the option with {group}={name} "
+                            f"this node builds {target}; choose the option with {group}={name} "
                             f"(options: {', '.join(sorted(options))}) or set {group}._target_")
+    own = {option for option, built in options.items() if built == target}
+    if own and name not in own and name != str(target).rsplit(".", 1)[-1]:
+        raise setting_error(f"{group}.name", name, f"this node builds {target}, the option "
+                            f"{' or '.join(sorted(own))}; choose an option with {group}=NAME "
+                            f"(options: {', '.join(sorted(options))}) or set {group}._target_ to your own")
 
 
 def label(group: str, node: Any) -> str:

@@ -59,9 +59,9 @@ def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
     # The data-path row: the training batches of the default dataset against the fastest benched step.
     row = saved["data_path"]
     assert (row["dataset"], row["batches"], row["batch_size"], row["split"]) == ("digits", 200, 4, "TensorSplit")
-    plain_kd = 1000 / rows["plain KD (jacobian=none)"]["median_ms"]
-    assert row["fastest_step"] == "10 classes: plain KD (jacobian=none)"
-    assert row["x_fastest_step"] == pytest.approx(row["batches_per_second"] / plain_kd)
+    fastest = min(rows, key=lambda name: rows[name]["median_ms"])   # plain KD or noise, whichever timed faster
+    assert row["fastest_step"] == f"10 classes: {fastest}"
+    assert row["x_fastest_step"] == pytest.approx(row["batches_per_second"] * rows[fastest]["median_ms"] / 1000)
     assert any(line.startswith("data path: dataset=digits training split (1079 samples of 1x8x8")
                for line in out.splitlines())
 

@@ -104,3 +104,18 @@ def test_check_refuses_bad_settings_in_one_line(override, message, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "check.json").exists()
+
+
+def test_check_under_bf16_reports_each_methods_error_within_its_tolerance(tmp_path, capsys):
+    """`check trainer.precision=bf16`: the input-gradients computed by float32 copies under autocast(bf16)
+    against the float64 reference, a column and a stated tolerance; passes on a CNN student with BatchNorm."""
+    from jacdistill_cli.proofs.verify import PRECISION_TOLERANCE
+
+    run_command("check", ["student=cnn", "methods=[top1,exact]", "features=none", "trainer.precision=bf16"],
+                tmp_path)
+    out = capsys.readouterr().out
+    assert "error at bf16" in out and f"tolerance {PRECISION_TOLERANCE['bf16']}" in out
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["passed"]
+    for method in report["methods"]:
+        assert method["precision"] == "bf16" and 0 < method["precision_error"] <= PRECISION_TOLERANCE["bf16"]

@@ -51,7 +51,7 @@ def test_an_optimiser_name_that_does_not_match_its_target_is_refused():
 
 def test_a_multistep_schedule_steps_at_its_milestones():
     optim = settings.validate_optim(compose_train("optim=sgd", "optim.schedule=multistep",
-                                                  "+optim.milestones=[2,3]", "+optim.gamma=0.1"))
+                                                  "optim.milestones=[2,3]", "optim.gamma=0.1"))
     optimizer, schedule = make_optimizer([torch.nn.Parameter(torch.zeros(2))], optim, epochs=4)
     rates = []
     for _ in range(4):

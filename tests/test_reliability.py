@@ -159,7 +159,7 @@ def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path
         (run / ".hydra" / "overrides.yaml").write_text(f"- alpha={alpha}\n")
         (run / "metrics.json").write_text(f'{{"test_accuracy": {accuracy}}}\n')
     (hydra_run(tmp_path / "c") / ".hydra" / "overrides.yaml").write_text("- alpha=[\n  - : x\n")
-    report, text = write_report(tmp_path)
+    report, text, _ = write_report(tmp_path)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| 0.")}
     assert "| nan |" in rows["0.1"].replace("  ", " ") and "0.5000" in rows["0.3"]
     assert "c: unreadable (.hydra/overrides.yaml is not valid YAML" in text

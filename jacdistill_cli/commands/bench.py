@@ -63,12 +63,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         "naive": name_list(cfg, "naive", list(NAIVE_VARIANTS)),
         "device": settings.choice(cfg, "device", settings.DEVICES),
         "seed": settings.integer(cfg, "seed", low=0, allowed="it must be an integer >= 0"),
-        "precision": str(cfg.trainer.precision),
+        "precision": settings.precision(cfg),
     }
-    from jacdistill_cli.run.precision import PRECISIONS
-
-    if checked["precision"] not in PRECISIONS:
-        raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
     if len(checked["input_shape"]) != 3:
         raise setting_error("input_shape", checked["input_shape"], "it must be [channels, height, width], e.g. "
                             "[3,32,32]")

@@ -43,10 +43,7 @@ def validate(cfg: DictConfig) -> list[str]:
     settings.integer(cfg, "batch_size", low=2, allowed="it must be an integer >= 2")
     settings.choice(cfg, "device", settings.DEVICES)
     settings.validate_methods(cfg)
-    from jacdistill_cli.run.precision import PRECISIONS
-
-    if str(cfg.trainer.precision) not in PRECISIONS:
-        raise setting_error("trainer.precision", cfg.trainer.precision, f"it must be one of {', '.join(PRECISIONS)}")
+    settings.precision(cfg)
     return selected_methods(cfg)
 
 

@@ -63,12 +63,7 @@ def validate_trainer(cfg: DictConfig) -> None:
 
     check_device_name(value(cfg, "trainer.device"), "trainer.device")  # auto, cpu, cuda or cuda:N
     integer(cfg, "trainer.devices", low=1, allowed="it must be an integer >= 1 (processes of data-parallel training)")
-    from jacdistill_cli.run.precision import PRECISIONS
-
-    precision = str(value(cfg, "trainer.precision"))
-    if precision not in PRECISIONS:
-        raise setting_error("trainer.precision", value(cfg, "trainer.precision"),
-                            f"it must be one of {', '.join(PRECISIONS)}")
+    precision(cfg)
     if flag(cfg, "trainer.sync_batchnorm") and OmegaConf.select(cfg, "jacobian.batchnorm") == "batch":
         raise setting_error("trainer.sync_batchnorm", True, "with jacobian.batchnorm=batch the per-sample Jacobians "
                             "hold each rank's own BatchNorm statistics; use jacobian.batchnorm=running or coupled "
@@ -76,6 +71,16 @@ def validate_trainer(cfg: DictConfig) -> None:
     if value(cfg, "trainer.devices") > 1 and OmegaConf.select(cfg, "jacobian.strategy") == "func":
         raise setting_error("jacobian.strategy", "func", "with trainer.devices > 1 the student runs inside "
                             "DistributedDataParallel, which torch.func cannot trace; use loop, batched or auto")
+
+
+def precision(cfg: DictConfig) -> str:
+    """`trainer.precision` (train, check and bench): 32, bf16 or 16 (Hydra reads 16 and 32 as integers)."""
+    from jacdistill_cli.run.precision import PRECISIONS
+
+    raw = value(cfg, "trainer.precision")
+    if str(raw) not in PRECISIONS:
+        raise setting_error("trainer.precision", raw, f"it must be one of {', '.join(PRECISIONS)}")
+    return str(raw)
 
 
 def existing_file(cfg: DictConfig, key: str) -> None:

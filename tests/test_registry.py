@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch

@@ -206,3 +206,46 @@ def test_sigusr1_requeues_under_slurm(tmp_path, monkeypatch):
         "SLURM_JOB_ID=4242 is set but scontrol is not on PATH: the job is not requeued")
     monkeypatch.delenv("SLURM_JOB_ID")
     assert resume.requeue_under_slurm() is None
+
+
+def test_save_every_epochs_saves_every_nth_epoch_the_last_and_on_a_signal(tmp_path):
+    """trainer.save_every_epochs=3 over 7 epochs of 2 steps: last.pt after epochs 3, 6 and 7; with
+    save_every_steps=2 every second step saves too, except at an epoch's end that saves anyway; a signal
+    (real, to this process) saves at the next boundary whatever the policy, then stops the run."""
+    student = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+    def saved_at() -> tuple[int, int] | None:
+        if not (tmp_path / resume.LAST).exists():
+            return None
+        progress = torch.load(tmp_path / resume.LAST, weights_only=True)["progress"]
+        return progress["epoch"], progress["step"]
+
+    def train(every_steps: int | None, signals: resume.Signals, stop_at: int | None = None) -> list:
+        (tmp_path / resume.LAST).unlink(missing_ok=True)
+        checkpoint = resume.Checkpointer(tmp_path, every_steps=every_steps, every_epochs=3, epochs=7,
+                                         generators={}, modules={}, best_payload=lambda val: {}, signals=signals)
+        saves = []
+        with signals, signals.deferring(raise_pending=False):
+            for epoch in range(1, 8):
+                for batch in range(2):
+                    checkpoint.progress.step += 1
+                    if checkpoint.progress.step == stop_at:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    checkpoint.after_step(student, optimizer, schedule, end_of_epoch=batch == 1)
+                    saves.append(saved_at())
+                checkpoint.progress.epoch = epoch + 1
+                checkpoint.after_epoch(student, optimizer, schedule, val=None)
+                saves.append(saved_at())
+        return saves
+
+    by_epochs = train(None, resume.Signals())
+    assert sorted({s for s in by_epochs if s is not None}) == [(4, 6), (7, 12), (8, 14)]
+    assert by_epochs[8] == (4, 6) and by_epochs[7] is None   # written after epoch 3 ends, not before
+    by_steps = train(2, resume.Signals())
+    assert sorted({s for s in by_steps if s is not None}) == [(1, 2), (2, 4), (4, 6), (4, 8), (5, 10),
+                                                             (7, 12), (8, 14)]
+    with pytest.raises(resume.Interrupted) as stopped:
+        train(None, resume.Signals(), stop_at=5)   # step 5: epoch 3's first step, which does not save
+    assert stopped.value.signum == signal.SIGTERM and saved_at() == (3, 5)

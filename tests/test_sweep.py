@@ -332,7 +332,6 @@ def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients()
 
 
 def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path, monkeypatch):
-    from omegaconf import OmegaConf
 
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
     from jacdistill_cli.run.logger import RunLogger

@@ -323,6 +323,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
         batch_generator = torch.Generator().manual_seed(cfg.seed)
         checkpoint = resume.Checkpointer(
             run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
+            every_epochs=OmegaConf.select(cfg, "trainer.save_every_epochs", default=1), epochs=cfg.trainer.epochs,
             generators={"batches": batch_generator, "objective": generator},
             modules={"features": feature_matching} if feature_matching is not None else {},
             best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),

@@ -132,7 +132,6 @@ def check_feature_gradients(matching: FeatureMatching, student: nn.Module, teach
     with torch.no_grad():
         calls = {c.path: c for c in probe_calls(student, input_shape, inputs.device, inputs.dtype)}
     deepest = max((p.student_path for p in matching.pairs), key=lambda path: calls[path].ended)
-    del calls
     expected = parameters_up_to(student, deepest, input_shape, inputs.device, inputs.dtype)
     named = dict(student.named_parameters())
     regressor = list(matching.parameters())

@@ -43,13 +43,15 @@ SELECT_MODES = ("last", "best")
 # Settings that cannot change a run's results: a directory's run continues (or is skipped as
 # finished) when only these differ. The device is not among them: a GPU's random streams and
 # arithmetic differ from a CPU's, so a run moved to another device is another run.
-NEUTRAL_KEYS = ("cache_dir", "trainer.resume", "trainer.save_every_steps", "trainer.threads", "trainer.num_workers")
+NEUTRAL_KEYS = ("cache_dir", "trainer.resume", "trainer.save_every_steps", "trainer.save_every_epochs",
+                "trainer.threads", "trainer.num_workers")
 SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
 STATE_VERSION = 1
 
 
 def validate(cfg: DictConfig) -> None:
-    """trainer.resume, trainer.select, trainer.save_every_steps; one line for a bad value."""
+    """trainer.resume, trainer.select, trainer.save_every_steps, trainer.save_every_epochs; one line for a bad
+    value."""
     from jacdistill_cli.config.settings import choice
 
     choice(cfg, "trainer.resume", RESUME_MODES)
@@ -58,6 +60,10 @@ def validate(cfg: DictConfig) -> None:
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise setting_error("trainer.save_every_steps", every,
                             "it must be null (every epoch only) or an integer >= 1")
+    every = OmegaConf.select(cfg, "trainer.save_every_epochs", default=1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise setting_error("trainer.save_every_epochs", every, "it must be an integer >= 1 (the last epoch saves "
+                            "in any case)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +329,7 @@ class Checkpointer:
     the student checkpoint to keep as best.pt, given its validation metrics.
     """
 
-    def __init__(self, run_dir: Path, *, every_steps: int | None,
+    def __init__(self, run_dir: Path, *, every_steps: int | None, every_epochs: int = 1, epochs: int | None = None,
                  generators: dict[str, torch.Generator], modules: dict[str, torch.nn.Module],
                  best_payload: Callable[[dict[str, float]], dict[str, Any]], signals: Signals,
                  flush: Callable[[], None] = lambda: None, state: dict[str, Any] | None = None,
@@ -331,6 +337,8 @@ class Checkpointer:
         self.path = run_dir / LAST
         self.best_path = run_dir / BEST
         self.every_steps = every_steps
+        self.every_epochs = every_epochs   # last.pt after every N-th epoch and after the last (`epochs`)
+        self.epochs = epochs
         self.generators = generators
         self.modules = modules
         self.best_payload = best_payload
@@ -380,23 +388,31 @@ class Checkpointer:
             "random": random_states(), "best": dict(self.best),
         }, self.path)
 
+    def saves_after(self, epoch: int) -> bool:
+        """Whether last.pt is written when epoch `epoch` (1-based) ends."""
+        return epoch % self.every_epochs == 0 or epoch == self.epochs
+
     def after_step(self, student, optimizer, schedule, end_of_epoch: bool) -> None:
-        """Save every `every_steps` steps (the epoch's end saves anyway); stop on a pending signal."""
-        due = self.every_steps is not None and self.progress.step % self.every_steps == 0 and not end_of_epoch
+        """Save every `every_steps` steps (unless the epoch's end is about to); stop on a pending signal."""
+        due = (self.every_steps is not None and self.progress.step % self.every_steps == 0
+               and not (end_of_epoch and self.saves_after(self.progress.epoch)))
         pending = self.pending()
         if due or pending is not None:
             self.save(student, optimizer, schedule)
         self.check(pending)
 
     def after_epoch(self, student, optimizer, schedule, val: dict[str, float] | None) -> None:
-        """Keep best.pt when the validation accuracy improved, then save last.pt."""
+        """Keep best.pt when the validation accuracy improved, then save last.pt (when this epoch saves, or a
+        signal is pending)."""
         if val is not None and (self.best["val_accuracy"] is None or val["accuracy"] > self.best["val_accuracy"]):
             if self.world.main:
                 atomic_save(self.best_payload(val), self.best_path)
             self.best = {"val_accuracy": val["accuracy"], "epoch": self.progress.epoch - 1,
                          "step": self.progress.step}
-        self.save(student, optimizer, schedule)
-        self.check(self.pending())
+        pending = self.pending()
+        if self.saves_after(self.progress.epoch - 1) or pending is not None:
+            self.save(student, optimizer, schedule)
+        self.check(pending)
 
     def pending(self) -> int | None:
         """The signal to stop on: this process's, or under torch.distributed any rank's (all stop at the

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 
 import ddp_step
 from jacdistill_cli.run import distributed
@@ -33,8 +34,8 @@ def test_one_step_on_two_ranks_equals_one_process_on_the_global_batch():
 @pytest.mark.slow
 def test_train_on_two_processes_writes_one_run_directory(cli, tmp_path):
     run_dir = tmp_path / "run"
-    result = cli("train", "trainer.devices=2", "trainer.device=cpu", "trainer.epochs=1", "teacher.epochs=2",
-                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = cli("train", "recipe=kd_jacobian", "trainer.devices=2", "trainer.device=cpu", "trainer.epochs=1",
+                 "teacher.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0 <= metrics["test_accuracy"] <= 1
@@ -44,3 +45,9 @@ def test_train_on_two_processes_writes_one_run_directory(cli, tmp_path):
     events.Reload()
     steps = [e.step for e in events.Scalars("loss/total")]
     assert steps == sorted(set(steps)) and len(steps) == metrics["steps"]
+    # Hydra's choices reach the workers: the recipe is a hyperparameter as in one process, and the run ends
+    # with the single run's summary table (printed once, by rank 0).
+    start = metadata.parse_session_start_info_plugin_data(
+        events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["recipe"].string_value == "kd_jacobian"
+    assert result.stdout.count("test accuracy") == 1 and result.stdout.splitlines()[-1] == f"run directory: {run_dir}"

@@ -186,9 +186,14 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
 
     from jacdistill_cli.run import distributed
 
+    from hydra.core.hydra_config import HydraConfig
+
+    # Hydra's own config (the groups chosen, the run mode) goes along: the workers' HPARAMS name the recipe
+    # and preset as a one-process run's do, and rank 0 ends a single run with its summary table.
+    hydra_cfg = HydraConfig.instance().cfg if HydraConfig.initialized() else None
     try:
-        return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), claim, command),
-                                  cfg.trainer.devices)
+        return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), claim, command,
+                                           hydra_cfg), cfg.trainer.devices)
     except ChildFailedError as err:
         metrics = run_dir / "metrics.json"
         if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "interrupted":
@@ -197,11 +202,15 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
         raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") from None
 
 
-def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str) -> float:
+def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str, hydra_cfg: DictConfig | None = None) -> float:
     """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
     import logging
     import sys
 
+    from hydra.core.hydra_config import HydraConfig
+
+    if hydra_cfg is not None:
+        HydraConfig.instance().set_config(hydra_cfg)
     from jacdistill_cli.errors import UsageError as Usage
     from jacdistill_cli.run import distributed, resume
 

@@ -1,9 +1,17 @@
 """Data-parallel training on torch.distributed (gloo, 2 CPU processes) equals one process on the same
-global batch, and `trainer.devices=2` runs end to end through the console script."""
+global batch, and `trainer.devices=2` runs end to end through the console script, stopped by signals and
+resumed."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata
 
 import ddp_step
-from jacdistill_cli.run import distributed
+from conftest import run_cli
+from jacdistill_cli.run import distributed, resume
 
 
 @pytest.mark.slow
@@ -31,16 +40,27 @@ def test_one_step_on_two_ranks_equals_one_process_on_the_global_batch():
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(ranked["top1"], initial))
 
 
+ARGS = ["recipe=kd_jacobian", "trainer.devices=2", "trainer.device=cpu", "trainer.epochs=4", "teacher.epochs=2"]
+NOT_RESULTS = {"train_seconds", "samples_per_second", "teacher_source"}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, teacher_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """`jacdistill train trainer.devices=2` never interrupted: its directory and its output."""
+    cwd = tmp_path_factory.mktemp("two_processes")
+    run_dir = cwd / "run"
+    return run_dir, run_cli("train", *ARGS, f"hydra.run.dir={run_dir}", cwd=cwd,
+                            env={"JACDISTILL_CACHE": str(teacher_cache)})   # set before the autouse fixture
+
+
 @pytest.mark.slow
-def test_train_on_two_processes_writes_one_run_directory(cli, tmp_path):
-    run_dir = tmp_path / "run"
-    result = cli("train", "recipe=kd_jacobian", "trainer.devices=2", "trainer.device=cpu", "trainer.epochs=1",
-                 "teacher.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def test_train_on_two_processes_writes_one_run_directory(two_process_run):
+    run_dir, result = two_process_run
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
     events = EventAccumulator(str(run_dir))
     events.Reload()
     steps = [e.step for e in events.Scalars("loss/total")]
@@ -51,3 +71,43 @@ def test_train_on_two_processes_writes_one_run_directory(cli, tmp_path):
         events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["recipe"].string_value == "kd_jacobian"
     assert result.stdout.count("test accuracy") == 1 and result.stdout.splitlines()[-1] == f"run directory: {run_dir}"
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_launching_process_stops_both_workers_and_the_run_resumes(two_process_run, tmp_path):
+    """SIGUSR1 (passed on to the workers by the launching process) and then SIGTERM (by torch's agent):
+    each time one line says how to resume, with the signal's exit status; the run resumed to its end
+    equals the run never interrupted, bit for bit."""
+    reference, _ = two_process_run
+    run_dir = tmp_path / "run"
+    command = [str(Path(sys.executable).with_name("jacdistill")), "train", *ARGS, "trainer.save_every_steps=1",
+               f"hydra.run.dir={run_dir}"]
+    last, saved = run_dir / resume.LAST, 0
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (last.exists() and last.stat().st_mtime_ns > saved):   # training, past a save
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        saved = last.stat().st_mtime_ns   # as the stopped run left it (it saves again on the way out)
+        assert process.returncode == 128 + signum, stderr
+        said = [line for line in stderr.splitlines() if not line.startswith("[")]   # not the workers' log lines
+        assert len(said) == 1 and said[0].startswith(
+            f"jacdistill train: interrupted by {signal.Signals(signum).name} at epoch "), stderr
+        assert shlex.split(said[0].split("resume with: ", 1)[1])[1:] == command[1:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "interrupted" and metrics["signal"] == signal.Signals(signum).name
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    def results(directory: Path) -> dict:
+        metrics = json.loads((directory / "metrics.json").read_text())
+        return {k: v for k, v in metrics.items() if k not in NOT_RESULTS}
+
+    assert results(run_dir) == results(reference) and results(run_dir)["status"] == "finished"
+    ours, theirs = (torch.load(d / "student.pt", weights_only=True)["state_dict"] for d in (run_dir, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

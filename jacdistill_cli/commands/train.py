@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,28 +184,61 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
     directory's lock and waits. A worker's one-line error or interruption is this command's."""
     import json
 
+    import time
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from jacdistill_cli.run import distributed
+    from jacdistill_cli.run import distributed, resume
 
     from hydra.core.hydra_config import HydraConfig
 
     # Hydra's own config (the groups chosen, the run mode) goes along: the workers' HPARAMS name the recipe
     # and preset as a one-process run's do, and rank 0 ends a single run with its summary table.
     hydra_cfg = HydraConfig.instance().cfg if HydraConfig.initialized() else None
-    try:
-        return distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), claim, command,
-                                           hydra_cfg), cfg.trainer.devices)
-    except ChildFailedError as err:
+    started = time.time_ns()
+
+    def interrupted_now() -> bool:
+        """Whether rank 0 recorded an interruption of this launch (and said how to resume)."""
         metrics = run_dir / "metrics.json"
-        if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "interrupted":
+        return (metrics.is_file() and metrics.stat().st_mtime_ns >= started
+                and json.loads(metrics.read_text()).get("status") == resume.INTERRUPTED)
+
+    try:
+        # SIGINT and SIGTERM reach the workers through torch's agent, SIGUSR1 (SLURM's warning before a time
+        # limit) is forwarded: rank 0 saves at the next step, as one process does, and requeues under SLURM.
+        result = distributed.launch(worker, (OmegaConf.to_yaml(cfg, resolve=True), str(run_dir), claim, command,
+                                             hydra_cfg), cfg.trainer.devices, forward=FORWARDED)
+    except SignalException as err:   # the agent stopped the workers with the signal this process got
+        if not interrupted_now():   # stopped before training began: this process says so
+            stopped(cfg, run_dir, resume.Interrupted(int(err.sigval)), command)
+        raise SystemExit(128 + int(err.sigval)) from None
+    except ChildFailedError as err:
+        if interrupted_now():
             codes = [f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 128]
             raise SystemExit(codes[0] if codes else 1) from None   # rank 0 said how to resume
         raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") from None
+    if isinstance(result, WorkerStopped):
+        raise SystemExit(128 + result.signum)
+    return result
 
 
-def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str, hydra_cfg: DictConfig | None = None) -> float:
+# The signals the launching process of trainer.devices=N passes on to its workers itself; torch's agent
+# stops them with the others it gets (SIGINT, SIGTERM, SIGHUP, SIGQUIT).
+FORWARDED = (signal.SIGUSR1,)
+
+
+@dataclass(frozen=True)
+class WorkerStopped:
+    """What a worker of `trainer.devices=N` returns when a signal stopped it (rank 0 has recorded it)."""
+
+    signum: int
+
+
+def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str,
+           hydra_cfg: DictConfig | None = None) -> float | WorkerStopped:
     """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
+    import contextlib
     import logging
     import sys
 
@@ -223,8 +258,13 @@ def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str, hydra_cfg: Dic
             return train(cfg, Path(run_dir), world, signals, claim)
         except resume.Interrupted as stop:
             if world.main:
-                stopped(cfg, Path(run_dir), stop, command)
-            raise SystemExit(128 + int(stop.signum)) from None
+                with contextlib.suppress(SystemExit):   # the launching process exits with the status
+                    stopped(cfg, Path(run_dir), stop, command)
+            if stop.signum in FORWARDED:
+                # Passed on by the launching process, whose agent is waiting for the workers' results (and takes a
+                # non-zero exit for a failure, which it reports at length).
+                return WorkerStopped(int(stop.signum))
+            raise SystemExit(128 + int(stop.signum)) from None   # the agent is stopping the workers: it waits for exits
         except Usage as err:
             print(f"jacdistill train: error: {err}", file=sys.stderr)
             raise

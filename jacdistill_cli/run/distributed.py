@@ -120,13 +120,43 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def launch(worker: Callable[..., Any], args: tuple, processes: int, run_id: str | None = None) -> Any:
+# torch's agent logs each step of stopping its workers at WARNING; the workers say what happened to the run.
+AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
+
+
+def launch(worker: Callable[..., Any], args: tuple, processes: int, run_id: str | None = None,
+           forward: tuple[int, ...] = ()) -> Any:
     """Run `worker(*args)` in `processes` local processes through torch's elastic launcher (what
-    `torchrun --standalone --nproc-per-node=N` does); returns rank 0's return value."""
+    `torchrun --standalone --nproc-per-node=N` does); returns rank 0's return value.
+
+    torch's agent stops the workers with the signal it gets for SIGINT, SIGTERM, SIGHUP and SIGQUIT (then
+    raises its SignalException here); the signals in `forward` (SIGUSR1, which it leaves alone) are passed
+    on to the workers as they are, and the launch ends as the workers do."""
+    import contextlib
+    import logging
+    import multiprocessing
+    import signal
+
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    def forward_to_workers(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():   # the agent's workers: spawned by this process
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=run_id or uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
-    results = elastic_launch(config, worker)(*args)
+    previous = {signum: signal.signal(signum, forward_to_workers) for signum in forward}
+    quiet = [] if "LOGLEVEL" in os.environ else [logging.getLogger(name) for name in AGENT_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        results = elastic_launch(config, worker)(*args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     return results[0]

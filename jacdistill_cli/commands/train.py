@@ -48,13 +48,9 @@ NOT_HPARAMS = {"cache_dir"}
 
 def compact(node: DictConfig) -> str:
     """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
-    from jacdistill_cli.zoo.models import architecture
+    from jacdistill_cli.zoo.models import architecture, describe
 
-    settings = architecture(node)
-    name = label("model", settings)
-    settings.pop("name", None)
-    settings.pop("_target_", None)
-    return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+    return describe(architecture(node))
 
 
 def choice_of(group: str) -> str | None:
@@ -297,7 +293,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
     from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
     from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe
 
     objective_settings, optim_settings = settings.validate_train(cfg)
     log = logging.getLogger("jacdistill")
@@ -342,7 +338,8 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
 
         seed_everything(cfg.seed)
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
-        log.info(f"student {spec}: {count_parameters(student)} parameters; teacher: {count_parameters(teacher)}")
+        log.info(f"student {describe(spec)}: {count_parameters(student)} parameters; "
+                 f"teacher: {count_parameters(teacher)}")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         objective, feature_matching = objective_from_settings(objective_settings, teacher, student,
                                                               data.input_shape, device, generator)

@@ -56,3 +56,42 @@ def test_reuse_outputs_takes_auto_true_or_false(tmp_path, capsys):
     assert stop.value.code == 2 and not (tmp_path / "run" / "metrics.json").exists()
     assert capsys.readouterr().err.strip() == ("jacdistill train: error: teacher.reuse_outputs='always' is not "
                                                "allowed: it must be auto, true or false")
+
+
+def test_a_loss_that_reads_no_teacher_output_skips_the_teachers_pass(tmp_path, caplog):
+    """Cross-entropy alone (loss=none, jacobian=none, as the ce_only recipe): no step runs the teacher, so
+    there is nothing to keep; any term that reads the teacher brings its pass back."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from jacdistill_cli.engine import losses
+    from jacdistill_cli.engine.methods import NoJacobian, Top1
+    from jacdistill_cli.engine.objective import distillation_objective
+
+    torch.manual_seed(0)
+    teacher, student = (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+                        for _ in range(2))
+    passes = []
+    teacher.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    inputs, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
+    none, kl = functools.partial(losses.no_distillation, temperature=4.0), functools.partial(losses.kl, temperature=4.0)
+    ce_only = distillation_objective(none, alpha=0.0, hard_weight=1.0, method=NoJacobian())
+    logits, terms = ce_only(student, teacher, inputs, labels)
+    assert passes == [] and not ce_only.reads_teacher
+    assert terms["distill"] == 0 and terms["jacobian"] == 0
+    torch.testing.assert_close(terms["total"], F.cross_entropy(student(inputs), labels))
+    terms["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    for objective in (distillation_objective(kl, alpha=0.0, hard_weight=1.0, method=NoJacobian()),
+                      distillation_objective(none, alpha=0.5, hard_weight=1.0, method=Top1())):
+        passes.clear()
+        objective(student, teacher, inputs, labels)
+        assert objective.reads_teacher and passes and passes[0] == 8
+
+    caplog.set_level("INFO", logger="jacdistill")
+    run_command("train", [*FAST, "recipe=ce_only", "teacher.reuse_outputs=true"], tmp_path / "ce_only")
+    assert "teacher outputs computed once" not in caplog.text
+    assert json.loads((tmp_path / "ce_only" / "metrics.json").read_text())["status"] == "finished"

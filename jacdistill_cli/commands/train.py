@@ -444,6 +444,8 @@ def reuse_teacher_outputs(cfg: DictConfig, objective: Any, data: Any, precision:
     """teacher.reuse_outputs: auto reuses when it can (one line refuses `true` when it cannot)."""
     from jacdistill_cli.zoo.data import in_memory
 
+    if not objective.reads_teacher:
+        return False   # no term reads the teacher: no step runs it, nothing to keep
     reasons = []
     if not objective.teacher_reusable:
         reasons.append(f"the teacher's side of jacobian={objective.method.name} with features="

@@ -35,7 +35,7 @@ class Step:
     inputs: Tensor                     # the batch the terms see (perturbed copies for noise)
     labels: Tensor
     student_logits: Tensor
-    teacher_logits: Tensor
+    teacher_logits: Tensor | None      # None when no term reads the teacher (its pass is skipped)
     jacobian_distance: Tensor | None = None   # [batch], the method's per-sample term ("gradients")
     matched: Matched | None = None
     student_features: list[Tensor] = field(default_factory=list)   # "features"
@@ -79,6 +79,7 @@ class Objective:
         self.matching = matching
         self.generator = generator
         self.needs = frozenset().union(*(t.needs for t in self.terms))
+        self.reads_teacher = any(t.reads_teacher for t in self.terms)
         self.weights = {t.name: float(t.weight) for t in self.terms}
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
@@ -148,6 +149,8 @@ class Objective:
                        if "features" in self.needs else None)
             if teacher_outputs is not None:
                 teacher_logits = teacher_outputs.logits
+            elif not self.reads_teacher and not gradients:
+                teacher_logits = None
             else:
                 with torch.set_grad_enabled(gradients), (teacher_gate.forward_pass(activations=False) if gradients
                                                          else contextlib.nullcontext()):

@@ -5,8 +5,10 @@ from the step, and returns a scalar; the objective computes each need once and a
 
 Needs: `gradients` (the Jacobian method's input-gradients of both networks), `features` (the
 captured features of the matched module pairs), `statistics` (the BatchNorm statistics of the
-student's train-mode pass, for a separate per-sample pass). Logits and labels are always there.
-`loss/<name>` is logged for each term.
+student's train-mode pass, for a separate per-sample pass). The student's logits and the labels are
+always there, the teacher's logits unless no term reads them (`reads_teacher` false for every term:
+cross-entropy alone, as in the `ce_only` recipe, skips the teacher's pass). `loss/<name>` is logged for
+each term.
 
 A user's own term subclasses `Term` (a name, a weight, its needs and `__call__(step)`), and is added
 with `terms.<name>={_target_: ..., weight: ...}` (see the README).
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
+from jacdistill_cli.engine.losses import no_distillation
+
 if TYPE_CHECKING:
     from jacdistill_cli.engine.objective import Step
 
@@ -31,6 +35,7 @@ class Term:
     name: str
     weight: float
     needs: ClassVar[frozenset[str]] = frozenset()
+    reads_teacher: ClassVar[bool] = True   # step.teacher_logits (None in a step where no term reads them)
 
     def __call__(self, step: "Step") -> Tensor:
         raise NotImplementedError
@@ -42,7 +47,13 @@ class Distillation(Term):
 
     loss: Callable[[Tensor, Tensor], Tensor] = None
 
+    @property
+    def reads_teacher(self) -> bool:
+        return getattr(self.loss, "func", self.loss) is not no_distillation   # loss=none: always 0
+
     def __call__(self, step: "Step") -> Tensor:
+        if not self.reads_teacher:
+            return step.student_logits.new_zeros(())
         return self.loss(step.student_logits, step.teacher_logits.detach())
 
 
@@ -57,6 +68,10 @@ class JacobianMatching(Term):
     def needs(self) -> frozenset[str]:
         return frozenset({"gradients"}) if self.method.uses_gradients else frozenset()
 
+    @property
+    def reads_teacher(self) -> bool:
+        return self.method.uses_gradients or self.method.perturbs_inputs   # jacobian=none: always 0
+
     def __call__(self, step: "Step") -> Tensor:
         if self.method.uses_gradients:
             return step.jacobian_distance.mean()
@@ -69,6 +84,8 @@ class JacobianMatching(Term):
 @dataclass
 class HardLabels(Term):
     """Cross-entropy on the true labels."""
+
+    reads_teacher: ClassVar[bool] = False
 
     def __call__(self, step: "Step") -> Tensor:
         return F.cross_entropy(step.student_logits, step.labels)

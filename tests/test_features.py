@@ -269,6 +269,25 @@ def test_feature_jacobian_equals_jacrev_of_the_summary_per_sample(batchnorm):
     assert torch.allclose(term, expected_distance, rtol=1e-9)
 
 
+@pytest.mark.parametrize("batchnorm", ["running", "batch", "coupled"])
+def test_the_objectives_feature_jacobian_term_normalises_as_its_batchnorm_mode_says(batchnorm):
+    """jacobian.of=features inside the objective equals the term computed on its own after the step's
+    train-mode pass: `running` with the running statistics (not the batch's), `batch` with the batch's."""
+    teacher, student = small_pair()
+    cfg, objective, matching = objective_for(teacher, student, "features=attention", "features.pairs=[[2,2],[6,6]]",
+                                             "jacobian.of=features", f"jacobian.batchnorm={batchnorm}")
+    with torch.no_grad():  # running statistics far from this batch's
+        for m in student.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(3.0)
+    inputs = torch.randn(8, *SHAPE, dtype=torch.float64)
+    _, terms = objective(student, teacher, inputs, torch.zeros(8, dtype=torch.long))
+    expected = features.feature_jacobian_term(student, teacher, matching.pairs, inputs, cfg.jacobian,
+                                              create_graph=False).mean()
+    assert terms["jacobian"].item() == pytest.approx(expected.item(), rel=1e-10)
+
+
 def test_feature_jacobian_term_trains_the_student_and_keeps_running_statistics():
     teacher, student = small_pair()
     cfg = compose_train("features=attention", "jacobian.of=features", "jacobian.batchnorm=coupled")

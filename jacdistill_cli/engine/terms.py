@@ -109,8 +109,12 @@ class FeatureJacobianTerm(Term):
 
     matching: Any = None
     method: Any = None
-    needs: ClassVar[frozenset[str]] = frozenset({"statistics"})
     create_graph: bool = field(default=True)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        # `batch` normalises with the statistics of the step's train-mode pass; `running` and `coupled` need none.
+        return frozenset({"statistics"}) if self.method.batchnorm == "batch" else frozenset()
 
     def __call__(self, step: "Step") -> Tensor:
         from jacdistill_cli.engine.features import feature_jacobian_term

@@ -96,7 +96,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from jacdistill_cli import cli
     from jacdistill_cli.proofs import benchmark
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe
+    from jacdistill_cli.zoo.checkpoints import describe_architecture
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, select_device, write_json
     from jacdistill_cli.run.precision import Precision
     from jacdistill_cli.run.teacher import freeze
@@ -142,8 +143,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher_ms = 1000 * benchmark.model_cost(teacher, x, device)
         student_ms = 1000 * benchmark.model_cost(student.eval(), x, device)
         student.train()
-        print(f"\nteacher {describe(architecture(cfg.teacher))}: {count_parameters(teacher)} parameters, "
-              f"forward {teacher_ms:.1f} ms; student {describe(architecture(cfg.student))}: "
+        print(f"\nteacher {describe_architecture(architecture(cfg.teacher))}: {count_parameters(teacher)} parameters, "
+              f"forward {teacher_ms:.1f} ms; student {describe_architecture(architecture(cfg.student))}: "
               f"{count_parameters(student)} "
               f"parameters, forward {student_ms:.1f} ms")
         candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],

@@ -129,7 +129,8 @@ def run(cfg: DictConfig) -> int:
     import torch
 
     from jacdistill_cli.zoo.data import batches, build_data
-    from jacdistill_cli.zoo.models import architecture, describe
+    from jacdistill_cli.zoo.checkpoints import describe_architecture
+    from jacdistill_cli.zoo.models import architecture
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
     from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
 
@@ -145,8 +146,8 @@ def run(cfg: DictConfig) -> int:
     precision = str(cfg.trainer.precision)
     inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),
                                        device)))
-    print(f"jacdistill check: student {describe(architecture(cfg.student))} (train mode), "
-          f"teacher {describe(architecture(cfg.teacher))} "
+    print(f"jacdistill check: student {describe_architecture(architecture(cfg.student))} (train mode), "
+          f"teacher {describe_architecture(architecture(cfg.teacher))} "
           f"({source}), {data.name}: {len(labels)} samples, float64"
           + (f" and float32 under autocast({precision})" if precision != "32" else "") + f", {device}")
 

@@ -48,9 +48,10 @@ NOT_HPARAMS = {"cache_dir"}
 
 def compact(node: DictConfig) -> str:
     """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
-    from jacdistill_cli.zoo.models import architecture, describe
+    from jacdistill_cli.zoo.checkpoints import describe_architecture
+    from jacdistill_cli.zoo.models import architecture
 
-    return describe(architecture(node))
+    return describe_architecture(architecture(node))
 
 
 def choice_of(group: str) -> str | None:
@@ -179,15 +180,13 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
     """`trainer.devices=N`: N workers through torch's elastic launcher; this process holds the run
     directory's lock and waits. A worker's one-line error or interruption is this command's."""
     import json
-
     import time
 
+    from hydra.core.hydra_config import HydraConfig
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from jacdistill_cli.run import distributed, resume
-
-    from hydra.core.hydra_config import HydraConfig
 
     # Hydra's own config (the groups chosen, the run mode) goes along: the workers' HPARAMS name the recipe
     # and preset as a one-process run's do, and rank 0 ends a single run with its summary table.
@@ -291,9 +290,9 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
-    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.zoo.checkpoints import describe_architecture, make_checkpoint, save_checkpoint
     from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
 
     objective_settings, optim_settings = settings.validate_train(cfg)
     log = logging.getLogger("jacdistill")
@@ -338,7 +337,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
 
         seed_everything(cfg.seed)
         student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
-        log.info(f"student {describe(spec)}: {count_parameters(student)} parameters; "
+        log.info(f"student {describe_architecture(spec)}: {count_parameters(student)} parameters; "
                  f"teacher: {count_parameters(teacher)}")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         objective, feature_matching = objective_from_settings(objective_settings, teacher, student,

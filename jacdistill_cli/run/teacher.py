@@ -19,12 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from jacdistill_cli.zoo.checkpoints import (CheckpointWriteError, check_fits, load_checkpoint, load_teacher_checkpoint,
-                                            make_checkpoint, model_from_checkpoint, save_checkpoint)
+from jacdistill_cli.zoo.checkpoints import (CheckpointWriteError, check_fits, describe_architecture, load_checkpoint,
+                                            load_teacher_checkpoint, make_checkpoint, model_from_checkpoint,
+                                            save_checkpoint)
 from jacdistill_cli.zoo.data import DataBundle, split_seed
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.logger import RunLogger
-from jacdistill_cli.zoo.models import architecture, build_model, describe
+from jacdistill_cli.zoo.models import architecture, build_model
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import cross_entropy_objective
 from jacdistill_cli.run.distributed import SINGLE, World, broadcast
@@ -89,7 +90,7 @@ def train_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logge
     optim = OptimSettings("adam", functools.partial(torch.optim.Adam, lr=cfg.teacher.lr,
                                                     weight_decay=cfg.teacher.weight_decay), "cosine")
     generator = torch.Generator().manual_seed(cfg.seed)
-    log.info(f"training teacher {describe(spec)} on {data.name} ({len(data.train)} training samples) "
+    log.info(f"training teacher {describe_architecture(spec)} on {data.name} ({len(data.train)} training samples) "
              f"for {cfg.teacher.epochs} epochs")
     fit(model, None, cross_entropy_objective, data, epochs=cfg.teacher.epochs, batch_size=cfg.teacher.batch_size,
         eval_batch_size=cfg.trainer.eval_batch_size, optim=optim, device=device, logger=logger,

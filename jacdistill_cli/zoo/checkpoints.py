@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jacdistill_cli.config.registry import label
 from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.models import build_model, with_target
@@ -171,9 +172,10 @@ def load_teacher_checkpoint(path: str | Path, key: str, spec: dict[str, Any], da
 
 
 def describe_architecture(spec: dict[str, Any]) -> str:
-    """`resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
+    """An architecture (`zoo.models.architecture`'s dict) on one line, as logs and messages show it:
+    `resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
     settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "_target_"))
-    return f"{spec.get('name')}({settings})"
+    return f"{label('model', spec)}({settings})"
 
 
 def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[str, Any] | None = None,

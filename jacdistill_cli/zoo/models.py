@@ -37,14 +37,6 @@ def architecture(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
 
 
-def describe(spec: dict[str, Any]) -> str:
-    """An architecture (`architecture`'s dict) on one line, as logs and tables show it:
-    `mlp(hidden=[64], batchnorm=False)`."""
-    name = spec.get("name") or str(spec.get("_target_", "?")).rsplit(".", 1)[-1]
-    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "_target_"))
-    return f"{name}({settings})"
-
-
 def with_target(spec: dict[str, Any]) -> dict[str, Any]:
     """The spec with its `_target_` (a checkpoint of the legacy layout names only its builder)."""
     if "_target_" in spec or spec.get("name") not in LEGACY_NAMES:

@@ -111,3 +111,18 @@ def test_a_signal_to_the_launching_process_stops_both_workers_and_the_run_resume
     assert results(run_dir) == results(reference) and results(run_dir)["status"] == "finished"
     ours, theirs = (torch.load(d / "student.pt", weights_only=True)["state_dict"] for d in (run_dir, reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_under_torchrun_ends_on_every_rank(two_process_run):
+    """torchrun (the ranks from the environment) on the directory of a finished run of the same config:
+    rank 0 finds it finished and every rank returns, none waits for the others (it used to hang)."""
+    run_dir, _ = two_process_run
+    before = (run_dir / "metrics.json").read_text()
+    result = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
+                             "-m", "jacdistill_cli", "train", *ARGS, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "finished in" in result.stdout + result.stderr and "nothing to do" in result.stdout + result.stderr
+    assert (run_dir / "metrics.json").read_text() == before

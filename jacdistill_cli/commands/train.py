@@ -145,7 +145,8 @@ def run(cfg: DictConfig) -> float:
     with lock, resume.Signals() as signals:
         try:
             claim = claimed(cfg, run_dir) if world.main else None   # another config's results: refused here
-            if claim is not None and claim.finished is not None:
+            if claim is not None and claim.finished is not None and not world.distributed:
+                # (under torchrun or srun every rank learns it from rank 0 in train(), and all return there)
                 return float(claim.finished.get("val_accuracy", float("nan")))
             if cfg.trainer.devices > 1 and not world.distributed:
                 return launched(cfg, run_dir, claim, command)
@@ -372,7 +373,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
             generators={"batches": batch_generator, "objective": generator},
             modules={"features": feature_matching} if feature_matching is not None else {},
             best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
-            signals=signals, flush=logger.flush, state=state, world=world)
+            signals=signals, flush=logger.flush, state=state, world=world, device=device)
         history = fit(trained, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
                       batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
                       optim=optim_settings, device=device, logger=logger,

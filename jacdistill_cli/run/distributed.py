@@ -80,6 +80,15 @@ def reduce_sums(values: list[float], world: World, device: torch.device) -> list
     return tensor.tolist()
 
 
+def reduce_max(value: int, world: World, device: torch.device) -> int:
+    """The largest value over all ranks (a tensor on the training device: NCCL reduces CUDA tensors only)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def broadcast(value: Any, world: World) -> Any:
     """Rank 0's value, on every rank (any picklable object)."""
     if not world.distributed:

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli.run.distributed import SINGLE, World
+from jacdistill_cli.run.distributed import SINGLE, World, reduce_max
 
 log = logging.getLogger("jacdistill")
 
@@ -333,7 +333,7 @@ class Checkpointer:
                  generators: dict[str, torch.Generator], modules: dict[str, torch.nn.Module],
                  best_payload: Callable[[dict[str, float]], dict[str, Any]], signals: Signals,
                  flush: Callable[[], None] = lambda: None, state: dict[str, Any] | None = None,
-                 world: World = SINGLE):
+                 world: World = SINGLE, device: torch.device = torch.device("cpu")):
         self.path = run_dir / LAST
         self.best_path = run_dir / BEST
         self.every_steps = every_steps
@@ -348,6 +348,7 @@ class Checkpointer:
         self.state = state   # last.pt's content, to continue from
         self.progress = Progress()
         self.world = world   # under torch.distributed every rank restores and stops together; rank 0 writes
+        self.device = device   # the training device, where the ranks' pending signals are reduced
 
     def restore(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
         """The progress to continue from: the start, or last.pt's with every state put back."""
@@ -417,13 +418,7 @@ class Checkpointer:
     def pending(self) -> int | None:
         """The signal to stop on: this process's, or under torch.distributed any rank's (all stop at the
         same step, so that no rank waits in a collective for the others)."""
-        if not self.world.distributed:
-            return self.signals.pending
-        import torch.distributed as dist
-
-        flag = torch.tensor([self.signals.pending or 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+        return reduce_max(self.signals.pending or 0, self.world, self.device) or None
 
     def check(self, pending: int | None) -> None:
         if pending is not None:

@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> float:
                             f"it must be one of {', '.join(SALIENCY_MODES)}")
     from jacdistill_cli.run.runtime import run_directory
 
-    settings.validate_train(cfg)  # before any work: nothing is written for a bad value
+    validated = settings.validate_train(cfg)  # before any work: nothing is written for a bad value
     resume.validate(cfg)
     run_dir = run_directory()
     world = distributed.world_from_environment()
@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> float:
                 return float(claim.finished.get("val_accuracy", float("nan")))
             if cfg.trainer.devices > 1 and not world.distributed:
                 return launched(cfg, run_dir, claim, command)
-            return train(cfg, run_dir, world, signals, claim)
+            return train(cfg, run_dir, world, signals, claim, validated)
         except resume.Interrupted as stop:
             stopped(cfg, run_dir, stop, command)
 
@@ -274,7 +274,8 @@ def worker_failure(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
-def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) -> float:
+def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
+          validated: tuple[Any, Any] | None = None) -> float:
     """The run in its directory: skipped when this configuration finished there, continued from
     last.pt when it was interrupted, otherwise from the start. Under torch.distributed, this rank's
     part of it: rank 0 claims and writes the directory, every rank continues from the same last.pt."""
@@ -295,7 +296,8 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any) 
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
 
-    objective_settings, optim_settings = settings.validate_train(cfg)
+    # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
+    objective_settings, optim_settings = validated or settings.validate_train(cfg)
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:

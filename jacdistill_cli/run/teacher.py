@@ -108,7 +108,7 @@ def obtain_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logg
     payload, source, path = broadcast(shared, world)
     model = freeze(model_from_checkpoint(payload, "teacher.checkpoint").to(device))
     metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
-    test = evaluate(model, None, data.test, cfg.trainer.eval_batch_size, device)["accuracy"]
+    test = evaluate(model, None, data.test, cfg.trainer.eval_batch_size, device, world)["accuracy"]
     metrics["teacher_test_accuracy"] = test
     log.info(f"teacher ({source}: {path}) test accuracy {test:.4f}")
     return model, {"source": source, "path": str(path), **metrics}

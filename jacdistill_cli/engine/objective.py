@@ -81,6 +81,9 @@ class Objective:
         self.needs = frozenset().union(*(t.needs for t in self.terms))
         self.reads_teacher = any(t.reads_teacher for t in self.terms)
         self.weights = {t.name: float(t.weight) for t in self.terms}
+        # Input-gradients are taken when a term needs them, and kept in the graph when such a term is weighted.
+        self.gradients = "gradients" in self.needs and self.method.uses_gradients
+        self.create_graph = any(self.weights[t.name] > 0 for t in self.terms if "gradients" in t.needs)
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
                  gradient_scale: float = 1.0,
@@ -98,11 +101,10 @@ class Objective:
     def teacher_outputs(self, teacher: nn.Module, inputs: Tensor, labels: Tensor) -> TeacherOutputs:
         """The teacher's side of a step on this batch, computed as `step` computes it."""
         make_jacobian_ready(teacher)
-        gradients = "gradients" in self.needs and self.method.uses_gradients
+        gradients = self.gradients
         with torch.set_grad_enabled(gradients):
             teacher_inputs = inputs.detach().requires_grad_(gradients)
-            with gate_of(teacher).forward_pass(activations=False) if gradients else contextlib.nullcontext():
-                logits = teacher(teacher_inputs)
+            logits = self.teacher_logits(teacher, teacher_inputs, gradients)
             if not gradients:
                 return TeacherOutputs(logits.detach())
             passes = Passes(logits, teacher_inputs, logits, teacher_inputs, labels, create_graph=False,
@@ -110,6 +112,14 @@ class Objective:
                             teacher_forward=teacher)
             vectors, _ = self.method.vectors(passes)
             return TeacherOutputs(logits.detach(), teacher_along(passes, vectors).detach())
+
+    @staticmethod
+    def teacher_logits(teacher: nn.Module, teacher_inputs: Tensor, gradients: bool) -> Tensor:
+        """The teacher's pass of a step (and of `teacher_outputs`): inside its gate's forward pass when its
+        input-gradients follow."""
+        with torch.set_grad_enabled(gradients), (gate_of(teacher).forward_pass(activations=False) if gradients
+                                                 else contextlib.nullcontext()):
+            return teacher(teacher_inputs)
 
     def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
                  gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
@@ -119,7 +129,7 @@ class Objective:
         `teacher_outputs`: the teacher's side computed earlier (see `teacher_reusable`)."""
         make_jacobian_ready(student)
         make_jacobian_ready(teacher)
-        gradients = "gradients" in self.needs and self.method.uses_gradients
+        gradients = self.gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
         with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
             step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs)
@@ -133,7 +143,7 @@ class Objective:
              gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None) -> Step:
         if self.method.perturbs_inputs:
             inputs, labels = self.method.perturb(inputs, labels, self.generator)
-        student_gate, teacher_gate = gate_of(student), gate_of(teacher)
+        student_gate = gate_of(student)
         teacher_inputs = inputs.detach().requires_grad_(gradients)
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
         # statistics are closed to the input-gradients (gated BatchNorm). `running`, `func`, and
@@ -152,9 +162,7 @@ class Objective:
             elif not self.reads_teacher and not gradients:
                 teacher_logits = None
             else:
-                with torch.set_grad_enabled(gradients), (teacher_gate.forward_pass(activations=False) if gradients
-                                                         else contextlib.nullcontext()):
-                    teacher_logits = teacher(teacher_inputs)
+                teacher_logits = self.teacher_logits(teacher, teacher_inputs, gradients)
             with self.first_pass(student, student_inputs, gradients, mode, separate, strategy, record) as statistics:
                 logits = student(student_inputs)
         step = Step(student, teacher, inputs, labels, logits, teacher_logits, statistics=statistics)
@@ -171,9 +179,8 @@ class Objective:
                         jacobian_logits = student(jacobian_inputs)
                 else:
                     jacobian_inputs, jacobian_logits = student_inputs, logits
-                create_graph = any(self.weights[t.name] > 0 for t in self.terms if "gradients" in t.needs)
                 passes = Passes(jacobian_logits, jacobian_inputs, teacher_logits, teacher_inputs, labels,
-                                create_graph=create_graph, generator=self.generator,
+                                create_graph=self.create_graph, generator=self.generator,
                                 student_strategy=strategy,
                                 teacher_strategy=self.resolve(teacher, inputs.device, "batch"),
                                 student_forward=student, teacher_forward=teacher, scale=gradient_scale,
@@ -231,7 +238,7 @@ def distillation_objective(loss: Callable[[Tensor, Tensor], Tensor], alpha: floa
     `matching`'s pairs; `hard` is registered when hard_weight > 0, `features` with a matching."""
     terms: list[Term] = [Distillation("distill", 1 - alpha, loss=loss)]
     if matching is not None and method.of == "features":
-        terms.append(FeatureJacobianTerm("jacobian", alpha, matching=matching, method=method, create_graph=alpha > 0))
+        terms.append(FeatureJacobianTerm("jacobian", alpha, matching=matching, method=method))
     else:
         terms.append(JacobianMatching("jacobian", alpha, method=method))
     if hard_weight > 0:

@@ -16,7 +16,7 @@ with `terms.<name>={_target_: ..., weight: ...}` (see the README).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch.nn.functional as F
@@ -26,9 +26,6 @@ from jacdistill_cli.engine.losses import no_distillation
 
 if TYPE_CHECKING:
     from jacdistill_cli.engine.objective import Step
-
-NEEDS = ("gradients", "features", "statistics")
-
 
 @dataclass
 class Term:
@@ -109,7 +106,6 @@ class FeatureJacobianTerm(Term):
 
     matching: Any = None
     method: Any = None
-    create_graph: bool = field(default=True)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -120,4 +116,4 @@ class FeatureJacobianTerm(Term):
         from jacdistill_cli.engine.features import feature_jacobian_term
 
         return feature_jacobian_term(step.student, step.teacher, self.matching.pairs, step.inputs, self.method,
-                                     create_graph=self.create_graph, statistics=step.statistics).mean()
+                                     create_graph=self.weight > 0, statistics=step.statistics).mean()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CIFAR-100 table of the distillation benchmark (CRD/RepDistiller, mdistiller): the five published
 # teachers distilled into their students as kd and kd_jacobian over 3 seeds (30 runs of 240 epochs,
-# experiment=crd_cifar100), then `jacdistill report` of the sweep: mean and std over the seeds of each
-# pair and recipe.
+# experiment=crd_cifar100), ending with the sweep's report: mean and std over the seeds of each pair and
+# recipe.
 #
 #   scripts/crd_cifar100.sh DATA_ROOT TEACHER_DIR [OVERRIDE ...]
 #
@@ -35,12 +35,12 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     exit 2
 fi
 
-sweep=${SWEEP_DIR:-outputs/crd_cifar100/$(date +%Y-%m-%d)/$(date +%H-%M-%S)}
-launcher=()
-if [[ -n "${JOBS:-}" ]]; then
-    launcher=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS")
+extra=()   # the sweep directory: the preset's (outputs/crd_cifar100/DATE/TIME-xxxxxx) unless SWEEP_DIR is set
+if [[ -n "${SWEEP_DIR:-}" ]]; then
+    extra+=("hydra.sweep.dir=$SWEEP_DIR")
 fi
-jacdistill train experiment=crd_cifar100 "dataset.root=$data_root" "teacher_dir=$teacher_dir" \
-    "hydra.sweep.dir=$sweep" "${launcher[@]}" "$@"
-jacdistill report "$sweep"
-echo "sweep directory: $sweep"
+if [[ -n "${JOBS:-}" ]]; then
+    extra+=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS")
+fi
+# The sweep ends with its report (printed, and written to report.md, .csv, .png) and its directory.
+jacdistill train experiment=crd_cifar100 "dataset.root=$data_root" "teacher_dir=$teacher_dir" "${extra[@]}" "$@"

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.errors import UsageError, setting_error
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.distributed import SINGLE, World, reduce_max
 
 log = logging.getLogger("jacdistill")
@@ -52,18 +52,15 @@ STATE_VERSION = 1
 def validate(cfg: DictConfig) -> None:
     """trainer.resume, trainer.select, trainer.save_every_steps, trainer.save_every_epochs; one line for a bad
     value."""
-    from jacdistill_cli.config.settings import choice
+    from jacdistill_cli.config.settings import choice, integer
 
     choice(cfg, "trainer.resume", RESUME_MODES)
     choice(cfg, "trainer.select", SELECT_MODES)
-    every = OmegaConf.select(cfg, "trainer.save_every_steps", default=None)
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise setting_error("trainer.save_every_steps", every,
-                            "it must be null (every epoch only) or an integer >= 1")
-    every = OmegaConf.select(cfg, "trainer.save_every_epochs", default=1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise setting_error("trainer.save_every_epochs", every, "it must be an integer >= 1 (the last epoch saves "
-                            "in any case)")
+    if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
+        integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
+    if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
+        integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves in any "
+                "case)")
 
 
 # ----------------------------------------------------------------------------------------------

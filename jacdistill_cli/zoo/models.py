@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jacdistill_cli.config.checks import SettingError, boolean
+from jacdistill_cli.config.checks import SettingError, boolean, whole
 from jacdistill_cli.errors import UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
@@ -111,8 +111,7 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (3
     """3x3 conv-(BatchNorm)-ReLU blocks, each max-pooled by 2 while the map is at least 4 wide,
     then global average pooling and a one-hidden-layer head. Fits any [C, H, W] input."""
     channels = widths("channels", channels, "[16,32]", allow_empty=False)
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
-        raise ModelSettingError("hidden", hidden, "it must be an integer >= 0 (0: no hidden layer)")
+    hidden = whole("hidden", hidden, 0, "it must be an integer >= 0 (0: no hidden layer)")
     batchnorm = boolean("batchnorm", batchnorm)
     in_channels, height = input_shape[0], input_shape[1]
     layers: list[nn.Module] = []
@@ -369,10 +368,7 @@ def wrn(input_shape: tuple[int, ...], num_classes: int, depth: int = 16, width: 
     strided), BN-ReLU, global average pooling, linear. wrn_40_2 and wrn_16_2 are CRD's pair."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise ModelSettingError("depth", depth, "it must be 6n+4: 10, 16, 22, 28, 40, ...")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ModelSettingError("width", width, "it must be an integer >= 1")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ModelSettingError("dropout", dropout, "it must be a number in [0, 1)")
+    width, dropout = whole("width", width), probability("dropout", dropout)
     blocks = (depth - 4) // 6
     stem = nn.Conv2d(input_shape[0], 16, 3, 1, 1, bias=False)
     stages, in_channels = [], 16

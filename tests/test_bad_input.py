@@ -64,6 +64,8 @@ CORPUS: list[tuple[str, str]] = [
     ("train dataset=cifar10 dataset.root={cifar}", "md5 checksums"),
     ("train dataset=cifar10 dataset.root={cifar} dataset.verify=false", "is refused: it would call"),
     ("train dataset=cifar10 dataset.root={cifar} dataset.verify=maybe", "dataset.verify='maybe' is not allowed"),
+    ("train dataset=cifar10 dataset.root={cifar} dataset.download=1", "dataset.download=1 is not allowed"),
+    ("train dataset=mnist dataset.download=maybe", "dataset.download='maybe' is not allowed"),
     ("train dataset=imagefolder", "dataset.root=null is not allowed"),
     ("train dataset=imagefolder dataset.root={dir}/none", "no such directory"),
     ("train dataset=imagefolder dataset.root={dir}", "is not allowed"),

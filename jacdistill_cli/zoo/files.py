@@ -18,19 +18,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from jacdistill_cli.config.checks import boolean
 from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, UInt8Images, UInt8Split,
                                      data_root, dataset_builder, derived_seed, fractions_of, split_seed,
                                      stratified_split, training_augment)
 
 log = logging.getLogger("jacdistill")
-
-
-def download_flag(cfg: DictConfig) -> bool:
-    download = cfg.get("download", False)
-    if not isinstance(download, bool):
-        raise setting_error("dataset.download", download, "it must be true or false")
-    return download
 
 
 def failed_download(name: str, root: Path, err: Exception, how: str) -> UsageError:
@@ -116,7 +110,7 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
     how = (f"put {', '.join(f + '.gz' for f in MNIST_FILES)} (or the same files unpacked) in {raw}, "
            "or set dataset.root to the directory that holds "
            f"{loader_name}/raw, or dataset.download=true on a machine with network")
-    download = download_flag(cfg)
+    download = boolean("download", cfg.get("download", False))
     if not all((raw / f).is_file() for f in MNIST_FILES) and not download:
         raise UsageError(f"dataset {name}: files not found in {raw}; {how}")
     try:
@@ -265,10 +259,8 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     how = (f"put {published.filename} from https://www.cs.toronto.edu/~kriz/cifar.html (or its unpacked "
            f"folder {published.base_folder}/) in {root}, or set dataset.root to the directory that holds it, "
            "or dataset.download=true on a machine with network")
-    download = download_flag(cfg)
-    verify = cfg.get("verify", True)
-    if not isinstance(verify, bool):
-        raise setting_error("dataset.verify", verify, "it must be true or false")
+    download = boolean("download", cfg.get("download", False))
+    verify = boolean("verify", cfg.get("verify", True))
     if not all((folder / f).is_file() for f in files):
         if not download:
             raise UsageError(f"dataset {name}: files not found in {folder} (expected {', '.join(files)}); {how}")

@@ -189,7 +189,7 @@ class DataBundle:
 
     def to(self, device) -> "DataBundle":
         """Move in-memory splits to the device once, so batching costs no copies."""
-        move = lambda s: s.to(device) if isinstance(s, (TensorSplit, UInt8Split)) else s  # noqa: E731
+        move = lambda s: s.to(device) if in_memory(s) else s  # noqa: E731
         return dataclasses.replace(self, train=move(self.train), val=move(self.val), test=move(self.test),
                                    teacher_train=None if self.teacher_train is None else move(self.teacher_train))
 
@@ -243,13 +243,14 @@ def batches(split: Split | Dataset, batch_size: int, shuffle: bool, generator: t
     augment = getattr(split, "augment", None)
     if indices and not in_memory(split):
         raise ValueError("batches(indices=True) needs a split held in memory")
-    if isinstance(split, (TensorSplit, UInt8Split)):
+    if in_memory(split):
         n = len(split)
         data = split.inputs if isinstance(split, TensorSplit) else split.images
         order = torch.randperm(n, generator=generator).to(split.labels.device) if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
-                index = torch.arange(start, min(start + batch_size, n), device=split.labels.device)
+                index = (torch.arange(start, min(start + batch_size, n), device=split.labels.device)
+                         if indices else None)
                 inputs, labels = data[start:start + batch_size], split.labels[start:start + batch_size]
             else:
                 index = order[start:start + batch_size]

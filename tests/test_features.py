@@ -61,6 +61,19 @@ def objective_for(teacher, student, *overrides: str):
     return cfg, objective, matching
 
 
+def step_with_far_running_statistics(objective, teacher, student):
+    """One objective step on 8 random inputs after setting the student's BatchNorm running statistics far
+    from any batch's (mean 0.5, variance 3); returns (inputs, terms)."""
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.5)
+                m.running_var.fill_(3.0)
+    inputs = torch.randn(8, *SHAPE, dtype=torch.float64)
+    _, terms = objective(student, teacher, inputs, torch.zeros(8, dtype=torch.long))
+    return inputs, terms
+
+
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
@@ -132,13 +145,7 @@ def test_features_come_from_the_train_mode_pass_that_gives_the_logits():
     teacher, student = small_pair()
     _, objective, _ = objective_for(teacher, student, "features=attention", "features.pairs=[[2,2],[6,6]]",
                                     "jacobian=top1", "jacobian.batchnorm=running")
-    with torch.no_grad():  # running statistics that differ from any batch's
-        for m in student.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.fill_(0.5)
-                m.running_var.fill_(3.0)
-    inputs = torch.randn(8, *SHAPE, dtype=torch.float64)
-    _, terms = objective(student, teacher, inputs, torch.zeros(8, dtype=torch.long))
+    inputs, terms = step_with_far_running_statistics(objective, teacher, student)
     expected = torch.stack([features.attention_distance(student[:k](inputs), teacher[:k](inputs), False).mean()
                             for k in (3, 7)]).mean()
     assert terms["features"].item() == pytest.approx(expected.item(), rel=1e-10)
@@ -276,13 +283,7 @@ def test_the_objectives_feature_jacobian_term_normalises_as_its_batchnorm_mode_s
     teacher, student = small_pair()
     cfg, objective, matching = objective_for(teacher, student, "features=attention", "features.pairs=[[2,2],[6,6]]",
                                              "jacobian.of=features", f"jacobian.batchnorm={batchnorm}")
-    with torch.no_grad():  # running statistics far from this batch's
-        for m in student.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.fill_(0.5)
-                m.running_var.fill_(3.0)
-    inputs = torch.randn(8, *SHAPE, dtype=torch.float64)
-    _, terms = objective(student, teacher, inputs, torch.zeros(8, dtype=torch.long))
+    inputs, terms = step_with_far_running_statistics(objective, teacher, student)
     expected = features.feature_jacobian_term(student, teacher, matching.pairs, inputs, cfg.jacobian,
                                               create_graph=False).mean()
     assert terms["jacobian"].item() == pytest.approx(expected.item(), rel=1e-10)

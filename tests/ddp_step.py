@@ -62,11 +62,8 @@ def step(case: str, world: distributed.World) -> list[torch.Tensor]:
 def rank_step(cases: list[str]) -> dict[str, list[torch.Tensor]]:
     torch.set_num_threads(1)
     world = distributed.world_from_environment()
-    distributed.start(world, "cpu")
-    try:
+    with distributed.joined(world, "cpu"):
         return {case: step(case, world) for case in cases}
-    finally:
-        distributed.stop()
 
 
 def reference_step(case: str) -> list[torch.Tensor]:
@@ -96,3 +93,19 @@ def reference_step(case: str) -> list[torch.Tensor]:
     total.backward()
     optimizer.step()
     return [p.detach().clone() for p in [*student.parameters(), *extra]]
+
+
+
+def group_states() -> list[bool]:
+    """On a rank: whether a process group is in place inside distributed.joined's block, and after the
+    block raised."""
+    import torch.distributed as dist
+
+    world, states = distributed.world_from_environment(), []
+    try:
+        with distributed.joined(world, "cpu"):
+            states.append(dist.is_initialized() and distributed.broadcast(world.rank, world) == 0)
+            raise RuntimeError("a failure inside the block")
+    except RuntimeError:
+        states.append(dist.is_initialized())
+    return states

@@ -279,16 +279,34 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
     """The run in its directory: skipped when this configuration finished there, continued from
     last.pt when it was interrupted, otherwise from the start. Under torch.distributed, this rank's
     part of it: rank 0 claims and writes the directory, every rank continues from the same last.pt."""
+    import torch
+
+    from jacdistill_cli.config import settings
+    from jacdistill_cli.run import distributed
+    from jacdistill_cli.run.runtime import select_device
+
+    # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
+    objective_settings, optim_settings = validated or settings.validate_train(cfg)
+    device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
+    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
+        torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
+    # The process group is left on every way out (a rank that exits with gloo's still in place can abort).
+    with distributed.joined(world, device.type):
+        return trained(cfg, run_dir, world, signals, claim, objective_settings, optim_settings, device)
+
+
+def trained(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any, objective_settings: Any,
+            optim_settings: Any, device: Any) -> float:
+    """train() in its process group (if any)."""
     import logging
 
     import torch
 
-    from jacdistill_cli.config import settings
     from jacdistill_cli.engine.objective import objective_from_settings
     from jacdistill_cli.run import distributed, resume
     from jacdistill_cli.run.logger import NullLogger, RunLogger
     from jacdistill_cli.run.precision import Precision, precision_name
-    from jacdistill_cli.run.runtime import describe_device, seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import describe_device, seed_everything, write_json
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
@@ -296,13 +314,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
 
-    # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
-    objective_settings, optim_settings = validated or settings.validate_train(cfg)
     log = logging.getLogger("jacdistill")
-    device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
-    if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
-        torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
-    distributed.start(world, device.type)
     if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
         raise UsageError("the ranks of this run have different run directories; under torchrun or srun give every "
                          "rank the same hydra.run.dir=...")
@@ -429,8 +441,6 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
         logger.hparams_end(False)
         logger.close()
         raise
-    finally:
-        distributed.stop()
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})"
              + (f"  from the best epoch {selected['best_epoch']}" if cfg.trainer.select == "best" else ""))

@@ -10,11 +10,12 @@ sharded and its sums reduced, and only rank 0 writes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,17 +51,19 @@ def world_from_environment() -> World:
     return SINGLE
 
 
-def start(world: World, device_type: str) -> None:
-    """Join the process group: NCCL on GPUs, gloo on CPUs."""
+@contextlib.contextmanager
+def joined(world: World, device_type: str) -> Iterator[None]:
+    """In the process group (NCCL on GPUs, gloo on CPUs) for the block, left however the block ends: a
+    process that exits with a gloo group in place can abort ("terminate called without an active exception")."""
     if not world.distributed or dist.is_initialized():
+        yield
         return
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=world.rank, world_size=world.size,
                             timeout=datetime.timedelta(minutes=30))
-
-
-def stop() -> None:
-    if dist.is_initialized():
+    try:
+        yield
+    finally:
         dist.destroy_process_group()
 
 

@@ -24,8 +24,9 @@ from run_inprocess import run_command
 from jacdistill_cli.run import resume
 from jacdistill_cli.run.report import UNFINISHED, build_report
 
-# 4 epochs of 17 steps; last.pt after every step, so a stop anywhere has something to resume.
-ARGS = ["trainer.epochs=4", "teacher.epochs=2", "trainer.threads=1", "trainer.save_every_steps=1"]
+# 10 epochs of 17 steps (about 1 s of steps after the first save, here); last.pt after every step, so a
+# stop anywhere has something to resume.
+ARGS = ["trainer.epochs=10", "teacher.epochs=2", "trainer.threads=1", "trainer.save_every_steps=1"]
 WALL_CLOCK = {"train_seconds", "samples_per_second"}
 NOT_RESULTS = WALL_CLOCK | {"teacher_source"}   # whether this process trained the teacher or found it cached
 SCRIPT = Path(sys.executable).with_name("jacdistill")
@@ -74,18 +75,24 @@ def directory_of(process: subprocess.Popen) -> Path:
 
 
 def stop_after_a_save(runs: list[tuple[subprocess.Popen, Path, int]], timeout: float = 120) -> list[tuple[int, str]]:
-    """Wait until each run (re)writes its last.pt, a random moment more, then send each its signal."""
+    """Send each run its signal a random moment (under 0.1 s) after it (re)writes its last.pt, each run
+    watched on its own: the signal lands mid-training, whatever the other run is doing."""
     deadline = time.monotonic() + timeout
-    before = [(d / resume.LAST).stat().st_mtime_ns if (d / resume.LAST).exists() else 0 for _, d, _ in runs]
-    for (process, run_dir, _), mtime in zip(runs, before):
-        last = run_dir / resume.LAST
-        while not (last.exists() and last.stat().st_mtime_ns > mtime):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no last.pt written"
-            time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.2))
-    for process, _, signum in runs:
-        process.send_signal(signum)
+    lasts = [d / resume.LAST for _, d, _ in runs]
+    before = [last.stat().st_mtime_ns if last.exists() else 0 for last in lasts]
+    due: list[float | None] = [None] * len(runs)
+    signalled = [False] * len(runs)
+    while not all(signalled):
+        assert time.monotonic() < deadline, "no last.pt written"
+        for i, ((process, _, signum), last) in enumerate(zip(runs, lasts)):
+            if due[i] is None:
+                assert process.poll() is None, process.communicate()
+                if last.exists() and last.stat().st_mtime_ns > before[i]:
+                    due[i] = time.monotonic() + random.uniform(0, 0.1)
+            elif not signalled[i] and time.monotonic() >= due[i]:
+                process.send_signal(signum)
+                signalled[i] = True
+        time.sleep(0.005)
     return [(process.communicate(timeout=timeout)[1], process.returncode)[::-1] for process, _, _ in runs]
 
 

@@ -74,12 +74,14 @@ def directory_of(process: subprocess.Popen) -> Path:
     return Path(line.split("run directory: ", 1)[1].strip())
 
 
-def stop_after_a_save(runs: list[tuple[subprocess.Popen, Path, int]], timeout: float = 120) -> list[tuple[int, str]]:
-    """Send each run its signal a random moment (under 0.1 s) after it (re)writes its last.pt, each run
-    watched on its own: the signal lands mid-training, whatever the other run is doing."""
+def stop_after_a_save(runs: list[tuple[subprocess.Popen, Path, int]], timeout: float = 120,
+                      new: bool = False) -> list[tuple[int, str]]:
+    """Send each run its signal a random moment (under 0.1 s) after it (re)writes its last.pt (after it
+    writes one at all, for `new` directories), each run watched on its own: the signal lands mid-training,
+    whatever the other run is doing."""
     deadline = time.monotonic() + timeout
     lasts = [d / resume.LAST for _, d, _ in runs]
-    before = [last.stat().st_mtime_ns if last.exists() else 0 for last in lasts]
+    before = [0 if new or not last.exists() else last.stat().st_mtime_ns for last in lasts]
     due: list[float | None] = [None] * len(runs)
     signalled = [False] * len(runs)
     while not all(signalled):
@@ -142,7 +144,8 @@ def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(refer
     for directory in (first_dir, second_dir):   # outputs/train/DATE/TIME-<six hex digits>
         time_part, suffix = directory.name.rsplit("-", 1)
         assert len(time_part) == len("12-00-00") and len(suffix) == 6 and int(suffix, 16) >= 0
-    sigint, sigterm = stop_after_a_save([(first, first_dir, signal.SIGINT), (second, second_dir, signal.SIGTERM)])
+    sigint, sigterm = stop_after_a_save([(first, first_dir, signal.SIGINT), (second, second_dir, signal.SIGTERM)],
+                                        new=True)
     first_command = interrupted(*sigint, signal.SIGINT, first_dir)
     second_command = interrupted(*sigterm, signal.SIGTERM, second_dir)
     report = build_report(tmp_path / "outputs")   # both unfinished, with the command that resumes

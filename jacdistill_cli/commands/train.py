@@ -292,11 +292,11 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
         torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
     # The process group is left on every way out (a rank that exits with gloo's still in place can abort).
     with distributed.joined(world, device.type):
-        return trained(cfg, run_dir, world, signals, claim, objective_settings, optim_settings, device)
+        return train_in_group(cfg, run_dir, world, signals, claim, objective_settings, optim_settings, device)
 
 
-def trained(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any, objective_settings: Any,
-            optim_settings: Any, device: Any) -> float:
+def train_in_group(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any, objective_settings: Any,
+                   optim_settings: Any, device: Any) -> float:
     """train() in its process group (if any)."""
     import logging
 

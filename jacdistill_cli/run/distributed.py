@@ -144,7 +144,6 @@ def launch(worker: Callable[..., Any], args: tuple, processes: int, run_id: str 
     torch's agent stops the workers with the signal it gets for SIGINT, SIGTERM, SIGHUP and SIGQUIT (then
     raises its SignalException here); the signals in `forward` (SIGUSR1, which it leaves alone) are passed
     on to the workers as they are, and the launch ends as the workers do."""
-    import contextlib
     import logging
     import multiprocessing
     import signal

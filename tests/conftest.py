@@ -1,13 +1,18 @@
-"""Shared fixtures: an isolated teacher cache, and running the real console script."""
+"""Shared fixtures: an isolated teacher cache, running the real console script, and stopping runs of it
+with signals."""
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from jacdistill_cli.run.resume import LAST
 
 # Small, fast settings for end-to-end runs of the console script on digits.
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
@@ -51,3 +56,27 @@ def float64_one_thread():
     yield
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(threads)
+
+
+def stop_after_a_save(runs: list[tuple[subprocess.Popen, Path, int]], timeout: float = 120,
+                      new: bool = False) -> list[tuple[int, str]]:
+    """Send each run its signal a random moment (under 0.1 s) after it (re)writes its last.pt (after it
+    writes one at all, for `new` directories), each run watched on its own: the signal lands mid-training,
+    whatever the other run is doing."""
+    deadline = time.monotonic() + timeout
+    lasts = [d / LAST for _, d, _ in runs]
+    before = [0 if new or not last.exists() else last.stat().st_mtime_ns for last in lasts]
+    due: list[float | None] = [None] * len(runs)
+    signalled = [False] * len(runs)
+    while not all(signalled):
+        assert time.monotonic() < deadline, "no last.pt written"
+        for i, ((process, _, signum), last) in enumerate(zip(runs, lasts)):
+            if due[i] is None:
+                assert process.poll() is None, process.communicate()
+                if last.exists() and last.stat().st_mtime_ns > before[i]:
+                    due[i] = time.monotonic() + random.uniform(0, 0.1)
+            elif not signalled[i] and time.monotonic() >= due[i]:
+                process.send_signal(signum)
+                signalled[i] = True
+        time.sleep(0.005)
+    return [(process.communicate(timeout=timeout)[1], process.returncode)[::-1] for process, _, _ in runs]

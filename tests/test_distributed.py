@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata
 
 import ddp_step
-from conftest import run_cli
-from jacdistill_cli.run import distributed, resume
+from conftest import run_cli, stop_after_a_save
+from jacdistill_cli.run import distributed
 
 
 @pytest.mark.slow
@@ -89,18 +88,11 @@ def test_a_signal_to_the_launching_process_stops_both_workers_and_the_run_resume
     run_dir = tmp_path / "run"
     command = [str(Path(sys.executable).with_name("jacdistill")), "train", *ARGS, "trainer.save_every_steps=1",
                f"hydra.run.dir={run_dir}"]
-    last, saved = run_dir / resume.LAST, 0
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while not (last.exists() and last.stat().st_mtime_ns > saved):   # training, past a save
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.01)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
-        saved = last.stat().st_mtime_ns   # as the stopped run left it (it saves again on the way out)
-        assert process.returncode == 128 + signum, stderr
+        [(code, stderr)] = stop_after_a_save([(process, run_dir, signum)])   # training, past a save
+        assert code == 128 + signum, stderr
         said = [line for line in stderr.splitlines() if not line.startswith("[")]   # not the workers' log lines
         assert len(said) == 1 and said[0].startswith(
             f"jacdistill train: interrupted by {signal.Signals(signum).name} at epoch "), stderr

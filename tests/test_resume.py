@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 
-from conftest import run_cli
+from conftest import run_cli, stop_after_a_save
 from run_inprocess import run_command
 from jacdistill_cli.run import resume
 from jacdistill_cli.run.report import UNFINISHED, build_report
@@ -72,30 +70,6 @@ def directory_of(process: subprocess.Popen) -> Path:
         assert line, process.communicate()
         line = process.stdout.readline()
     return Path(line.split("run directory: ", 1)[1].strip())
-
-
-def stop_after_a_save(runs: list[tuple[subprocess.Popen, Path, int]], timeout: float = 120,
-                      new: bool = False) -> list[tuple[int, str]]:
-    """Send each run its signal a random moment (under 0.1 s) after it (re)writes its last.pt (after it
-    writes one at all, for `new` directories), each run watched on its own: the signal lands mid-training,
-    whatever the other run is doing."""
-    deadline = time.monotonic() + timeout
-    lasts = [d / resume.LAST for _, d, _ in runs]
-    before = [0 if new or not last.exists() else last.stat().st_mtime_ns for last in lasts]
-    due: list[float | None] = [None] * len(runs)
-    signalled = [False] * len(runs)
-    while not all(signalled):
-        assert time.monotonic() < deadline, "no last.pt written"
-        for i, ((process, _, signum), last) in enumerate(zip(runs, lasts)):
-            if due[i] is None:
-                assert process.poll() is None, process.communicate()
-                if last.exists() and last.stat().st_mtime_ns > before[i]:
-                    due[i] = time.monotonic() + random.uniform(0, 0.1)
-            elif not signalled[i] and time.monotonic() >= due[i]:
-                process.send_signal(signum)
-                signalled[i] = True
-        time.sleep(0.005)
-    return [(process.communicate(timeout=timeout)[1], process.returncode)[::-1] for process, _, _ in runs]
 
 
 def interrupted(code: int, stderr: str, signum: int, run_dir: Path) -> list[str]:

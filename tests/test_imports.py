@@ -168,3 +168,12 @@ def test_the_readme_gives_the_same_order():
     line = next(line for line in section.splitlines() if line.startswith("**Import order.**"))
     named = re.findall(r"`([\w./]+)`", line)
     assert tuple(n for n in named if n in ORDER) == ORDER, line
+
+
+def test_the_entry_imports_the_package_only_inside_functions():
+    # `jacdistill --help` answers without importing a command (nor torch through it)
+    path = ROOT / "cli.py"
+    top = [node for node in ast.parse(path.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    names = [alias.name for node in top if isinstance(node, ast.Import) for alias in node.names]
+    names += [node.module or "" for node in top if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in names if name.startswith(PACKAGE)], names

@@ -130,8 +130,7 @@ def run(cfg: DictConfig) -> int:
     import torch
 
     from jacdistill_cli.zoo.data import batches, build_data
-    from jacdistill_cli.zoo.models import describe_architecture
-    from jacdistill_cli.zoo.models import architecture
+    from jacdistill_cli.zoo.models import architecture, describe_architecture
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
     from jacdistill_cli.storage import write_json
     from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake

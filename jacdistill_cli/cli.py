@@ -1,6 +1,7 @@
 """`jacdistill <command> [overrides]`: picks the command and hands the rest of argv to its Hydra app.
 
-Kept free of torch imports so that `jacdistill --help` answers at once.
+The entry, last in the README's order of parts: it imports the commands (and what they need) only once
+a command is chosen, so that `jacdistill --help` answers at once.
 """
 
 from __future__ import annotations
@@ -98,33 +99,6 @@ def usage() -> str:
     return USAGE.format(commands=lines)
 
 
-def keep_freed_memory() -> None:
-    """On Linux with glibc, keep freed memory in the process for the next step's tensors.
-
-    By default glibc returns large freed blocks to the system and maps fresh pages for the next
-    allocation of that size, so every training step pays page faults for its large tensors; a step
-    with a Jacobian term allocates more of them (about 10% of its time on a CPU). Elsewhere nothing.
-    """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    global FREED_MEMORY_KEPT
-    FREED_MEMORY_KEPT = bool(mallopt(m_mmap_threshold, ctypes.c_int(32 * 2**20))   # glibc's largest: blocks
-                             and mallopt(m_trim_threshold, ctypes.c_int(2**30)))    # below come from the heap,
-    # which keeps up to 1 GiB it no longer uses.
-
-
-FREED_MEMORY_KEPT = False   # whether keep_freed_memory() took effect in this process
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -156,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from jacdistill_cli.run.runtime import keep_freed_memory
+
     keep_freed_memory()
     module = importlib.import_module(COMMANDS[command][0])
     # Hydra reads sys.argv itself; it sees only this command's overrides.
@@ -164,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"jacdistill {command}", *overrides]
     # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
     # several lines; asked for full errors, it raises it instead, and it is said here in one line. The
-    # job itself unsets the request (errors.composition_done), so its errors get Hydra's usual report.
+    # job itself unsets the request (config/entry.composition_done), so its errors get Hydra's usual report.
     # A user who set HYDRA_FULL_ERROR gets Hydra's own output throughout.
-    from jacdistill_cli import errors
+    from jacdistill_cli.config import entry
 
     user_asked = "HYDRA_FULL_ERROR" in os.environ
     if not user_asked:
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        errors.hydra_full_error_for_composition = True
+        entry.hydra_full_error_for_composition = True
     try:
         module.main()
     except Exception as err:
@@ -184,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jacdistill {command}: error: {composition_message(command, overrides, err)}", file=sys.stderr)
         return 2
     finally:
-        errors.composition_done()
+        entry.composition_done()
     return 0
 
 

@@ -1,32 +1,53 @@
-"""One clear line for bad input: the error type every command turns into a non-zero exit."""
+"""One clear line for what stops a command: the error types every command turns into a non-zero exit.
+
+A leaf: it imports nothing of the package, and every part imports it.
+"""
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
-
-# errno values that mean a file cannot be written: disk full, quota exceeded, read-only file system, too large.
-UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
-# Set by the console script while Hydra composes the config with HYDRA_FULL_ERROR=1, so that a composition
-# error reaches it (to be said in one line); the job unsets both, so that its own errors get Hydra's usual report.
-hydra_full_error_for_composition = False
-
-
-def composition_done() -> None:
-    global hydra_full_error_for_composition
-    if hydra_full_error_for_composition:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-        hydra_full_error_for_composition = False
+# errno values that mean a file cannot be written where it is asked for: the environment, not the input.
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+# The causes a user meets when a write fails, in their own words (others: the system's words).
+CAUSES = {errno.ENOSPC: "disk full", errno.EFBIG: "file too large", errno.EDQUOT: "disk quota exceeded",
+          errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+          errno.EPERM: "operation not permitted"}
 
 
 class UsageError(Exception):
     """Bad input from the user: a setting, a path or a file. Printed as one line, exit status 2."""
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, file too large, quota, read-only, permission): one line
+    naming the file and the cause, exit status 1. The file's previous content is whole."""
+
+    def __init__(self, path: Any, err: OSError):
+        super().__init__(err.errno, f"cannot write {path}: {cause(err)}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class ReadError(UsageError):
+    """A file that cannot be loaded (unreadable, not written by torch.save, or holding objects a safe load
+    refuses): one line naming the file and why, exit status 2."""
+
+    def __init__(self, path: Any, reason: str):
+        super().__init__(f"{path} cannot be loaded: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def cause(err: OSError) -> str:
+    """An OSError's cause in a few words with its errno's name: `file too large (EFBIG)`."""
+    if err.errno is None:
+        return str(err) or type(err).__name__
+    words = CAUSES.get(err.errno) or os.strerror(err.errno).lower()
+    return f"{words} ({errno.errorcode.get(err.errno, err.errno)})"
 
 
 def describe(value: Any) -> str:
@@ -35,34 +56,3 @@ def describe(value: Any) -> str:
 
 def setting_error(key: str, value: Any, allowed: str) -> UsageError:
     return UsageError(f"{key}={describe(value)} is not allowed: {allowed}")
-
-
-def one_line_errors(command: str) -> Callable:
-    """Turn a UsageError raised by a command into one line on stderr and exit status 2.
-
-    SystemExit passes through Hydra's own error handler, so no traceback is printed.
-    """
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            composition_done()
-            try:
-                from jacdistill_cli.config.keys import check_added_keys
-
-                check_added_keys()  # `+trainer.epoch=2` would otherwise be ignored in silence
-                return fn(*args, **kwargs)
-            except UsageError as err:
-                print(f"jacdistill {command}: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
-            except OSError as err:
-                if err.errno not in UNWRITABLE and type(err).__name__ != "CheckpointWriteError":
-                    raise
-                # a full disk or a read-only file system: the environment, not the input
-                where = f" ({err.filename})" if err.filename else ""
-                print(f"jacdistill {command}: error: {err.strerror or err}{where}", file=sys.stderr)
-                raise SystemExit(1) from None
-
-        return run
-
-    return wrap

@@ -29,13 +29,16 @@ def isolated_cache(teacher_cache, monkeypatch):
     monkeypatch.setenv("JACDISTILL_CACHE", str(teacher_cache))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed `jacdistill` console script and capture its output."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+            preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run the installed `jacdistill` console script and capture its output (`preexec_fn`: run in the
+    child before the script starts, e.g. to set a resource limit)."""
     script = Path(sys.executable).with_name("jacdistill")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "jacdistill_cli"]
     # One torch thread per run: the models are tiny, and threads that wait on a busy CPU cost more.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
 @pytest.fixture

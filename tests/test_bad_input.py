@@ -215,18 +215,18 @@ def write_student(path: Path, cifar_root: Path) -> None:
     """A student checkpoint whose stored dataset settings point at `cifar_root` (as a crafted one would)."""
     import torch
 
-    from jacdistill_cli.zoo.checkpoints import save_checkpoint
+    from jacdistill_cli.storage import write_torch
     from jacdistill_cli.zoo.models import build_model
 
     spec = {"name": "mlp", "hidden": [8], "batchnorm": False}
     model = build_model(spec, (3, 32, 32), 10)
-    save_checkpoint({"format": "jacdistill", "version": 1, "role": "student", "architecture": spec,
+    write_torch(path, {"format": "jacdistill", "version": 1, "role": "student", "architecture": spec,
                      "num_classes": 10, "input_shape": [3, 32, 32], "dataset": "cifar10",
                      "dataset_config": {"name": "cifar10", "root": str(cifar_root), "download": False,
                                         "verify": False, "val_fraction": 0.1, "split_seed": 0, "augment": False,
                                         "mean": [0.5] * 3, "std": [0.25] * 3},
                      "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "metrics": {},
-                     "state_dict": {k: v.detach() for k, v in model.state_dict().items()}}, path)
+                     "state_dict": {k: v.detach() for k, v in model.state_dict().items()}})
     assert torch.load(path, weights_only=True)["dataset"] == "cifar10"
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from jacdistill_cli.storage import write_torch
 from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, matching_overrides,
-                                        model_from_checkpoint, save_checkpoint)
+                                            model_from_checkpoint)
 from jacdistill_cli.zoo.data import build_data
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.models import build_model
@@ -39,7 +40,7 @@ def files(tmp_path_factory, digits) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     payload = make_checkpoint(build_model(CNN, digits.input_shape, 10), "teacher", CNN, digits, {"test_accuracy": 0.5})
-    save_checkpoint(payload, folder / "cnn.pt")
+    write_torch(folder / "cnn.pt", payload)
     (folder / "notes.txt").write_text("not a checkpoint\n")
     torch.save({**payload, "extra": Custom()}, folder / "custom.pt")
     torch.save({"weights": torch.zeros(3)}, folder / "plain.pt")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+from jacdistill_cli.storage import write_torch
+from jacdistill_cli.zoo.checkpoints import make_checkpoint
 from jacdistill_cli.commands.evaluate import noise_accuracy
 from jacdistill_cli.zoo.data import build_data
 from jacdistill_cli.zoo.models import build_model
@@ -35,7 +36,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     for name, spec, role in (("student", STUDENT, "student"), ("teacher", TEACHER, "teacher")):
         model = build_model(spec, data.input_shape, data.num_classes)
-        save_checkpoint(make_checkpoint(model, role, spec, data, {}), folder / f"{name}.pt")
+        write_torch(folder / f"{name}.pt", make_checkpoint(model, role, spec, data, {}))
     return {"student": folder / "student.pt", "teacher": folder / "teacher.pt"}
 
 

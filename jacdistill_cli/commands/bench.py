@@ -12,7 +12,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
+from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -94,11 +95,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import torch
 
-    from jacdistill_cli import cli
     from jacdistill_cli.proofs import benchmark
-    from jacdistill_cli.zoo.checkpoints import describe_architecture
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, select_device, write_json
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
+    from jacdistill_cli.run.runtime import keep_freed_memory, run_directory, save_resolved_config, select_device
+    from jacdistill_cli.storage import write_json
     from jacdistill_cli.run.precision import Precision
     from jacdistill_cli.run.teacher import freeze
 
@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "teacher": architecture(cfg.teacher), "student": architecture(cfg.student),
         "warmup": options["warmup"], "repeats": options["repeats"], "load_average_before": load_before,
         "precision": options["precision"],
-        "freed_memory_kept": cli.FREED_MEMORY_KEPT,
+        "freed_memory_kept": keep_freed_memory(),
         "tables": [],
     }
     for classes in options["classes"]:

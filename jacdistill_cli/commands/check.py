@@ -12,7 +12,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.registry import label
-from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
+from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -129,9 +130,9 @@ def run(cfg: DictConfig) -> int:
     import torch
 
     from jacdistill_cli.zoo.data import batches, build_data
-    from jacdistill_cli.zoo.checkpoints import describe_architecture
-    from jacdistill_cli.zoo.models import architecture
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.zoo.models import architecture, describe_architecture
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
+    from jacdistill_cli.storage import write_json
     from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
 
     log = logging.getLogger("jacdistill")

@@ -7,7 +7,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.errors import UsageError, one_line_errors, setting_error
+from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -126,9 +127,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import logging
 
-    from jacdistill_cli.zoo.checkpoints import check_fits, describe_architecture, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.models import describe_architecture
     from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
+    from jacdistill_cli.storage import write_json
     from jacdistill_cli.run.teacher import freeze
     from jacdistill_cli.run.trainer import evaluate
 

@@ -8,7 +8,7 @@ import re
 import hydra
 from omegaconf import DictConfig
 
-from jacdistill_cli.errors import one_line_errors
+from jacdistill_cli.config.entry import one_line_errors
 
 
 def hydra_quoted(text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from jacdistill_cli.errors import one_line_errors
+from jacdistill_cli.config.entry import one_line_errors
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -21,11 +21,11 @@ def run(cfg: DictConfig) -> float:
 
     import logging
 
-    from jacdistill_cli.zoo.checkpoints import save_checkpoint
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.zoo.models import architecture, build_model
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device, write_json
+    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
+    from jacdistill_cli.storage import write_json, write_torch
     from jacdistill_cli.run.teacher import train_teacher
 
     log = logging.getLogger("jacdistill")
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> float:
     finally:
         logger.close()
     path = run_dir / "teacher.pt"
-    save_checkpoint(payload, path)
+    write_torch(path, payload)
     write_json(run_dir / "metrics.json", payload["metrics"])
     log.info(f"teacher test accuracy {payload['metrics']['test_accuracy']:.4f}; checkpoint: {path}")
     from jacdistill_cli.zoo.checkpoints import matching_overrides

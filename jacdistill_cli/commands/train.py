@@ -11,7 +11,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.registry import label
-from jacdistill_cli.errors import UsageError, one_line_errors
+from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -48,8 +49,7 @@ NOT_HPARAMS = {"cache_dir"}
 
 def compact(node: DictConfig) -> str:
     """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
-    from jacdistill_cli.zoo.checkpoints import describe_architecture
-    from jacdistill_cli.zoo.models import architecture
+    from jacdistill_cli.zoo.models import architecture, describe_architecture
 
     return describe_architecture(architecture(node))
 
@@ -306,13 +306,14 @@ def train_in_group(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, cla
     from jacdistill_cli.run import distributed, resume
     from jacdistill_cli.run.logger import NullLogger, RunLogger
     from jacdistill_cli.run.precision import Precision, precision_name
-    from jacdistill_cli.run.runtime import describe_device, seed_everything, write_json
+    from jacdistill_cli.run.runtime import describe_device, seed_everything
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.teacher import obtain_teacher
     from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
-    from jacdistill_cli.zoo.checkpoints import describe_architecture, make_checkpoint, save_checkpoint
+    from jacdistill_cli.storage import write_json, write_torch
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint
     from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
 
     log = logging.getLogger("jacdistill")
     if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
@@ -426,8 +427,8 @@ def train_in_group(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, cla
             logger.hparams_end(succeeded)
             logger.close()
             if world.main:
-                save_checkpoint(student_payload({k: v for k, v in metrics.items() if isinstance(v, float)}),
-                                run_dir / "student.pt")
+                write_torch(run_dir / "student.pt",
+                            student_payload({k: v for k, v in metrics.items() if isinstance(v, float)}))
                 write_json(run_dir / "metrics.json", metrics)
     except resume.Interrupted as stop:
         logger.hparams_end(False)
@@ -486,7 +487,7 @@ def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:
     import sys
 
     from jacdistill_cli.run import resume
-    from jacdistill_cli.run.runtime import write_json
+    from jacdistill_cli.storage import write_json
 
     log = logging.getLogger("jacdistill")
     name = resume.SIGNALS.get(stop.signum, str(stop.signum))

@@ -100,6 +100,11 @@ def shipped_options(group: str) -> dict[str, str]:
     return options
 
 
+def shipped_node(group: str, option: str) -> DictConfig:
+    """The node of the option shipped as conf/<group>/<option>.yaml."""
+    return OmegaConf.create((resources.files("jacdistill_cli.conf") / group / f"{option}.yaml").read_text())
+
+
 def check_name(group: str, node: Any) -> None:
     """`name` labels the node's own target: a shipped option's name (or the name of the function it
     calls) labels nothing else, so that `optim.name=adamw` on `optim=adam` never trains with Adam."""

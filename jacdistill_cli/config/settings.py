@@ -8,6 +8,7 @@ Each raises `UsageError("KEY=VALUE is not allowed: WHAT IS")`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -18,7 +19,11 @@ from jacdistill_cli.config.checks import SettingError
 from jacdistill_cli.errors import UsageError, setting_error
 
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+PRECISIONS = ("32", "bf16", "16")   # trainer.precision; run/precision.py runs them
 SCHEDULES = ("cosine", "constant", "multistep")
+# The feature Jacobian is one input-gradient per sample and pair: the analogue of top1 (jacobian.of=features).
+FEATURE_JACOBIAN_METHODS = ("top1",)
 
 
 def value(cfg: DictConfig, key: str) -> Any:
@@ -59,8 +64,6 @@ def validate_trainer(cfg: DictConfig) -> None:
     integer(cfg, "trainer.num_workers", low=0, allowed="it must be an integer >= 0")
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         integer(cfg, "trainer.threads", low=1, allowed="it must be null (torch's default) or an integer >= 1")
-    from jacdistill_cli.run.runtime import check_device_name
-
     check_device_name(value(cfg, "trainer.device"), "trainer.device")  # auto, cpu, cuda or cuda:N
     integer(cfg, "trainer.devices", low=1, allowed="it must be an integer >= 1 (processes of data-parallel training)")
     precision(cfg)
@@ -73,10 +76,17 @@ def validate_trainer(cfg: DictConfig) -> None:
                             "DistributedDataParallel, which torch.func cannot trace; use loop, batched or auto")
 
 
+def check_device_name(name: Any, key: str = "trainer.device") -> str:
+    """A device setting's form, before any work: auto, cpu, cuda or cuda:N (whether the GPU exists is
+    run/runtime.select_device's question, asked when torch is imported)."""
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise UsageError(f"{key}={name!r} is not allowed: it must be one of auto, cpu, cuda, cuda:N "
+                         "(N: the index of a GPU torch sees)")
+    return name
+
+
 def precision(cfg: DictConfig) -> str:
     """`trainer.precision` (train, check and bench): 32, bf16 or 16 (Hydra reads 16 and 32 as integers)."""
-    from jacdistill_cli.run.precision import PRECISIONS
-
     raw = value(cfg, "trainer.precision")
     if str(raw) not in PRECISIONS:
         raise setting_error("trainer.precision", raw, f"it must be one of {', '.join(PRECISIONS)}")
@@ -166,11 +176,10 @@ class ObjectiveSettings:
 def validate_methods(cfg: DictConfig) -> tuple[Any, Any]:
     """(the Jacobian method, the feature method) of the `jacobian` and `features` nodes."""
     from jacdistill_cli.config import registry
-    from jacdistill_cli.engine.features import FEATURE_JACOBIAN_METHODS, NoFeatures
 
     method = registry.build("jacobian", cfg.jacobian)
-    node = OmegaConf.select(cfg, "features")
-    features = registry.build("features", node) if node is not None else NoFeatures()
+    node = OmegaConf.select(cfg, "features")   # a config of one's own without features: the shipped none
+    features = registry.build("features", node if node is not None else registry.shipped_node("features", "none"))
     if getattr(method, "of", "logits") == "features":
         if features.name == "none":
             raise setting_error("jacobian.of", "features", "it takes the Jacobian of the matched features: choose "

@@ -36,8 +36,6 @@ from jacdistill_cli.engine.jacobian import matching_distance
 from jacdistill_cli.engine.pairs import FeaturePair, parse_pairs, resolve_pairs
 
 FEATURE_METHODS = ("none", "attention", "hint")
-# The feature Jacobian is one input-gradient per sample and pair: the analogue of top1.
-FEATURE_JACOBIAN_METHODS = ("top1",)
 INTERPOLATION = ("", "linear", "bilinear", "trilinear")   # by the number of spatial dimensions
 # A linear hint regressor between a map and a vector grows with both sizes; beyond this it is refused.
 MAX_REGRESSOR_PARAMETERS = 1 << 24

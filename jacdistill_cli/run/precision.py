@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("32", "bf16", "16")
 DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 
 

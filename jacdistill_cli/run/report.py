@@ -9,6 +9,7 @@ did not finish, or never started (a job of the sweep's grid without a directory)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -19,6 +20,7 @@ from typing import Iterable
 from omegaconf import OmegaConf
 
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.storage import write_bytes, write_text
 from jacdistill_cli.run.runtime import job_dirname, swept_keys, varying_dirname
 
 SEED_KEY = "seed"
@@ -282,18 +284,19 @@ def markdown(report: Report) -> str:
 
 def write_csv(report: Report, path: Path) -> None:
     """One row per group: its override values, run counts, then mean and std of every numeric metric."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*report.varying, "runs", "not_finished", "seeds",
-                         *[f"{m}_{s}" for m in report.metrics for s in ("mean", "std")]])
-        for group in report.groups:
-            seeds = " ".join(r.overrides.get(SEED_KEY, "") for r in group.finished)
-            row: list = [value for _, value in group.key]
-            row += [len(group.finished), len(group.runs) - len(group.finished), seeds]
-            for metric in report.metrics:
-                mean, std = group.mean_std(metric)
-                row += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
-            writer.writerow(row)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*report.varying, "runs", "not_finished", "seeds",
+                     *[f"{m}_{s}" for m in report.metrics for s in ("mean", "std")]])
+    for group in report.groups:
+        seeds = " ".join(r.overrides.get(SEED_KEY, "") for r in group.finished)
+        row: list = [value for _, value in group.key]
+        row += [len(group.finished), len(group.runs) - len(group.finished), seeds]
+        for metric in report.metrics:
+            mean, std = group.mean_std(metric)
+            row += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
+        writer.writerow(row)
+    write_text(path, text.getvalue())
 
 
 def numeric(values: Iterable[str]) -> bool:
@@ -369,7 +372,9 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
     axes.set_title("/".join(report.directory.resolve().parts[-3:]), fontsize=9)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, dpi=120, format="png")
+    write_bytes(path, image.getbuffer())
     plt.close(figure)
 
 
@@ -403,7 +408,7 @@ def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto"
     text = markdown(report)
     directory = Path(directory)
     written = [directory / "report.md", directory / "report.csv"]
-    written[0].write_text(text)
+    write_text(written[0], text)
     write_csv(report, written[1])
     png = directory / "report.png"
     if any(group.values(metric) for group in report.groups):

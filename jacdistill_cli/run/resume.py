@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ from typing import Any, Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.errors import UsageError
+from jacdistill_cli import storage
+from jacdistill_cli.errors import ReadError, UsageError
 from jacdistill_cli.run.distributed import SINGLE, World, reduce_max
 
 log = logging.getLogger("jacdistill")
@@ -150,10 +152,9 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
 
     hydra_cfg = HydraConfig.instance().cfg
     folder = run_dir / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+        storage.write_text(folder / name, OmegaConf.to_yaml(node))
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -194,21 +195,10 @@ class DirectoryLock:
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files left by a process killed while writing (kill -9 runs no clean-up)."""
-    for path in [*run_dir.glob(".last.pt.*.tmp"), *run_dir.glob(".best.pt.*.tmp"), *run_dir.glob("*.json.tmp")]:
+    """Temporary files of storage's writes left by a process killed while writing (kill -9 runs no
+    clean-up). The directory is this run's alone (DirectoryLock): no other process writes there."""
+    for path in [*run_dir.glob(storage.TEMPORARY_PATTERN), *(run_dir / ".hydra").glob(storage.TEMPORARY_PATTERN)]:
         path.unlink(missing_ok=True)
-
-
-def atomic_save(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then os.replace: a reader (or a run
-    resumed after a kill) sees the old file or the new one, never half of one; no temporary file
-    survives a failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +366,7 @@ class Checkpointer:
         if not self.world.main:
             return
         self.flush()  # every event up to this step is on disk before last.pt says the run got here
-        atomic_save({
+        storage.write_torch(self.path, {
             "format": "jacdistill-state", "version": STATE_VERSION, "progress": self.progress.state(),
             "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -384,7 +374,7 @@ class Checkpointer:
                         for name, m in self.modules.items()},
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "random": random_states(), "best": dict(self.best),
-        }, self.path)
+        })
 
     def saves_after(self, epoch: int) -> bool:
         """Whether last.pt is written when epoch `epoch` (1-based) ends."""
@@ -404,7 +394,7 @@ class Checkpointer:
         signal is pending)."""
         if val is not None and (self.best["val_accuracy"] is None or val["accuracy"] > self.best["val_accuracy"]):
             if self.world.main:
-                atomic_save(self.best_payload(val), self.best_path)
+                storage.write_torch(self.best_path, self.best_payload(val))
             self.best = {"val_accuracy": val["accuracy"], "epoch": self.progress.epoch - 1,
                          "step": self.progress.step}
         pending = self.pending()
@@ -424,7 +414,7 @@ class Checkpointer:
 
 def load_best(path: Path, student: torch.nn.Module, features: torch.nn.Module | None) -> dict[str, Any]:
     """Put best.pt's weights (and hint regressors) into the student; returns its payload."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = storage.load_torch(path)
     student.load_state_dict(payload["state_dict"])
     if features is not None:
         features.load_state_dict(payload["features"]["state_dict"])
@@ -433,9 +423,9 @@ def load_best(path: Path, student: torch.nn.Module, features: torch.nn.Module | 
 
 def load_state(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a file that does not load is one the run cannot continue from
-        raise UsageError(f"trainer.resume='auto' is not allowed: {path} cannot be read ({type(err).__name__}); "
+        state = storage.load_torch(path)
+    except ReadError as err:   # a file that does not load is one the run cannot continue from
+        raise UsageError(f"trainer.resume='auto' is not allowed: {path} cannot be read ({err.reason}); "
                          "start over with trainer.resume=never") from None
     if not isinstance(state, dict) or state.get("format") != "jacdistill-state":
         raise UsageError(f"trainer.resume='auto' is not allowed: {path} is not a jacdistill training state; "
@@ -496,13 +486,8 @@ def drop_session_end(run_dir: Path) -> None:
                 if not any(v.tag == SESSION_END_INFO_TAG for v in Event.FromString(r).summary.value)]
         if len(kept) == len(records):
             continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                writer = RecordWriter(handle)
-                for record in kept:
-                    writer.write(record)
-                writer.flush()
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        writer = RecordWriter(buffer)
+        for record in kept:
+            writer.write(record)
+        storage.write_bytes(path, buffer.getbuffer())

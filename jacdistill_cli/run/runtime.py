@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from jacdistill_cli.config.settings import check_device_name
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.storage import write_text
 
 MAX_DIRNAME = 120
 SALIENCY_MODES = ("abs", "signed")  # how run/saliency.py draws the input-gradients (trainer.saliency)
@@ -128,19 +129,7 @@ def run_directory() -> Path:
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     """Hydra saves the config as composed (.hydra/config.yaml); this is the one with values filled in."""
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
-def check_device_name(name: Any, key: str = "trainer.device") -> str:
-    """A device setting's form, before any work: auto, cpu, cuda or cuda:N (whether the GPU exists is
-    select_device's question, asked when torch is imported)."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
-        raise UsageError(f"{key}={name!r} is not allowed: it must be one of auto, cpu, cuda, cuda:N "
-                         "(N: the index of a GPU torch sees)")
-    return name
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):
@@ -191,7 +180,26 @@ def cache_directory(cfg: DictConfig) -> Path:
     return Path(os.path.expanduser(str(cfg.cache_dir)))
 
 
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def keep_freed_memory() -> bool:
+    """On Linux with glibc, keep freed memory in the process for the next step's tensors; whether that
+    took effect (asking again sets it again: glibc has no call that reads the setting back).
+
+    By default glibc returns large freed blocks to the system and maps fresh pages for the next
+    allocation of that size, so every training step pays page faults for its large tensors; a step
+    with a Jacobian term allocates more of them (about 10% of its time on a CPU). Elsewhere nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, ctypes.c_int(32 * 2**20))   # glibc's largest: blocks below come
+                and mallopt(m_trim_threshold, ctypes.c_int(2**30)))   # from the heap, which keeps up to 1 GiB
+    # it no longer uses.

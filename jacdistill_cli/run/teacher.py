@@ -19,13 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from jacdistill_cli.zoo.checkpoints import (CheckpointWriteError, check_fits, describe_architecture, load_checkpoint,
-                                            load_teacher_checkpoint, make_checkpoint, model_from_checkpoint,
-                                            save_checkpoint)
+from jacdistill_cli.storage import write_torch
+from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, load_teacher_checkpoint, make_checkpoint,
+                                            model_from_checkpoint)
 from jacdistill_cli.zoo.data import DataBundle, split_seed
-from jacdistill_cli.errors import UsageError
+from jacdistill_cli.errors import UsageError, WriteError
 from jacdistill_cli.run.logger import RunLogger
-from jacdistill_cli.zoo.models import architecture, build_model
+from jacdistill_cli.zoo.models import architecture, build_model, describe_architecture
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import cross_entropy_objective
 from jacdistill_cli.run.distributed import SINGLE, World, broadcast
@@ -137,7 +137,7 @@ def teacher_payload(cfg: DictConfig, data: DataBundle, device: torch.device, log
 
 def reason(err: OSError) -> str:
     """An OSError in a few words: `Read-only file system`, `Not a directory: '/x'`."""
-    if isinstance(err, CheckpointWriteError):
+    if isinstance(err, WriteError):
         return str(err)
     where = f": {err.filename!r}" if err.filename else ""
     return f"{err.strerror or type(err).__name__}{where}"
@@ -194,13 +194,13 @@ def cached_teacher(cfg: DictConfig, data: DataBundle, device: torch.device, logg
         model, payload = train_teacher(cfg, data, device, logger)
         if unwritable is None:
             try:
-                save_checkpoint(payload, path)
+                write_torch(path, payload)
                 return model, payload, "trained", path
-            except CheckpointWriteError as err:
+            except WriteError as err:
                 log.warning(f"the teacher cache {path.parent} cannot be written ({err}); the teacher trained "
                             "in this run is kept in its run directory as teacher.pt")
         kept = (run_dir or run_directory()) / "teacher.pt"
-        save_checkpoint(payload, kept)
+        write_torch(kept, payload)
         return model, payload, "trained", kept
     finally:
         if lock is not None:

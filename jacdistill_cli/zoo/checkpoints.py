@@ -5,31 +5,25 @@
      "dataset": str, "dataset_config": {the resolved dataset node}, "normalization": {"mean": [..], "std": [..]},
      "metrics": {..}, "state_dict": {..}}
 
-Loaded with `torch.load(weights_only=True)`: no arbitrary code is unpickled (numbers and arrays of numpy,
-which files written elsewhere may hold, are allowed by name: see `numpy_globals`). The dataset settings let
+Written and loaded through storage.py (atomically; `torch.load(weights_only=True)`: no arbitrary code
+is unpickled, numbers and arrays of numpy are allowed by name). The dataset settings let
 `jacdistill evaluate` rebuild the same test split the model was measured on. A teacher may also come from a
 published CIFAR-100 teacher file (see published.py): `load_teacher_checkpoint` reads both.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
-import shutil
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from jacdistill_cli.config.registry import label
-from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.zoo.models import build_model, with_target
+from jacdistill_cli.storage import read_torch
+from jacdistill_cli.zoo.data import DataBundle
+from jacdistill_cli.zoo.models import build_model, describe_architecture, with_target
 
 log = logging.getLogger("jacdistill")
 
@@ -50,84 +44,6 @@ def make_checkpoint(model: nn.Module, role: str, spec: dict[str, Any], data: Dat
     }
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, read-only, no permission): one line saying why."""
-
-
-def write_failure(path: Path, err: Exception) -> str:
-    """Why writing `path` failed, in a few words: the OS's reason, not torch's zip-writer internals."""
-    if isinstance(err, OSError) and err.errno is not None:
-        return os.strerror(err.errno)
-    try:
-        if shutil.disk_usage(path.parent).free < 2**20:
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
-    return "the write failed (is the disk full?)"
-
-
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically, so a concurrent reader never sees half a file; on failure no temporary file
-    is left behind and CheckpointWriteError says why in one line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise CheckpointWriteError(f"cannot write {path}: {write_failure(path, err)}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def unpickling_reason(path: Path, err: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, in a few words."""
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    if unsafe:
-        return (f"it would need arbitrary code to unpickle ({unsafe.group(1)}); only tensors and plain containers "
-                "are loaded (weights_only=True)")
-    with open(path, "rb") as f:
-        start = f.read(2)
-    # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol marker 0x80)
-    if not zipfile.is_zipfile(path) and not start.startswith(b"\x80"):
-        return "it is not a file written by torch.save"
-    if "Weights only load failed" in str(err):
-        return "it holds objects that weights_only=True does not load (only tensors and plain containers)"
-    return f"torch.load fails on it ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
-
-
-def numpy_globals() -> list:
-    """What unpickling numpy scalars and numeric arrays needs (a file's `accuracy` may be a numpy float):
-    the scalar and array constructors and the dtypes of numbers, under numpy 2's module names and under
-    numpy 1's (`numpy.core`), as files written with either name them. Nothing that runs other code."""
-    import numpy as np
-
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list = [np.dtype, np.ndarray]
-    for name in ("scalar", "_reconstruct"):
-        function = getattr(core, name)
-        allowed += [function, (function, f"numpy.core.multiarray.{name}"),
-                    (function, f"numpy._core.multiarray.{name}")]
-    for kind in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-                 np.float16, np.float32, np.float64):
-        allowed.append(type(np.dtype(kind)))  # numpy.dtypes.Float64DType, ...
-    return allowed
-
-
-def read_torch_file(path: Path, key: str, what: str = "a jacdistill checkpoint") -> Any:
-    """torch.load(weights_only=True) with numpy's numbers allowed; one line when the file is refused."""
-    try:
-        with torch.serialization.safe_globals(numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise UsageError(f"{key}={str(path)!r} is not {what}: {unpickling_reason(path, err)}") from None
-
-
 def existing_path(path: str | Path, key: str) -> Path:
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
@@ -138,7 +54,7 @@ def existing_path(path: str | Path, key: str) -> Path:
 def load_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     """Read a checkpoint; `key` names the setting that gave the path, for error messages."""
     path = existing_path(path, key)
-    return checked_payload(read_torch_file(path, key), path, key)
+    return checked_payload(read_torch(path, key), path, key)
 
 
 def checked_payload(payload: Any, path: Path, key: str) -> dict[str, Any]:
@@ -162,20 +78,13 @@ def load_teacher_checkpoint(path: str | Path, key: str, spec: dict[str, Any], da
     from jacdistill_cli.zoo.published import FORMAT_NAME, from_published, is_published
 
     path = existing_path(path, key)
-    raw = read_torch_file(path, key, f"a jacdistill checkpoint or a {FORMAT_NAME}")
+    raw = read_torch(path, key, f"a jacdistill checkpoint or a {FORMAT_NAME}")
     if not is_published(raw):
         return checked_payload(raw, path, key)
     payload, line = from_published(raw, key, str(path), spec, tuple(data.input_shape), data.num_classes, data.name,
                                    group)
     log.info(line)
-    return payload
-
-
-def describe_architecture(spec: dict[str, Any]) -> str:
-    """An architecture (`zoo.models.architecture`'s dict) on one line, as logs and messages show it:
-    `resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
-    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "_target_"))
-    return f"{label('model', spec)}({settings})"
+    return {"format": FORMAT, "version": VERSION, **payload}
 
 
 def check_fits(payload: dict[str, Any], key: str, data: DataBundle, spec: dict[str, Any] | None = None,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jacdistill_cli.config.checks import SettingError, boolean, whole
-from jacdistill_cli.errors import UsageError
+from jacdistill_cli.errors import ReadError, UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
 NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "reuse_outputs"}
@@ -35,6 +35,15 @@ def architecture(node: DictConfig) -> dict[str, Any]:
     """The architecture of a teacher/student node as a plain dict: {"_target_": ..., "name": ..., settings...}."""
     spec = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
+
+
+def describe_architecture(spec: dict[str, Any]) -> str:
+    """An architecture (`architecture`'s dict) on one line, as logs and messages show it:
+    `resnet_cifar(depth=32, channels=[32, 64, 128, 256])`."""
+    from jacdistill_cli.config.registry import label
+
+    settings = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "_target_"))
+    return f"{label('model', spec)}({settings})"
 
 
 def with_target(spec: dict[str, Any]) -> dict[str, Any]:
@@ -463,13 +472,13 @@ def pretrained_network(arch: str, num_classes: int, weights: str, options: dict[
     if os.path.isfile(path) or os.sep in weights or weights.endswith((".pt", ".pth")):
         if not os.path.isfile(path):
             raise ModelSettingError("weights", weights, f"no such file; {WEIGHTS_ALLOWED}")
-        from jacdistill_cli.zoo.checkpoints import unpickling_reason
+        from jacdistill_cli.storage import load_torch
 
         net = torchvision.models.get_model(arch, **options)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise ModelSettingError("weights", weights, f"{unpickling_reason(path, err)}; {WEIGHTS_ALLOWED}") from None
+            state = load_torch(path)
+        except ReadError as err:
+            raise ModelSettingError("weights", weights, f"{err.reason}; {WEIGHTS_ALLOWED}") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ModelSettingError("weights", weights, f"the file holds no state_dict; {WEIGHTS_ALLOWED}")
         try:

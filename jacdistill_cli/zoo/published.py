@@ -135,11 +135,11 @@ def classes_in(state: dict[str, torch.Tensor]) -> int | None:
 
 def from_published(raw: dict[str, Any], key: str, path: str, spec: dict[str, Any], input_shape: tuple[int, ...],
                    num_classes: int, dataset: str, group: str = "teacher") -> tuple[dict[str, Any], str]:
-    """A jacdistill checkpoint payload (architecture from the run's `group` option, state_dict renamed
-    to the zoo's keys) from a published file, and one line saying what was loaded.
+    """A jacdistill checkpoint payload less its format marker (checkpoints.load_teacher_checkpoint adds it:
+    architecture from the run's `group` option, state_dict renamed to the zoo's keys) from a published
+    file, and one line saying what was loaded.
     Raises UsageError, naming the first missing or unexpected key, when the file does not fit."""
-    from jacdistill_cli.zoo.checkpoints import FORMAT, VERSION, describe_architecture
-    from jacdistill_cli.zoo.models import build_model
+    from jacdistill_cli.zoo.models import build_model, describe_architecture
 
     state = raw["model"]
     family = spec.get("name")
@@ -168,7 +168,7 @@ def from_published(raw: dict[str, Any], key: str, path: str, spec: dict[str, Any
         accuracy = float("nan")
     published = published_name(spec)
     payload = {
-        "format": FORMAT, "version": VERSION, "role": group, "architecture": dict(spec),
+        "role": group, "architecture": dict(spec),
         "num_classes": num_classes, "input_shape": list(input_shape),
         # The published teachers are CIFAR-100's; a file of another class count says nothing of its data.
         "dataset": "cifar100" if num_classes == 100 else dataset,

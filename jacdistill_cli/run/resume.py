@@ -46,7 +46,7 @@ SELECT_MODES = ("last", "best")
 NEUTRAL_KEYS = ("cache_dir", "trainer.resume", "trainer.save_every_steps", "trainer.save_every_epochs",
                 "trainer.threads", "trainer.num_workers")
 SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def validate(cfg: DictConfig) -> None:
@@ -318,46 +318,50 @@ class Signals:
             raise Interrupted(self.pending)
 
 
-class Checkpointer:
-    """Saves and restores a student's training in `run_dir/last.pt` (and the best weights in best.pt).
+@dataclass(frozen=True)
+class SavePolicy:
+    """When last.pt is written: after every `every_epochs`-th epoch and the last (`epochs`), and every
+    `every_steps` steps when set; a signal saves at the next step whatever the policy."""
 
-    `generators`: the named torch generators the run draws from (batch order, the objective's
-    projections and noise); `modules`: other trained modules (hint regressors); `best_payload`:
-    the student checkpoint to keep as best.pt, given its validation metrics.
+    every_steps: int | None = None
+    every_epochs: int = 1
+    epochs: int | None = None
+
+
+class Checkpointer:
+    """Saves and restores a run's training in `run_dir/last.pt` (and the best weights in best.pt).
+
+    What it saves is the distiller's state (run/distiller.py: the student and the objective's own
+    parameters), the optimiser's and the schedule's; `generators`: the named torch generators the run
+    draws from (batch order, the objective's projections and noise); `best_payload`: the student
+    checkpoint to keep as best.pt, given its validation metrics.
     """
 
-    def __init__(self, run_dir: Path, *, every_steps: int | None, every_epochs: int = 1, epochs: int | None = None,
-                 generators: dict[str, torch.Generator], modules: dict[str, torch.nn.Module],
-                 best_payload: Callable[[dict[str, float]], dict[str, Any]], signals: Signals,
-                 flush: Callable[[], None] = lambda: None, state: dict[str, Any] | None = None,
-                 world: World = SINGLE, device: torch.device = torch.device("cpu")):
+    def __init__(self, run_dir: Path, policy: SavePolicy, signals: Signals, *,
+                 generators: dict[str, torch.Generator], best_payload: Callable[[dict[str, float]], dict[str, Any]],
+                 state: dict[str, Any] | None = None, world: World = SINGLE,
+                 device: torch.device = torch.device("cpu")):
         self.path = run_dir / LAST
         self.best_path = run_dir / BEST
-        self.every_steps = every_steps
-        self.every_epochs = every_epochs   # last.pt after every N-th epoch and after the last (`epochs`)
-        self.epochs = epochs
+        self.policy = policy
         self.generators = generators
-        self.modules = modules
         self.best_payload = best_payload
         self.signals = signals
-        self.flush = flush
         self.best: dict[str, Any] = {"val_accuracy": None, "epoch": None, "step": None}
         self.state = state   # last.pt's content, to continue from
         self.progress = Progress()
         self.world = world   # under torch.distributed every rank restores and stops together; rank 0 writes
         self.device = device   # the training device, where the ranks' pending signals are reduced
 
-    def restore(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
+    def restore(self, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
         """The progress to continue from: the start, or last.pt's with every state put back."""
         if self.state is None:
             return self.progress
         state = self.state
         try:
-            student.load_state_dict(state["student"])
+            distiller.load_state_dict(model_state(state))
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
-            for name, module in self.modules.items():
-                module.load_state_dict(state["modules"][name])
         except (KeyError, RuntimeError, ValueError) as err:
             raise UsageError(f"trainer.resume='auto' is not allowed: {self.path} does not fit this run "
                              f"({str(err).splitlines()[0]}); start over with trainer.resume=never") from None
@@ -372,34 +376,36 @@ class Checkpointer:
         log.info(f"resuming from {self.path}: epoch {p['epoch']}, {p['batch']} batches into it, step {p['step']}")
         return self.progress
 
-    def save(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+    def save(self, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+             flush: Callable[[], None] = lambda: None) -> None:
         if not self.world.main:
             return
-        self.flush()  # every event up to this step is on disk before last.pt says the run got here
+        flush()  # every event up to this step is on disk before last.pt says the run got here
         atomic_save({
             "format": "jacdistill-state", "version": STATE_VERSION, "progress": self.progress.state(),
-            "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in distiller.state_dict().items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
-                        for name, m in self.modules.items()},
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "random": random_states(), "best": dict(self.best),
         }, self.path)
 
     def saves_after(self, epoch: int) -> bool:
         """Whether last.pt is written when epoch `epoch` (1-based) ends."""
-        return epoch % self.every_epochs == 0 or epoch == self.epochs
+        return epoch % self.policy.every_epochs == 0 or epoch == self.policy.epochs
 
-    def after_step(self, student, optimizer, schedule, end_of_epoch: bool) -> None:
+    def after_step(self, distiller, optimizer, schedule, end_of_epoch: bool,
+                   flush: Callable[[], None] = lambda: None) -> None:
         """Save every `every_steps` steps (unless the epoch's end is about to); stop on a pending signal."""
-        due = (self.every_steps is not None and self.progress.step % self.every_steps == 0
+        every = self.policy.every_steps
+        due = (every is not None and self.progress.step % every == 0
                and not (end_of_epoch and self.saves_after(self.progress.epoch)))
         pending = self.pending()
         if due or pending is not None:
-            self.save(student, optimizer, schedule)
+            self.save(distiller, optimizer, schedule, flush)
         self.check(pending)
 
-    def after_epoch(self, student, optimizer, schedule, val: dict[str, float] | None) -> None:
+    def after_epoch(self, distiller, optimizer, schedule, val: dict[str, float] | None,
+                    flush: Callable[[], None] = lambda: None) -> None:
         """Keep best.pt when the validation accuracy improved, then save last.pt (when this epoch saves, or a
         signal is pending)."""
         if val is not None and (self.best["val_accuracy"] is None or val["accuracy"] > self.best["val_accuracy"]):
@@ -409,7 +415,7 @@ class Checkpointer:
                          "step": self.progress.step}
         pending = self.pending()
         if self.saves_after(self.progress.epoch - 1) or pending is not None:
-            self.save(student, optimizer, schedule)
+            self.save(distiller, optimizer, schedule, flush)
         self.check(pending)
 
     def pending(self) -> int | None:
@@ -422,12 +428,21 @@ class Checkpointer:
             raise Interrupted(pending, self.progress)
 
 
-def load_best(path: Path, student: torch.nn.Module, features: torch.nn.Module | None) -> dict[str, Any]:
-    """Put best.pt's weights (and hint regressors) into the student; returns its payload."""
+def model_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The distiller's state_dict in last.pt; the first layout (version 1) kept the student's and the hint
+    regressors' apart."""
+    if "model" in state:
+        return state["model"]
+    features = state.get("modules", {}).get("features", {})
+    return {**{f"student.{k}": v for k, v in state["student"].items()},
+            **{f"matching.{k}": v for k, v in features.items()}}
+
+
+def load_best(path: Path, distiller: Any) -> dict[str, Any]:
+    """Put best.pt's weights (the student's and the hint regressors') into the distiller; returns its payload."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    student.load_state_dict(payload["state_dict"])
-    if features is not None:
-        features.load_state_dict(payload["features"]["state_dict"])
+    distiller.student.load_state_dict(payload["state_dict"])
+    distiller.load_checkpoint_entries(payload)
     return payload
 
 

@@ -20,13 +20,14 @@ class Startup:
 
 
 def start(cfg: DictConfig, device_key: str = "trainer.device", write_config: bool = True,
-          local_rank: int | None = None) -> Startup:
-    """The device of `device_key` (one line for a GPU torch does not see), the Hydra run directory (its
-    resolved config.yaml written unless the command writes it later), every random stream seeded."""
+          local_rank: int | None = None, run_dir: Path | None = None) -> Startup:
+    """The device of `device_key` (one line for a GPU torch does not see; under torch.distributed the rank's
+    `local_rank` GPU), the run directory (Hydra's, unless given; its resolved config.yaml written unless the
+    command writes it later), every random stream seeded."""
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
 
     device = select_device(OmegaConf.select(cfg, device_key), local_rank, key=device_key)
-    run_dir = run_directory()
+    run_dir = run_dir or run_directory()
     if write_config:
         save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
@@ -68,7 +69,7 @@ def teacher_settings(cfg: DictConfig):
         name=teacher.name, spec=architecture(teacher), checkpoint=None if checkpoint is None else str(checkpoint),
         epochs=teacher.epochs, batch_size=teacher.batch_size, lr=teacher.lr, weight_decay=teacher.weight_decay,
         samples_per_class=samples, seed=cfg.seed, split_seed=seed, dataset=dataset,
-        cache_dir=cache_directory(cfg), eval_batch_size=cfg.trainer.eval_batch_size,
+        cache_dir=cache_directory(cfg) if "cache_dir" in cfg else None, eval_batch_size=cfg.trainer.eval_batch_size,
         num_workers=cfg.trainer.num_workers)
 
 

@@ -81,7 +81,7 @@ def claimed(cfg: DictConfig, run_dir: Path):
     from jacdistill_cli.run.runtime import save_resolved_config
 
     log = logging.getLogger("jacdistill")
-    claim = resume.claim_directory(cfg, run_dir)
+    claim = resume.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
     if claim.finished is not None:
         log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
         return claim
@@ -231,7 +231,13 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
         raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
     validated = settings.validate_train(cfg)
-    resume.validate(cfg)
+    settings.choice(cfg, "trainer.resume", resume.RESUME_MODES)
+    settings.choice(cfg, "trainer.select", resume.SELECT_MODES)
+    if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
+        settings.integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
+    if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
+        settings.integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves "
+                         "in any case)")
     return validated
 
 
@@ -242,13 +248,15 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
     part of it: rank 0 claims and writes the directory, every rank continues from the same last.pt."""
     import torch
 
+    from jacdistill_cli.commands.startup import start
     from jacdistill_cli.run import distributed
-    from jacdistill_cli.run.runtime import select_device
 
     # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
     objective, optim = validated or validate(cfg)
     session = Session(cfg, run_dir, world, signals, objective, optim)
-    session.device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
+    # (the resolved config is written once the directory is claimed)
+    local_rank = world.local_rank if world.distributed else None
+    session.device = start(cfg, write_config=False, local_rank=local_rank, run_dir=run_dir).device
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
     # The process group is left on every way out (a rank that exits with gloo's still in place can abort).
@@ -274,7 +282,7 @@ def train_in_group(session: Session, claim: Any) -> float:
     try:
         distiller, teacher_info = build_distiller(session)
         checkpointer = make_checkpointer(session, distiller)
-        history = fitted(session, distiller, checkpointer)
+        history = fitted(session, distiller, checkpointer, teacher_info["teacher_test_accuracy"])
         metrics = tested(session, distiller, teacher_info, history, checkpointer)
     except resume.Interrupted as stop:
         close_logger(session, False)
@@ -379,8 +387,6 @@ def build_distiller(session: Session) -> tuple[Any, dict[str, Any]]:
     cfg, data, device = session.cfg, session.data, session.device
     teacher, info = obtain_teacher(teacher_settings(cfg), data, device, session.logger, session.world,
                                    session.run_dir)
-    if session.state is None:
-        session.logger.scalars({"teacher/test_accuracy": info["teacher_test_accuracy"]}, 0)
     seed_everything(cfg.seed)
     spec = architecture(cfg.student)
     student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
@@ -425,16 +431,17 @@ def make_checkpointer(session: Session, distiller: Any) -> Any:
         world=session.world, device=session.device)
 
 
-def fitted(session: Session, distiller: Any, checkpointer: Any) -> dict[str, Any]:
+def fitted(session: Session, distiller: Any, checkpointer: Any, teacher_accuracy: float) -> dict[str, Any]:
     """The Trainer with this run's callbacks, fitted: the last validation metrics and the loop's counts."""
     from jacdistill_cli.commands.startup import loop_settings
-    from jacdistill_cli.run.callbacks import (Checkpointing, Divergence, ProgressBar, Saliency, TensorBoard,
-                                              interactive)
+    from jacdistill_cli.run.callbacks import (Checkpointing, Divergence, ProgressBar, Saliency, TeacherLevel,
+                                              TensorBoard, interactive)
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.trainer import Trainer
 
     logger = session.logger
     callbacks = [Divergence(), TensorBoard(logger, layout=True),
+                 TeacherLevel(logger, teacher_accuracy, continued=session.state is not None),
                  Saliency(logger, fixed_inputs(session.data.val, session.device),
                           OmegaConf.select(session.cfg, "trainer.saliency", default="abs")),
                  *([ProgressBar()] if interactive() and session.world.main else []),
@@ -489,9 +496,7 @@ def finished(session: Session, distiller: Any, metrics: dict[str, Any]) -> float
     log = logging.getLogger("jacdistill")
     with session.signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
         session.logger.scalars({"test/accuracy": metrics["test_accuracy"], "test/agreement": metrics["agreement"],
-                                "test/jacobian_cosine": metrics["jacobian_cosine"],
-                                # at the first and the last step: a level line to read the student's curves against
-                                "teacher/test_accuracy": metrics["teacher_test_accuracy"]}, metrics["steps"])
+                                "test/jacobian_cosine": metrics["jacobian_cosine"]}, metrics["steps"])
         close_logger(session, True)
         if session.world.main:
             floats = {k: v for k, v in metrics.items() if isinstance(v, float)}

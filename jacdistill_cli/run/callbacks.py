@@ -110,6 +110,21 @@ class TensorBoard(Callback):
         self.logger.scalars({f"{self.prefix}val/{name}": v for name, v in val.items()}, trainer.progress.step)
 
 
+class TeacherLevel(Callback):
+    """`teacher/test_accuracy` at the first and the last step: a level line to read the student's curves
+    against (the first point only when the run starts, not when it continues)."""
+
+    def __init__(self, logger: RunLogger, accuracy: float, continued: bool = False):
+        self.logger, self.accuracy, self.continued = logger, accuracy, continued
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if not self.continued:
+            self.logger.scalars({"teacher/test_accuracy": self.accuracy}, 0)
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        self.logger.scalars({"teacher/test_accuracy": self.accuracy}, trainer.progress.step)
+
+
 class Saliency(Callback):
     """At each evaluation, the input-gradients of fixed validation inputs for teacher and student, side by
     side (run/saliency.py), drawn as `mode` (abs or signed)."""

@@ -49,20 +49,6 @@ SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "
 STATE_VERSION = 2
 
 
-def validate(cfg: DictConfig) -> None:
-    """trainer.resume, trainer.select, trainer.save_every_steps, trainer.save_every_epochs; one line for a bad
-    value."""
-    from jacdistill_cli.config.settings import choice, integer
-
-    choice(cfg, "trainer.resume", RESUME_MODES)
-    choice(cfg, "trainer.select", SELECT_MODES)
-    if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
-        integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
-    if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
-        integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves in any "
-                "case)")
-
-
 # ----------------------------------------------------------------------------------------------
 # One run per directory
 
@@ -88,10 +74,10 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def comparable(config: Any) -> dict[str, Any]:
-    """A config as flat key -> value, without the settings that cannot change results."""
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
-    return {key: value for key, value in _flat(container or {}).items()
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config (resolved, as plain containers) as flat key -> value, without the settings that cannot change
+    results."""
+    return {key: value for key, value in _flat(config or {}).items()
             if not any(key == k or key.startswith(k + ".") for k in NEUTRAL_KEYS)}
 
 
@@ -111,9 +97,10 @@ class Claim:
     restart: bool = False                    # earlier output of this configuration, started over
 
 
-def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
+def claim_directory(config: dict[str, Any], run_dir: Path) -> Claim:
     """Refuse a directory holding another configuration's results (one line naming what differs);
-    for this configuration's: whether it finished, or a last.pt to resume from."""
+    for this configuration's (`config`: the run's, resolved, as plain containers): whether it finished, or a
+    last.pt to resume from (`trainer.resume=auto`)."""
     stored_file = run_dir / "config.yaml"
     if stored_file.is_file():
         try:
@@ -121,7 +108,7 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
         except Exception as err:  # noqa: BLE001 - any unreadable config.yaml means the same
             raise UsageError(f"{run_dir_key()}={str(run_dir)!r} is not allowed: its config.yaml cannot be read "
                              f"({type(err).__name__}); give this run a directory of its own") from None
-        differ = differences(stored, cfg)
+        differ = differences(stored, config)
         if differ:
             more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
             raise UsageError(f"{run_dir_key()}={str(run_dir)!r} is not allowed: it holds the results of another "
@@ -131,7 +118,7 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
                          "config.yaml that says whose; give this run a directory of its own")
     claim = Claim()
     metrics = read_metrics(run_dir)
-    mode = cfg.trainer.resume
+    mode = config["trainer"]["resume"]
     if mode == "auto" and metrics is not None and metrics.get("status", FINISHED) == FINISHED:
         claim.finished = metrics
     elif mode == "auto" and (run_dir / LAST).is_file():

@@ -56,7 +56,7 @@ class TeacherSettings:
     seed: int
     split_seed: int
     dataset: dict[str, Any]              # the dataset node, resolved: part of the cache key
-    cache_dir: Path
+    cache_dir: Path | None               # None: a command that caches no teacher (`jacdistill teacher`)
     eval_batch_size: int = 512
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)   # other teacher keys that determine it (cache key)

@@ -1,18 +1,17 @@
-"""One optimisation step of `fit` on a fixed global batch, in one process or as one rank of several:
+"""One optimisation step of the Trainer on a fixed global batch, in one process or as one rank of several:
 the worker of tests/test_distributed.py (importable by the processes the launcher spawns)."""
 
 from __future__ import annotations
 
 import torch
 from hydra import compose, initialize_config_module
-from torch import nn
 
 from jacdistill_cli.config import settings
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import objective_from_settings
 from jacdistill_cli.run import distributed
-from jacdistill_cli.run.logger import NullLogger
-from jacdistill_cli.run.trainer import fit
+from jacdistill_cli.run.distiller import Distiller
+from jacdistill_cli.run.trainer import LoopSettings, Trainer
 from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 from jacdistill_cli.zoo.models import build_model
 
@@ -51,11 +50,11 @@ def step(case: str, world: distributed.World) -> list[torch.Tensor]:
     """The student's and the hint regressor's parameters after one step on the global batch."""
     student, teacher = models()
     built, matching = objective_for(case, student, teacher)
-    trained = nn.parallel.DistributedDataParallel(student) if world.distributed else student
-    extra = list(matching.parameters()) if matching is not None else []
-    fit(trained, teacher, built, data(), epochs=1, batch_size=BATCH, eval_batch_size=BATCH, optim=sgd(),
-        device=torch.device("cpu"), logger=NullLogger(), generator=torch.Generator().manual_seed(SEED),
-        progress=False, objective_parameters=extra, world=world)
+    cpu = torch.device("cpu")
+    distiller = Distiller(student, teacher, built, matching).distribute(world, cpu)
+    extra = distiller.objective_parameters()
+    Trainer(LoopSettings(1, BATCH, BATCH), sgd(), cpu, world=world).fit(
+        distiller, data(), torch.Generator().manual_seed(SEED))
     return [p.detach().clone() for p in [*student.parameters(), *extra]]
 
 

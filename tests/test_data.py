@@ -20,6 +20,7 @@ from PIL import Image
 from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, TensorSplit, UInt8Split, batches,
                                      build_data, per_class_indices)
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.commands.startup import teacher_settings
 from jacdistill_cli.run.teacher import cache_path
 
 CPU = torch.device("cpu")
@@ -159,10 +160,13 @@ def test_per_class_indices_are_stratified_on_uneven_classes():
 
 
 def test_teacher_cache_key_ignores_the_students_samples_per_class_but_not_the_teachers():
-    plain = cache_path(train_cfg())
-    assert cache_path(train_cfg("dataset.samples_per_class=10")) == plain
-    assert cache_path(train_cfg("teacher.samples_per_class=10")) != plain
-    assert cache_path(train_cfg("dataset.val_fraction=0.1")) != plain
+    def key(*overrides: str):
+        return cache_path(teacher_settings(train_cfg(*overrides)))
+
+    plain = key()
+    assert key("dataset.samples_per_class=10") == plain
+    assert key("teacher.samples_per_class=10") != plain
+    assert key("dataset.val_fraction=0.1") != plain
 
 
 def test_teacher_bundle_is_the_full_split_or_its_own_subset():

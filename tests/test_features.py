@@ -186,10 +186,12 @@ def test_no_hook_handle_or_captured_tensor_survives_many_steps(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(regressor_before, matching.parameters()))
 
 
-def test_hint_regressor_is_optimised_with_the_student_by_fit(tmp_path):
+def test_hint_regressor_is_optimised_with_the_student_by_the_trainer(tmp_path):
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
+    from jacdistill_cli.run.callbacks import TensorBoard
+    from jacdistill_cli.run.distiller import Distiller
     from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.run.trainer import fit
+    from jacdistill_cli.run.trainer import LoopSettings, Trainer
 
     teacher, student = small_pair(dtype=torch.float32)
     cfg, objective, matching = objective_for(teacher, student, "features=hint")
@@ -198,9 +200,9 @@ def test_hint_regressor_is_optimised_with_the_student_by_fit(tmp_path):
     before = [p.detach().clone() for p in matching.parameters()]
     logger = RunLogger(tmp_path)
     try:
-        fit(student, teacher, objective, data, epochs=1, batch_size=16, eval_batch_size=32, optim=settings.validate_optim(cfg),
-            device=torch.device("cpu"), logger=logger, generator=torch.Generator().manual_seed(0),
-            objective_parameters=matching.parameters())
+        trainer = Trainer(LoopSettings(1, 16, 32), settings.validate_optim(cfg), torch.device("cpu"),
+                          callbacks=[TensorBoard(logger)])
+        trainer.fit(Distiller(student, teacher, objective, matching), data, torch.Generator().manual_seed(0))
     finally:
         logger.close()
     assert all(not torch.equal(a, b) for a, b in zip(before, matching.parameters()))
@@ -431,7 +433,7 @@ def test_feature_settings_compose_and_reach_the_hparams():
     cfg = compose_train("features=attention", "features.pairs=[[2,2]]", "jacobian.of=features")
     assert cfg.features.name == "attention" and cfg.jacobian.of == "features"
     assert compose_train().features.name == "none"
-    from jacdistill_cli.commands.train import hparams_of
+    from jacdistill_cli.commands.records import hparams_of
 
     hparams = hparams_of(cfg)
     assert hparams["features"] == "attention" and hparams["features.weight"] == 1.0

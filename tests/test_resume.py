@@ -208,8 +208,8 @@ def test_save_every_epochs_saves_every_nth_epoch_the_last_and_on_a_signal(tmp_pa
 
     def train(every_steps: int | None, signals: resume.Signals, stop_at: int | None = None) -> list:
         (tmp_path / resume.LAST).unlink(missing_ok=True)
-        checkpoint = resume.Checkpointer(tmp_path, every_steps=every_steps, every_epochs=3, epochs=7,
-                                         generators={}, modules={}, best_payload=lambda val: {}, signals=signals)
+        checkpoint = resume.Checkpointer(tmp_path, resume.SavePolicy(every_steps, every_epochs=3, epochs=7), signals,
+                                         generators={}, best_payload=lambda val: {})
         saves = []
         with signals, signals.deferring(raise_pending=False):
             for epoch in range(1, 8):

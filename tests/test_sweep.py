@@ -215,22 +215,24 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     names = sorted(RUNS)
     (copy / "grid" / names[3] / "metrics.json").unlink()   # alpha=0.8, seed=1: killed before the end
     shutil.rmtree(copy / "grid" / names[1])                 # alpha=0.2, seed=1: never started
-    # A job that really fails: the loss diverges, the run logs why and leaves no metrics.json.
-    failed = run_cli("train", "-m", "optim.lr=1e30", *FAST, "trainer.threads=1",
+    # A job whose loss diverges ends alone in one line (the other jobs go on), its metrics.json says so, and
+    # the sweep exits with status 1 after its report.
+    failed = run_cli("train", "-m", "optim.lr=1e30,0.001", *FAST, "trainer.threads=1",
                      f"hydra.sweep.dir={copy / 'diverged'}",
                      cwd=tmp_path, env={"JACDISTILL_CACHE": str(teacher_cache)})
-    assert failed.returncode != 0 and "FloatingPointError" in failed.stderr
-    # The sweep stopped with the error, and still left its report and said where it is, last.
-    assert "0: failed (failed: FloatingPointError" in (copy / "diverged" / "report.md").read_text()
-    where = f"jacdistill train: sweep directory {(copy / 'diverged').resolve()} (the sweep ended early)"
+    assert failed.returncode == 1, failed.stderr
+    assert [line for line in failed.stderr.splitlines() if "error" in line] == [
+        line for line in failed.stderr.splitlines() if line.startswith("jacdistill train: error: loss/total is ")]
+    assert "optim.lr=1e30: diverged (loss/total is " in (copy / "diverged" / "report.md").read_text()
+    assert json.loads((copy / "diverged" / "optim.lr=0.001" / "metrics.json").read_text())["status"] == "finished"
+    where = f"jacdistill train: sweep directory {(copy / 'diverged').resolve()}"
     assert failed.stdout.splitlines()[-1] == where
 
     report = build_report(copy)
     status = {run.name: (run.status, run.detail) for run in report.runs}
     assert status[f"grid/{names[3]}"] == ("did not finish", "no metrics.json")
     assert status[f"grid/{names[1]}"][0] == "not started"
-    (diverged,) = [name for name in status if name.startswith("diverged/")]
-    assert status[diverged][0] == "failed" and "FloatingPointError" in status[diverged][1]
+    assert status["diverged/optim.lr=1e30"][0] == "diverged" and "training diverged" in status["diverged/optim.lr=1e30"][1]
     groups = {dict(g.key)["alpha"]: g for g in report.groups if dict(g.key)["alpha"]}
     assert (len(groups["0.2"].finished), len(groups["0.2"].runs)) == (1, 2)
     assert (len(groups["0.8"].finished), len(groups["0.8"].runs)) == (1, 2)
@@ -240,8 +242,7 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     result = run_cli("report", str(copy), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "3 run(s) without results" in result.stdout
-    # One job, nothing varies: named by its number.
-    assert re.search(r"diverged/0: failed \(failed: FloatingPointError", result.stdout)
+    assert re.search(r"diverged/optim.lr=1e30: diverged \(loss/total is ", result.stdout)
     assert f"grid/{names[1]}: not started" in result.stdout
 
 
@@ -336,7 +337,9 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path,
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.engine.objective import cross_entropy_objective
-    from jacdistill_cli.run.trainer import fit
+    from jacdistill_cli.run.callbacks import ProgressBar, TensorBoard
+    from jacdistill_cli.run.distiller import Distiller
+    from jacdistill_cli.run.trainer import LoopSettings, Trainer
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
     data = DataBundle("toy", split, split, split, 2, (1, 4, 4))
@@ -346,9 +349,9 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path,
     for progress in (True, False):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
         logger = RunLogger(tmp_path / str(progress))
-        fit(model, None, cross_entropy_objective, data, epochs=2, batch_size=8, eval_batch_size=40,
-            optim=optim, device=torch.device("cpu"), logger=logger, generator=torch.Generator().manual_seed(0),
-            progress=progress)
+        callbacks = [TensorBoard(logger), *([ProgressBar()] if progress else [])]
+        Trainer(LoopSettings(2, 8, 40), optim, torch.device("cpu"), callbacks=callbacks).fit(
+            Distiller(model, None, cross_entropy_objective), data, torch.Generator().manual_seed(0))
         logger.close()
         err = capsys.readouterr().err
         if progress:  # tqdm: one bar per epoch, 5 batches of 8, with the running mean of each loss term
@@ -368,7 +371,7 @@ def test_progress_bar_fits_80_columns(tmp_path):
 
     from tqdm import tqdm
 
-    from jacdistill_cli.run.trainer import BAR_FORMAT, progress_postfix, progress_room
+    from jacdistill_cli.run.callbacks import BAR_FORMAT, progress_postfix, progress_room
 
     def shown(desc: str, terms: dict[str, float], columns: int) -> list[str]:
         master, slave = pty.openpty()

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.registry import label
 from jacdistill_cli.config.entry import one_line_errors
-from jacdistill_cli.errors import UsageError, setting_error
+from jacdistill_cli.errors import setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -129,20 +129,16 @@ def run(cfg: DictConfig) -> int:
 
     import torch
 
-    from jacdistill_cli.zoo.data import batches, build_data
+    from jacdistill_cli.commands.startup import data as dataset, start
+    from jacdistill_cli.zoo.data import batches
     from jacdistill_cli.zoo.models import architecture, describe_architecture
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
     from jacdistill_cli.storage import write_json
     from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
 
     log = logging.getLogger("jacdistill")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device='cuda' is not allowed: torch sees no CUDA GPU on this machine; use device=auto or cpu")
-    device = select_device(cfg.device)
-    run_dir = run_directory()
-    save_resolved_config(cfg, run_dir)
-    seed_everything(cfg.seed)
-    data = build_data(cfg.dataset).to(device)
+    startup = start(cfg, device_key="device")
+    device, run_dir = startup.device, startup.run_dir
+    data = dataset(cfg.dataset, device)
     student, teacher, source = networks(cfg, data, device)
     precision = str(cfg.trainer.precision)
     inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),

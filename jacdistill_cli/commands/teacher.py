@@ -20,35 +20,36 @@ def run(cfg: DictConfig) -> float:
     settings.validate_teacher_training(cfg)
 
     import logging
+    import sys
 
-    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.commands.startup import check_models, data, start, teacher_settings
+    from jacdistill_cli.run.callbacks import Diverged
     from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.zoo.models import architecture, build_model
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
     from jacdistill_cli.storage import write_json, write_torch
     from jacdistill_cli.run.teacher import train_teacher
+    from jacdistill_cli.zoo.checkpoints import matching_overrides
 
     log = logging.getLogger("jacdistill")
-    device = select_device(cfg.trainer.device)
-    run_dir = run_directory()
+    typed = teacher_settings(cfg)
+    startup = start(cfg)
+    run_dir = startup.run_dir
     log.info(f"run directory: {run_dir}")
-    save_resolved_config(cfg, run_dir)
-    seed_everything(cfg.seed)
-    data = build_data(cfg.dataset).to(device)
-    build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher")  # settings check
+    bundle = data(cfg.dataset, startup.device)
+    check_models(cfg, bundle)
     logger = RunLogger(run_dir)
     try:
-        _, payload = train_teacher(cfg, data, device, logger, prefix="")
+        _, payload = train_teacher(typed, bundle, startup.device, logger, prefix="")
         logger.scalars({"test/accuracy": payload["metrics"]["test_accuracy"]}, 0)
+    except Diverged as err:   # one line, exit status 1, no teacher.pt
+        print(f"jacdistill teacher: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         logger.close()
     path = run_dir / "teacher.pt"
     write_torch(path, payload)
     write_json(run_dir / "metrics.json", payload["metrics"])
     log.info(f"teacher test accuracy {payload['metrics']['test_accuracy']:.4f}; checkpoint: {path}")
-    from jacdistill_cli.zoo.checkpoints import matching_overrides
-
-    dataset = "" if data.name == "digits" else f"dataset={data.name} "
+    dataset = "" if bundle.name == "digits" else f"dataset={bundle.name} "
     log.info(f"use it with: jacdistill train {dataset}{matching_overrides(payload['architecture'], 'teacher')} "
              f"teacher.checkpoint={path}")
     log.info(f"run directory: {run_dir}")

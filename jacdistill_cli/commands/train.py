@@ -10,114 +10,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.config.registry import label
+from jacdistill_cli.commands.records import hparams_of, single_run, summary_table
 from jacdistill_cli.config.entry import one_line_errors
-from jacdistill_cli.errors import UsageError
+from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.run.runtime import register_resolvers
+from jacdistill_cli.storage import write_json
 
 register_resolvers()
-
-# Custom-scalars layout: one chart per loss term the run logs and per validation metric, each drawn with
-# every run of the sweep (TensorBoard merges the runs' layouts, so a term no run logs gets no chart).
-VAL_METRICS = ("accuracy", "agreement", "jacobian_cosine")
-
-
-def charts(terms: list[str]) -> dict[str, dict[str, list[str]]]:
-    """The layout for a run whose objective returns `terms` (total first)."""
-    ordered = sorted(terms, key=lambda term: term != "total")
-    return {"loss terms (per step)": {f"loss/{term}": [f"^loss/{term}$"] for term in ordered},
-            "validation (per evaluation)": {f"val/{name}": [f"^val/{name}$"] for name in VAL_METRICS}}
-
-
-def with_layout(objective, logger):
-    """`objective`, which writes the run's custom-scalars layout when its first step shows the terms."""
-    written = False
-
-    def first_step_writes_layout(student, teacher, inputs, labels, **options):
-        nonlocal written
-        logits, terms = objective(student, teacher, inputs, labels, **options)
-        if not written:
-            logger.layout(charts(list(terms)))
-            written = True
-        return logits, terms
-
-    return first_step_writes_layout
-
-
-NOT_HPARAMS = {"cache_dir"}
-
-
-def compact(node: DictConfig) -> str:
-    """A model node's architecture on one line: `mlp(hidden=[64], batchnorm=False)`."""
-    from jacdistill_cli.zoo.models import architecture, describe_architecture
-
-    return describe_architecture(architecture(node))
-
-
-def choice_of(group: str) -> str | None:
-    """The option chosen for a config group without keys of its own (recipe, experiment), or None."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().runtime.choices.get(group)
-
-
-def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The run's hyperparameters, flat, for TensorBoard's HPARAMS tab: every top-level setting (alpha,
-    temperature, hard_weight, seed, ...), the recipe and experiment preset, the distillation loss, the
-    Jacobian method and each of its settings, teacher, student, dataset, samples_per_class (None: the whole
-    training split), optimiser."""
-    hparams: dict[str, Any] = {key: value for key, value in cfg.items()
-                               if key not in NOT_HPARAMS and isinstance(value, (int, float, str, bool))}
-    hparams["recipe"] = choice_of("recipe")
-    hparams["experiment"] = choice_of("experiment")
-    hparams["loss"] = label("loss", cfg.loss)
-    hparams["jacobian"] = label("jacobian", cfg.jacobian)
-    for key, value in cfg.jacobian.items():
-        if key not in ("name", "_target_") and isinstance(value, (int, float, str, bool)):
-            hparams[f"jacobian.{key}"] = value
-    hparams["teacher"] = str(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else compact(cfg.teacher)
-    hparams["student"] = compact(cfg.student)
-    hparams["dataset"] = label("dataset", cfg.dataset)
-    hparams["samples_per_class"] = OmegaConf.select(cfg, "dataset.samples_per_class", default=None)
-    from jacdistill_cli.engine.pairs import parse_pairs
-
-    hparams["features"] = label("features", cfg.features) if OmegaConf.select(cfg, "features") else "none"
-    if hparams["features"] != "none":
-        for key, value in cfg.features.items():
-            if key not in ("name", "_target_"):
-                hparams[f"features.{key}"] = value if isinstance(value, (int, float, str, bool)) else (
-                    "architecture defaults" if value is None else str([list(p) for p in parse_pairs(value)]))
-    hparams["optim"] = label("optim", cfg.optim)
-    hparams["optim.lr"] = cfg.optim.lr
-    hparams["trainer.epochs"] = cfg.trainer.epochs
-    hparams["trainer.batch_size"] = cfg.trainer.batch_size
-    return hparams
-
-
-def single_run() -> bool:
-    """Whether this is a single run (not a job of a multirun, whose sweep ends with its report)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
-
-
-def summary_table(metrics: dict[str, Any], run_dir) -> str:
-    """What a single run ends with on stdout: the student's test metrics beside the teacher's accuracy,
-    then time, device and where the run is."""
-    rows = [("test accuracy", f"{metrics['test_accuracy']:.4f}", f"{metrics['teacher_test_accuracy']:.4f}"),
-            ("agreement with the teacher", f"{metrics['agreement']:.4f}", ""),
-            ("input-gradient cosine", f"{metrics['jacobian_cosine']:.4f}", ""),
-            ("val accuracy", f"{metrics['val_accuracy']:.4f}", "")]
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'':{width}}  student  teacher", *(f"{n:{width}}  {s:>7}  {t:>7}".rstrip() for n, s, t in rows),
-             f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {metrics['steps']} steps in "
-             f"{metrics['train_seconds']:.1f} s "
-             f"({metrics['samples_per_second']:.0f} samples/s) on {metrics['device']}, seed {metrics['seed']}",
-             f"run directory: {run_dir}"]
-    return "\n".join(lines)
 
 
 @one_line_errors("train")
@@ -126,18 +25,11 @@ def run(cfg: DictConfig) -> float:
     `trainer.devices=N > 1` (and no torchrun/srun around it) it starts N workers and waits for them."""
     import contextlib
 
-    from jacdistill_cli.config import settings
     from jacdistill_cli.run import distributed, resume
-    from jacdistill_cli.errors import setting_error
-    from jacdistill_cli.run.runtime import SALIENCY_MODES
-
-    if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
-        raise setting_error("trainer.saliency", cfg.trainer.saliency,
-                            f"it must be one of {', '.join(SALIENCY_MODES)}")
+    from jacdistill_cli.run.callbacks import Diverged
     from jacdistill_cli.run.runtime import run_directory
 
-    validated = settings.validate_train(cfg)  # before any work: nothing is written for a bad value
-    resume.validate(cfg)
+    validated = validate(cfg)  # before any work: nothing is written for a bad value
     run_dir = run_directory()
     world = distributed.world_from_environment()
     command = resume.resume_command(run_dir)
@@ -153,6 +45,33 @@ def run(cfg: DictConfig) -> float:
             return train(cfg, run_dir, world, signals, claim, validated)
         except resume.Interrupted as stop:
             stopped(cfg, run_dir, stop, command)
+        except Diverged as err:
+            return diverged(err)
+
+
+def diverged(err: Exception) -> float:
+    """A diverged run ends in one line, exit status 1. A job of a sweep ends alone: the other jobs go on,
+    the report lists it as diverged and the sweep exits with status 1 (run/sweep.py)."""
+    import sys
+
+    if distributed_rank() == 0:
+        print(f"jacdistill train: error: {err}", file=sys.stderr)
+    if multirun_job():
+        return float("nan")
+    raise SystemExit(1) from None
+
+
+def multirun_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def distributed_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
 def claimed(cfg: DictConfig, run_dir: Path):
@@ -164,7 +83,7 @@ def claimed(cfg: DictConfig, run_dir: Path):
     from jacdistill_cli.run.runtime import save_resolved_config
 
     log = logging.getLogger("jacdistill")
-    claim = resume.claim_directory(cfg, run_dir)
+    claim = resume.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
     if claim.finished is not None:
         log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
         return claim
@@ -216,6 +135,8 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
         raise UsageError(f"trainer.devices={cfg.trainer.devices}: a worker failed: {worker_failure(err)}") from None
     if isinstance(result, WorkerStopped):
         raise SystemExit(128 + result.signum)
+    if isinstance(result, WorkerDiverged):
+        return diverged(FloatingPointError(result.message))
     return result
 
 
@@ -231,8 +152,15 @@ class WorkerStopped:
     signum: int
 
 
+@dataclass(frozen=True)
+class WorkerDiverged:
+    """What a worker returns when the run diverged (every rank stops at the same step; rank 0 recorded it)."""
+
+    message: str
+
+
 def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str,
-           hydra_cfg: DictConfig | None = None) -> float | WorkerStopped:
+           hydra_cfg: DictConfig | None = None) -> float | WorkerStopped | WorkerDiverged:
     """One process of `trainer.devices=N`, started by torch's elastic launcher (RANK, WORLD_SIZE, ... set)."""
     import contextlib
     import logging
@@ -244,6 +172,7 @@ def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str,
         HydraConfig.instance().set_config(hydra_cfg)
     from jacdistill_cli.errors import UsageError as Usage
     from jacdistill_cli.run import distributed, resume
+    from jacdistill_cli.run.callbacks import Diverged
 
     world = distributed.world_from_environment()
     logging.basicConfig(level=logging.INFO if world.main else logging.WARNING,
@@ -261,6 +190,8 @@ def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str,
                 # non-zero exit for a failure, which it reports at length).
                 return WorkerStopped(int(stop.signum))
             raise SystemExit(128 + int(stop.signum)) from None   # the agent is stopping the workers: it waits for exits
+        except Diverged as err:
+            return WorkerDiverged(str(err))
         except Usage as err:
             print(f"jacdistill train: error: {err}", file=sys.stderr)
             raise
@@ -274,6 +205,44 @@ def worker_failure(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
+@dataclass
+class Session:
+    """One process's part of a train run: its settings (checked once) and what it builds, in order."""
+
+    cfg: DictConfig
+    run_dir: Path
+    world: Any                  # run/distributed.py World
+    signals: Any                # run/resume.py Signals
+    objective: Any              # config/settings.py ObjectiveSettings
+    optim: Any                  # config/settings.py OptimSettings
+    device: Any = None
+    precision: Any = None
+    data: Any = None
+    reuse: bool = False         # teacher.reuse_outputs, decided before any training
+    state: Any = None           # last.pt's content when the run continues
+    logger: Any = None
+    batches: Any = None         # the generator of the batch order and augmentation
+
+
+def validate(cfg: DictConfig) -> tuple[Any, Any]:
+    """Every setting of a train run, checked before any work: (objective settings, optimiser settings)."""
+    from jacdistill_cli.config import settings
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.runtime import SALIENCY_MODES
+
+    if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
+        raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
+    validated = settings.validate_train(cfg)
+    settings.choice(cfg, "trainer.resume", resume.RESUME_MODES)
+    settings.choice(cfg, "trainer.select", resume.SELECT_MODES)
+    if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
+        settings.integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
+    if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
+        settings.integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves "
+                         "in any case)")
+    return validated
+
+
 def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
           validated: tuple[Any, Any] | None = None) -> float:
     """The run in its directory: skipped when this configuration finished there, continued from
@@ -281,188 +250,279 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
     part of it: rank 0 claims and writes the directory, every rank continues from the same last.pt."""
     import torch
 
-    from jacdistill_cli.config import settings
+    from jacdistill_cli.commands.startup import start
     from jacdistill_cli.run import distributed
-    from jacdistill_cli.run.runtime import select_device
 
     # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
-    objective_settings, optim_settings = validated or settings.validate_train(cfg)
-    device = select_device(cfg.trainer.device, world.local_rank if world.distributed else None)
+    objective, optim = validated or validate(cfg)
+    session = Session(cfg, run_dir, world, signals, objective, optim)
+    # (the resolved config is written once the directory is claimed)
+    local_rank = world.local_rank if world.distributed else None
+    session.device = start(cfg, write_config=False, local_rank=local_rank, run_dir=run_dir).device
     if OmegaConf.select(cfg, "trainer.threads", default=None) is not None:
         torch.set_num_threads(cfg.trainer.threads)  # small models: threads that wait on each other cost more
     # The process group is left on every way out (a rank that exits with gloo's still in place can abort).
-    with distributed.joined(world, device.type):
-        return train_in_group(cfg, run_dir, world, signals, claim, objective_settings, optim_settings, device)
+    with distributed.joined(world, session.device.type):
+        return train_in_group(session, claim)
 
 
-def train_in_group(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any, objective_settings: Any,
-                   optim_settings: Any, device: Any) -> float:
-    """train() in its process group (if any)."""
+def train_in_group(session: Session, claim: Any) -> float:
+    """train() in its process group (if any): prepare, obtain the teacher, fit, test, write."""
     import logging
 
-    import torch
-
-    from jacdistill_cli.engine.objective import objective_from_settings
-    from jacdistill_cli.run import distributed, resume
-    from jacdistill_cli.run.logger import NullLogger, RunLogger
-    from jacdistill_cli.run.precision import Precision, precision_name
-    from jacdistill_cli.run.runtime import describe_device, seed_everything
-    from jacdistill_cli.run.saliency import fixed_inputs
-    from jacdistill_cli.run.teacher import obtain_teacher
-    from jacdistill_cli.run.trainer import evaluate, fit, reused_teacher_outputs
-    from jacdistill_cli.storage import write_json, write_torch
-    from jacdistill_cli.zoo.checkpoints import make_checkpoint
-    from jacdistill_cli.zoo.data import build_data
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.callbacks import Diverged
 
     log = logging.getLogger("jacdistill")
-    if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
-        raise UsageError("the ranks of this run have different run directories; under torchrun or srun give every "
-                         "rank the same hydra.run.dir=...")
-    claim = distributed.broadcast(claim, world)   # rank 0 claimed the directory
-    log.info(f"run directory: {run_dir}" + (f" ({world.size} processes)" if world.distributed else ""))
+    claim = shared_claim(session, claim)
     if claim.finished is not None:
         return float(claim.finished.get("val_accuracy", float("nan")))
-    seed_everything(cfg.seed)
-    precision = Precision(precision_name(cfg.trainer.precision), device.type)
-
-    data = build_data(cfg.dataset).to(device)
-    spec = architecture(cfg.student)
-    student = build_model(spec, data.input_shape, data.num_classes, "student")  # checks settings before the teacher
-    features = objective_settings.features
-    if features.name != "none":   # a wrong module path stops here, before a teacher is trained
-        features.matching(build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher"),
-                          student, data.input_shape)
-    state = resume.load_state(claim.resume) if claim.resume is not None else None
-    resumed_step = None if state is None else int(state["progress"]["step"])
-    if world.main and (resumed_step is not None or claim.restart):
-        resume.drop_session_end(run_dir)  # the interrupted session's end; this one ends it again
-    # Continued: earlier files' events after the saved step are dropped; started over: all of them.
-    logger = RunLogger(run_dir, purge_step=resumed_step + 1 if resumed_step is not None else
-                       0 if claim.restart else None) if world.main else NullLogger()
-    if resumed_step is None:
-        logger.hparams_start(hparams_of(cfg))  # its metrics: the final test/..., val/... scalars
-    else:
-        logger.hparams_continue()
-    succeeded = False
-    feature_matching = checkpoint = None
+    prepare(session)
+    session.state = resume.load_state(claim.resume) if claim.resume is not None else None
+    session.logger = open_logger(session, claim)
+    checkpointer = None
     try:
-        teacher, teacher_info = obtain_teacher(cfg, data, device, logger, world, run_dir)
-        if resumed_step is None:
-            logger.scalars({"teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, 0)
-
-        seed_everything(cfg.seed)
-        student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
-        log.info(f"student {describe_architecture(spec)}: {count_parameters(student)} parameters; "
-                 f"teacher: {count_parameters(teacher)}")
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        objective, feature_matching = objective_from_settings(objective_settings, teacher, student,
-                                                              data.input_shape, device, generator)
-        if feature_matching is not None:
-            log.info(f"features={feature_matching.method}: " + "; ".join(p.describe() for p in feature_matching.pairs))
-        trained = student
-        if world.distributed:
-            if cfg.trainer.sync_batchnorm:
-                trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            # Never static_graph: with it DDP skips the all-reduce of gradients reached through
-            # input-gradients (each rank would keep its own).
-            trained = torch.nn.parallel.DistributedDataParallel(
-                trained, device_ids=[device.index] if device.type == "cuda" else None)
-            student = trained.module
-
-        def student_payload(metrics: dict) -> dict:
-            payload = make_checkpoint(student, "student", spec, data, metrics)
-            if feature_matching is not None:
-                payload["features"] = feature_matching.checkpoint_entry()  # the hint regressors
-            return payload
-
-        reused = None
-        if reuse_teacher_outputs(cfg, objective, data, precision):
-            reused = reused_teacher_outputs(objective, teacher, data.train, cfg.trainer.batch_size, device)
-            log.info(f"teacher outputs computed once for the {len(data.train)} training samples and reused every "
-                     "epoch (teacher.reuse_outputs)")
-        batch_generator = torch.Generator().manual_seed(cfg.seed)
-        checkpoint = resume.Checkpointer(
-            run_dir, every_steps=OmegaConf.select(cfg, "trainer.save_every_steps", default=None),
-            every_epochs=OmegaConf.select(cfg, "trainer.save_every_epochs", default=1), epochs=cfg.trainer.epochs,
-            generators={"batches": batch_generator, "objective": generator},
-            modules={"features": feature_matching} if feature_matching is not None else {},
-            best_payload=lambda val: student_payload({f"val_{k}": v for k, v in val.items()}),
-            signals=signals, flush=logger.flush, state=state, world=world, device=device)
-        history = fit(trained, teacher, with_layout(objective, logger), data, epochs=cfg.trainer.epochs,
-                      batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
-                      optim=optim_settings, device=device, logger=logger,
-                      generator=batch_generator, num_workers=cfg.trainer.num_workers,
-                      eval_every=cfg.trainer.eval_every, saliency_inputs=fixed_inputs(data.val, device),
-                      saliency=OmegaConf.select(cfg, "trainer.saliency", default="abs"),
-                      objective_parameters=feature_matching.parameters() if feature_matching is not None else (),
-                      checkpoint=checkpoint, world=world, precision=precision, reused=reused)
-        selected = {"selected": cfg.trainer.select, "best_epoch": checkpoint.best["epoch"],
-                    "best_step": checkpoint.best["step"], "best_val_accuracy": checkpoint.best["val_accuracy"]}
-        val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
-        if cfg.trainer.select == "best":
-            distributed.barrier(world)   # best.pt is written by rank 0
-            best = resume.load_best(run_dir / resume.BEST, student, feature_matching)
-            val = {k: best["metrics"][f"val_{k}"] for k in val}
-        test = evaluate(student, teacher, data.test, cfg.trainer.eval_batch_size, device, world)
-        metrics = {
-            "status": resume.FINISHED, **selected,
-            "test_accuracy": test["accuracy"], "agreement": test["agreement"],
-            "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": val["accuracy"],
-            "val_agreement": val["agreement"], "val_jacobian_cosine": val["jacobian_cosine"],
-            "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
-            "train_seconds": history["train_seconds"], "samples_per_second": history["samples_per_second"],
-            "epochs": history["epochs"], "steps": history["steps"], "seed": cfg.seed,
-            "device": describe_device(device), "torch": torch.__version__,
-            "world_size": world.size, "precision": precision.name,
-            "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
-            "student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
-        }
-        with signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
-            logger.scalars({"test/accuracy": test["accuracy"], "test/agreement": test["agreement"],
-                            "test/jacobian_cosine": test["jacobian_cosine"],
-                            # at the first and the last step: a level line to read the student's curves against
-                            "teacher/test_accuracy": teacher_info["teacher_test_accuracy"]}, history["steps"])
-            succeeded = True
-            logger.hparams_end(succeeded)
-            logger.close()
-            if world.main:
-                write_torch(run_dir / "student.pt",
-                            student_payload({k: v for k, v in metrics.items() if isinstance(v, float)}))
-                write_json(run_dir / "metrics.json", metrics)
+        distiller, teacher_info = build_distiller(session)
+        checkpointer = make_checkpointer(session, distiller)
+        history = fitted(session, distiller, checkpointer, teacher_info["teacher_test_accuracy"])
+        metrics = tested(session, distiller, teacher_info, history, checkpointer)
     except resume.Interrupted as stop:
-        logger.hparams_end(False)
-        logger.close()
-        if stop.progress is None and checkpoint is not None:
-            stop.progress = checkpoint.progress
+        close_logger(session, False)
+        if stop.progress is None and checkpointer is not None:
+            stop.progress = checkpointer.progress
+        raise
+    except Diverged as err:
+        close_logger(session, False)
+        if session.world.main:
+            write_json(session.run_dir / "metrics.json", {"status": DIVERGED, "step": err.step, "epoch": err.epoch,
+                                                          "loss_total": str(err.value), "error": str(err)})
+        log.error(f"failed: {err}")
         raise
     except Exception as err:
         # In the run's train.log, where `jacdistill report` finds why a job of a sweep has no metrics.
         log.error(f"failed: {type(err).__name__}: {err}")
-        logger.hparams_end(False)
-        logger.close()
+        close_logger(session, False)
         raise
+    return finished(session, distiller, metrics)
+
+
+DIVERGED = "diverged"
+
+
+def shared_claim(session: Session, claim: Any) -> Any:
+    """Rank 0's claim of the run directory, on every rank (which must all have the same directory)."""
+    import logging
+
+    from jacdistill_cli.run import distributed
+
+    world, run_dir = session.world, session.run_dir
+    if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
+        raise UsageError("the ranks of this run have different run directories; under torchrun or srun give every "
+                         "rank the same hydra.run.dir=...")
+    claim = distributed.broadcast(claim, world)
+    logging.getLogger("jacdistill").info(f"run directory: {run_dir}" +
+                                         (f" ({world.size} processes)" if world.distributed else ""))
+    return claim
+
+
+def prepare(session: Session) -> None:
+    """Seed, precision, data; every model setting and teacher.reuse_outputs decided before any training."""
+    from jacdistill_cli.commands.startup import check_models, data
+    from jacdistill_cli.run.precision import Precision, precision_name
+    from jacdistill_cli.run.runtime import seed_everything
+
+    cfg = session.cfg
+    seed_everything(cfg.seed)
+    session.precision = Precision(precision_name(cfg.trainer.precision), session.device.type)
+    session.data = data(cfg.dataset, session.device)
+    check_models(cfg, session.data, session.objective.features)
+    session.reuse = reuse_teacher_outputs(cfg, session.objective, session.data, session.precision)
+
+
+def open_logger(session: Session, claim: Any) -> Any:
+    """Rank 0's TensorBoard writer in the run directory (the others log nothing). Continued: earlier files'
+    events after the saved step are dropped; started over: all of them."""
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.run.logger import NullLogger, RunLogger
+
+    if not session.world.main:
+        return NullLogger()
+    step = None if session.state is None else int(session.state["progress"]["step"])
+    if step is not None or claim.restart:
+        resume.drop_session_end(session.run_dir)  # the interrupted session's end; this one ends it again
+    logger = RunLogger(session.run_dir, purge_step=step + 1 if step is not None else 0 if claim.restart else None)
+    if step is None:
+        logger.hparams_start(hparams_of(session.cfg))  # its metrics: the final test/..., val/... scalars
+    else:
+        logger.hparams_continue()
+    return logger
+
+
+def close_logger(session: Session, succeeded: bool) -> None:
+    session.logger.hparams_end(succeeded)
+    session.logger.close()
+
+
+def build_distiller(session: Session) -> tuple[Any, dict[str, Any]]:
+    """The teacher obtained once, the student built once (after the teacher, from the seed), the objective,
+    all in one Distiller; DDP around the student under torch.distributed."""
+    import logging
+
+    import torch
+
+    from jacdistill_cli.commands.startup import teacher_settings
+    from jacdistill_cli.engine.objective import objective_from_settings
+    from jacdistill_cli.run.distiller import Distiller
+    from jacdistill_cli.run.runtime import seed_everything
+    from jacdistill_cli.run.teacher import obtain_teacher
+    from jacdistill_cli.run.trainer import reused_teacher_outputs
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
+
+    log = logging.getLogger("jacdistill")
+    cfg, data, device = session.cfg, session.data, session.device
+    teacher, info = obtain_teacher(teacher_settings(cfg), data, device, session.logger, session.world,
+                                   session.run_dir)
+    seed_everything(cfg.seed)
+    spec = architecture(cfg.student)
+    student = build_model(spec, data.input_shape, data.num_classes, "student").to(device)
+    log.info(f"student {describe_architecture(spec)}: {count_parameters(student)} parameters; "
+             f"teacher: {count_parameters(teacher)}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    objective, matching = objective_from_settings(session.objective, teacher, student, data.input_shape, device,
+                                                  generator)
+    if matching is not None:
+        log.info(f"features={matching.method}: " + "; ".join(p.describe() for p in matching.pairs))
+    distiller = Distiller(student, teacher, objective, matching).distribute(session.world, device,
+                                                                            cfg.trainer.sync_batchnorm)
+    if session.reuse:
+        distiller.reuse(reused_teacher_outputs(objective, teacher, data.train, cfg.trainer.batch_size, device))
+        log.info(f"teacher outputs computed once for the {len(data.train)} training samples and reused every "
+                 "epoch (teacher.reuse_outputs)")
+    return distiller, info
+
+
+def student_payload(session: Session, distiller: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """student.pt's (and best.pt's) content: the student's checkpoint with the objective's own entries."""
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint
+    from jacdistill_cli.zoo.models import architecture
+
+    payload = make_checkpoint(distiller.student, "student", architecture(session.cfg.student), session.data, metrics)
+    return {**payload, **distiller.checkpoint_entries()}
+
+
+def make_checkpointer(session: Session, distiller: Any) -> Any:
+    import torch
+
+    from jacdistill_cli.run import resume
+
+    trainer = session.cfg.trainer
+    policy = resume.SavePolicy(OmegaConf.select(trainer, "save_every_steps", default=None),
+                               OmegaConf.select(trainer, "save_every_epochs", default=1), trainer.epochs)
+    session.batches = torch.Generator().manual_seed(session.cfg.seed)
+    generators = {"batches": session.batches, "objective": distiller.objective.generator}
+    return resume.Checkpointer(
+        session.run_dir, policy, session.signals, generators=generators, state=session.state,
+        best_payload=lambda val: student_payload(session, distiller, {f"val_{k}": v for k, v in val.items()}),
+        world=session.world, device=session.device)
+
+
+def fitted(session: Session, distiller: Any, checkpointer: Any, teacher_accuracy: float) -> dict[str, Any]:
+    """The Trainer with this run's callbacks, fitted: the last validation metrics and the loop's counts."""
+    from jacdistill_cli.commands.startup import loop_settings
+    from jacdistill_cli.run.callbacks import (Checkpointing, Divergence, ProgressBar, Saliency, TeacherLevel,
+                                              TensorBoard, interactive)
+    from jacdistill_cli.run.saliency import fixed_inputs
+    from jacdistill_cli.run.trainer import Trainer
+
+    logger = session.logger
+    callbacks = [Divergence(), TensorBoard(logger, layout=True),
+                 TeacherLevel(logger, teacher_accuracy, continued=session.state is not None),
+                 Saliency(logger, fixed_inputs(session.data.val, session.device),
+                          OmegaConf.select(session.cfg, "trainer.saliency", default="abs")),
+                 *([ProgressBar()] if interactive() and session.world.main else []),
+                 Checkpointing(checkpointer, logger.flush)]
+    trainer = Trainer(loop_settings(session.cfg), session.optim, session.device, world=session.world,
+                      precision=session.precision, callbacks=callbacks)
+    return trainer.fit(distiller, session.data, session.batches)
+
+
+def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], history: dict[str, Any],
+           checkpointer: Any) -> dict[str, Any]:
+    """The test metrics of the selected weights (last, or best.pt's), then metrics.json's content."""
+    import torch
+
+    from jacdistill_cli.run import distributed, resume
+    from jacdistill_cli.run.runtime import describe_device
+    from jacdistill_cli.run.trainer import evaluate
+    from jacdistill_cli.zoo.models import count_parameters
+
+    cfg, world = session.cfg, session.world
+    best = checkpointer.best
+    val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
+    if cfg.trainer.select == "best":
+        distributed.barrier(world)   # best.pt is written by rank 0
+        payload = resume.load_best(session.run_dir / resume.BEST, distiller)
+        val = {k: payload["metrics"][f"val_{k}"] for k in val}
+    test = evaluate(distiller.student, distiller.teacher, session.data.test, cfg.trainer.eval_batch_size,
+                    session.device, world)
+    return {
+        "status": resume.FINISHED, "selected": cfg.trainer.select, "best_epoch": best["epoch"],
+        "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy": test["accuracy"], "agreement": test["agreement"],
+        "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": val["accuracy"],
+        "val_agreement": val["agreement"], "val_jacobian_cosine": val["jacobian_cosine"],
+        "teacher_test_accuracy": teacher_info["teacher_test_accuracy"],
+        **{k: history[k] for k in ("train_seconds", "samples_per_second", "epochs", "steps")}, "seed": cfg.seed,
+        "device": describe_device(session.device), "torch": torch.__version__,
+        "world_size": world.size, "precision": session.precision.name,
+        "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
+        "student_parameters": count_parameters(distiller.student),
+        "teacher_parameters": count_parameters(distiller.teacher),
+    }
+
+
+def finished(session: Session, distiller: Any, metrics: dict[str, Any]) -> float:
+    """The results written whole, whatever signal arrives meanwhile; the summary of a single run."""
+    import logging
+
+    from jacdistill_cli.run import resume
+    from jacdistill_cli.storage import write_torch
+
+    log = logging.getLogger("jacdistill")
+    with session.signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
+        session.logger.scalars({"test/accuracy": metrics["test_accuracy"], "test/agreement": metrics["agreement"],
+                                "test/jacobian_cosine": metrics["jacobian_cosine"]}, metrics["steps"])
+        close_logger(session, True)
+        if session.world.main:
+            floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            write_torch(session.run_dir / "student.pt", student_payload(session, distiller, floats))
+            write_json(session.run_dir / "metrics.json", metrics)
     log.info(f"test accuracy {metrics['test_accuracy']:.4f}  agreement {metrics['agreement']:.4f}  "
              f"jacobian_cosine {metrics['jacobian_cosine']:.4f}  (teacher {metrics['teacher_test_accuracy']:.4f})"
-             + (f"  from the best epoch {selected['best_epoch']}" if cfg.trainer.select == "best" else ""))
-    log.info(f"run directory: {run_dir}")
-    if single_run() and world.main:
-        print(summary_table(metrics, run_dir))
-    if signals.pending is not None:
-        raise resume.Interrupted(signals.pending, None, finished=True)
+             + (f"  from the best epoch {metrics['best_epoch']}" if metrics["selected"] == "best" else ""))
+    log.info(f"run directory: {session.run_dir}")
+    if single_run() and session.world.main:
+        print(summary_table(metrics, session.run_dir))
+    if session.signals.pending is not None:
+        raise resume.Interrupted(session.signals.pending, None, finished=True)
     return metrics["val_accuracy"]
 
 
 def reuse_teacher_outputs(cfg: DictConfig, objective: Any, data: Any, precision: Any) -> bool:
-    """teacher.reuse_outputs: auto reuses when it can (one line refuses `true` when it cannot)."""
+    """teacher.reuse_outputs: auto reuses when it can (one line refuses `true` when it cannot). Decided from
+    the objective's settings, before any teacher is obtained."""
+    from jacdistill_cli.engine.objective import distillation_objective
     from jacdistill_cli.zoo.data import in_memory
 
-    if not objective.reads_teacher:
+    built = distillation_objective(objective.loss, objective.alpha, objective.hard_weight, objective.method, None,
+                                   None, objective.terms)
+    if not built.reads_teacher:
         return False   # no term reads the teacher: no step runs it, nothing to keep
+    features = objective.features.name
     reasons = []
-    if not objective.teacher_reusable:
-        reasons.append(f"the teacher's side of jacobian={objective.method.name} with features="
-                       f"{objective_features(objective)} is not a function of the sample alone (or is too large to keep)")
+    if features != "none" or not built.teacher_reusable:
+        reasons.append(f"the teacher's side of jacobian={built.method.name} with features={features} is not a "
+                       "function of the sample alone (or is too large to keep)")
     if getattr(data.train, "augment", None) is not None:
         reasons.append("the training split is augmented (dataset.augment=true)")
     if not in_memory(data.train):
@@ -476,10 +536,6 @@ def reuse_teacher_outputs(cfg: DictConfig, objective: Any, data: Any, precision:
     return setting is True or (setting == "auto" and not reasons)
 
 
-def objective_features(objective: Any) -> str:
-    return "none" if objective.matching is None else objective.matching.method
-
-
 def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:
     """After a signal: metrics.json says interrupted (unless the run had finished), one line says
     how to resume, SIGUSR1 under SLURM requeues the job; exit status 128 + the signal's number."""
@@ -487,7 +543,6 @@ def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:
     import sys
 
     from jacdistill_cli.run import resume
-    from jacdistill_cli.storage import write_json
 
     log = logging.getLogger("jacdistill")
     name = resume.SIGNALS.get(stop.signum, str(stop.signum))

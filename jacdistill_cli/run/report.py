@@ -29,6 +29,7 @@ TABLE_METRICS = ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine"
 # The x-axis of the plot, in order of preference, when `x=auto` and the key varies across groups.
 PREFERRED_X = ("dataset.samples_per_class", "alpha")
 FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
+DIVERGED = "diverged"        # its loss became non-finite: metrics.json says at which step
 UNREADABLE = "unreadable"   # its .hydra files cannot be read: settings unknown
 
 
@@ -39,7 +40,7 @@ class Run:
     name: str                      # its directory relative to the report's directory ("." for itself)
     overrides: dict[str, str]      # key -> value, as given on the command line or by the sweeper
     metrics: dict | None           # metrics.json, or None
-    status: str = FINISHED         # FINISHED | FAILED | UNFINISHED | NOT_STARTED
+    status: str = FINISHED         # FINISHED | FAILED | DIVERGED | UNFINISHED | NOT_STARTED
     detail: str = ""               # the error line of a failed run
 
 
@@ -150,6 +151,8 @@ def read_run(run_dir: Path, root: Path) -> Run:
         if metrics.get("status") == "interrupted":
             return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} at epoch "
                        f"{metrics.get('epoch')}, step {metrics.get('step')}; resume: {metrics.get('resume')}")
+        if metrics.get("status") == DIVERGED:
+            return Run(name, overrides, None, DIVERGED, str(metrics.get("error", "")))
         return Run(name, overrides, metrics)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:

@@ -48,21 +48,7 @@ SELECT_MODES = ("last", "best")
 NEUTRAL_KEYS = ("cache_dir", "trainer.resume", "trainer.save_every_steps", "trainer.save_every_epochs",
                 "trainer.threads", "trainer.num_workers")
 SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
-STATE_VERSION = 1
-
-
-def validate(cfg: DictConfig) -> None:
-    """trainer.resume, trainer.select, trainer.save_every_steps, trainer.save_every_epochs; one line for a bad
-    value."""
-    from jacdistill_cli.config.settings import choice, integer
-
-    choice(cfg, "trainer.resume", RESUME_MODES)
-    choice(cfg, "trainer.select", SELECT_MODES)
-    if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
-        integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
-    if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
-        integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves in any "
-                "case)")
+STATE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,10 +76,10 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def comparable(config: Any) -> dict[str, Any]:
-    """A config as flat key -> value, without the settings that cannot change results."""
-    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
-    return {key: value for key, value in _flat(container or {}).items()
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config (resolved, as plain containers) as flat key -> value, without the settings that cannot change
+    results."""
+    return {key: value for key, value in _flat(config or {}).items()
             if not any(key == k or key.startswith(k + ".") for k in NEUTRAL_KEYS)}
 
 
@@ -113,9 +99,10 @@ class Claim:
     restart: bool = False                    # earlier output of this configuration, started over
 
 
-def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
+def claim_directory(config: dict[str, Any], run_dir: Path) -> Claim:
     """Refuse a directory holding another configuration's results (one line naming what differs);
-    for this configuration's: whether it finished, or a last.pt to resume from."""
+    for this configuration's (`config`: the run's, resolved, as plain containers): whether it finished, or a
+    last.pt to resume from (`trainer.resume=auto`)."""
     stored_file = run_dir / "config.yaml"
     if stored_file.is_file():
         try:
@@ -123,7 +110,7 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
         except Exception as err:  # noqa: BLE001 - any unreadable config.yaml means the same
             raise UsageError(f"{run_dir_key()}={str(run_dir)!r} is not allowed: its config.yaml cannot be read "
                              f"({type(err).__name__}); give this run a directory of its own") from None
-        differ = differences(stored, cfg)
+        differ = differences(stored, config)
         if differ:
             more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
             raise UsageError(f"{run_dir_key()}={str(run_dir)!r} is not allowed: it holds the results of another "
@@ -133,7 +120,7 @@ def claim_directory(cfg: DictConfig, run_dir: Path) -> Claim:
                          "config.yaml that says whose; give this run a directory of its own")
     claim = Claim()
     metrics = read_metrics(run_dir)
-    mode = cfg.trainer.resume
+    mode = config["trainer"]["resume"]
     if mode == "auto" and metrics is not None and metrics.get("status", FINISHED) == FINISHED:
         claim.finished = metrics
     elif mode == "auto" and (run_dir / LAST).is_file():
@@ -308,46 +295,50 @@ class Signals:
             raise Interrupted(self.pending)
 
 
-class Checkpointer:
-    """Saves and restores a student's training in `run_dir/last.pt` (and the best weights in best.pt).
+@dataclass(frozen=True)
+class SavePolicy:
+    """When last.pt is written: after every `every_epochs`-th epoch and the last (`epochs`), and every
+    `every_steps` steps when set; a signal saves at the next step whatever the policy."""
 
-    `generators`: the named torch generators the run draws from (batch order, the objective's
-    projections and noise); `modules`: other trained modules (hint regressors); `best_payload`:
-    the student checkpoint to keep as best.pt, given its validation metrics.
+    every_steps: int | None = None
+    every_epochs: int = 1
+    epochs: int | None = None
+
+
+class Checkpointer:
+    """Saves and restores a run's training in `run_dir/last.pt` (and the best weights in best.pt).
+
+    What it saves is the distiller's state (run/distiller.py: the student and the objective's own
+    parameters), the optimiser's and the schedule's; `generators`: the named torch generators the run
+    draws from (batch order, the objective's projections and noise); `best_payload`: the student
+    checkpoint to keep as best.pt, given its validation metrics.
     """
 
-    def __init__(self, run_dir: Path, *, every_steps: int | None, every_epochs: int = 1, epochs: int | None = None,
-                 generators: dict[str, torch.Generator], modules: dict[str, torch.nn.Module],
-                 best_payload: Callable[[dict[str, float]], dict[str, Any]], signals: Signals,
-                 flush: Callable[[], None] = lambda: None, state: dict[str, Any] | None = None,
-                 world: World = SINGLE, device: torch.device = torch.device("cpu")):
+    def __init__(self, run_dir: Path, policy: SavePolicy, signals: Signals, *,
+                 generators: dict[str, torch.Generator], best_payload: Callable[[dict[str, float]], dict[str, Any]],
+                 state: dict[str, Any] | None = None, world: World = SINGLE,
+                 device: torch.device = torch.device("cpu")):
         self.path = run_dir / LAST
         self.best_path = run_dir / BEST
-        self.every_steps = every_steps
-        self.every_epochs = every_epochs   # last.pt after every N-th epoch and after the last (`epochs`)
-        self.epochs = epochs
+        self.policy = policy
         self.generators = generators
-        self.modules = modules
         self.best_payload = best_payload
         self.signals = signals
-        self.flush = flush
         self.best: dict[str, Any] = {"val_accuracy": None, "epoch": None, "step": None}
         self.state = state   # last.pt's content, to continue from
         self.progress = Progress()
         self.world = world   # under torch.distributed every rank restores and stops together; rank 0 writes
         self.device = device   # the training device, where the ranks' pending signals are reduced
 
-    def restore(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
+    def restore(self, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> Progress:
         """The progress to continue from: the start, or last.pt's with every state put back."""
         if self.state is None:
             return self.progress
         state = self.state
         try:
-            student.load_state_dict(state["student"])
+            distiller.load_state_dict(model_state(state))
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
-            for name, module in self.modules.items():
-                module.load_state_dict(state["modules"][name])
         except (KeyError, RuntimeError, ValueError) as err:
             raise UsageError(f"trainer.resume='auto' is not allowed: {self.path} does not fit this run "
                              f"({str(err).splitlines()[0]}); start over with trainer.resume=never") from None
@@ -362,34 +353,36 @@ class Checkpointer:
         log.info(f"resuming from {self.path}: epoch {p['epoch']}, {p['batch']} batches into it, step {p['step']}")
         return self.progress
 
-    def save(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+    def save(self, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+             flush: Callable[[], None] = lambda: None) -> None:
         if not self.world.main:
             return
-        self.flush()  # every event up to this step is on disk before last.pt says the run got here
+        flush()  # every event up to this step is on disk before last.pt says the run got here
         storage.write_torch(self.path, {
             "format": "jacdistill-state", "version": STATE_VERSION, "progress": self.progress.state(),
-            "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in distiller.state_dict().items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
-                        for name, m in self.modules.items()},
             "generators": {name: g.get_state() for name, g in self.generators.items()},
             "random": random_states(), "best": dict(self.best),
         })
 
     def saves_after(self, epoch: int) -> bool:
         """Whether last.pt is written when epoch `epoch` (1-based) ends."""
-        return epoch % self.every_epochs == 0 or epoch == self.epochs
+        return epoch % self.policy.every_epochs == 0 or epoch == self.policy.epochs
 
-    def after_step(self, student, optimizer, schedule, end_of_epoch: bool) -> None:
+    def after_step(self, distiller, optimizer, schedule, end_of_epoch: bool,
+                   flush: Callable[[], None] = lambda: None) -> None:
         """Save every `every_steps` steps (unless the epoch's end is about to); stop on a pending signal."""
-        due = (self.every_steps is not None and self.progress.step % self.every_steps == 0
+        every = self.policy.every_steps
+        due = (every is not None and self.progress.step % every == 0
                and not (end_of_epoch and self.saves_after(self.progress.epoch)))
         pending = self.pending()
         if due or pending is not None:
-            self.save(student, optimizer, schedule)
+            self.save(distiller, optimizer, schedule, flush)
         self.check(pending)
 
-    def after_epoch(self, student, optimizer, schedule, val: dict[str, float] | None) -> None:
+    def after_epoch(self, distiller, optimizer, schedule, val: dict[str, float] | None,
+                    flush: Callable[[], None] = lambda: None) -> None:
         """Keep best.pt when the validation accuracy improved, then save last.pt (when this epoch saves, or a
         signal is pending)."""
         if val is not None and (self.best["val_accuracy"] is None or val["accuracy"] > self.best["val_accuracy"]):
@@ -399,7 +392,7 @@ class Checkpointer:
                          "step": self.progress.step}
         pending = self.pending()
         if self.saves_after(self.progress.epoch - 1) or pending is not None:
-            self.save(student, optimizer, schedule)
+            self.save(distiller, optimizer, schedule, flush)
         self.check(pending)
 
     def pending(self) -> int | None:
@@ -412,12 +405,21 @@ class Checkpointer:
             raise Interrupted(pending, self.progress)
 
 
-def load_best(path: Path, student: torch.nn.Module, features: torch.nn.Module | None) -> dict[str, Any]:
-    """Put best.pt's weights (and hint regressors) into the student; returns its payload."""
+def model_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The distiller's state_dict in last.pt; the first layout (version 1) kept the student's and the hint
+    regressors' apart."""
+    if "model" in state:
+        return state["model"]
+    features = state.get("modules", {}).get("features", {})
+    return {**{f"student.{k}": v for k, v in state["student"].items()},
+            **{f"matching.{k}": v for k, v in features.items()}}
+
+
+def load_best(path: Path, distiller: Any) -> dict[str, Any]:
+    """Put best.pt's weights (the student's and the hint regressors') into the distiller; returns its payload."""
     payload = storage.load_torch(path)
-    student.load_state_dict(payload["state_dict"])
-    if features is not None:
-        features.load_state_dict(payload["features"]["state_dict"])
+    distiller.student.load_state_dict(payload["state_dict"])
+    distiller.load_checkpoint_entries(payload)
     return payload
 
 

@@ -3,7 +3,8 @@ ends, and leaves the sweep's report and its TensorBoard experiment summary there
 
 A Hydra callback (conf/train.yaml, `hydra.callbacks.sweep`), called in the process that launches the
 jobs, whichever launcher runs them. When a job fails (Hydra then stops the sweep with an error) or the
-sweep is interrupted, the same is done as the process exits, for the jobs that ran.
+sweep is interrupted, the same is done as the process exits, for the jobs that ran. A job whose training
+diverged ends alone (the others go on); the sweep then exits with status 1 after its report.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ class SweepReport(Callback):
             return
         self.finished = True
         prefix = f"jacdistill {command}:"
+        diverged = 0
         if self.report:
             from jacdistill_cli.errors import UsageError
             from jacdistill_cli.run.report import write_report
 
             try:
-                _, text, written = write_report(self.sweep_dir)
+                report, text, written = write_report(self.sweep_dir)
+                diverged = sum(run.status == "diverged" for run in report.runs)
                 print(f"\n{text}\n{prefix} written: {', '.join(str(path) for path in written)}", flush=True)
             except UsageError as err:  # no run of the sweep got as far as its directory
                 print(f"{prefix} no report: {err}", file=sys.stderr, flush=True)
@@ -55,3 +58,5 @@ class SweepReport(Callback):
         except Exception as err:  # noqa: BLE001 - TensorBoard then builds the experiment from the runs
             print(f"{prefix} no TensorBoard experiment summary: {type(err).__name__}: {err}", file=sys.stderr)
         print(f"{prefix} sweep directory {self.sweep_dir}" + (f" ({ended})" if ended else ""), flush=True)
+        if diverged and not ended:
+            raise SystemExit(1)

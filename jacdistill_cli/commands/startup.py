@@ -84,7 +84,8 @@ def check_models(cfg: DictConfig, data: Any, features: Any = None) -> None:
     meta = torch.device("meta")
     matching = features is not None and features.name != "none"
     with meta:
-        student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student")
+        student = (build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student")
+                   if "student" in cfg else None)   # `jacdistill teacher` has none
         if cfg.teacher.get("checkpoint") is not None and not matching:
             return   # the checkpoint's own architecture is checked when it is read
         spec = {k: v for k, v in architecture(cfg.teacher).items() if k != "weights"}   # shapes only: no file read

@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> int:
     import torch
 
     from jacdistill_cli.commands.startup import data as dataset, start
+    from jacdistill_cli.config.settings import precision as precision_setting
     from jacdistill_cli.zoo.data import batches
     from jacdistill_cli.zoo.models import architecture, describe_architecture
     from jacdistill_cli.storage import write_json
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> int:
     device, run_dir = startup.device, startup.run_dir
     data = dataset(cfg.dataset, device)
     student, teacher, source = networks(cfg, data, device)
-    precision = str(cfg.trainer.precision)
+    precision = precision_setting(cfg)
     inputs, labels = next(iter(batches(data.val, cfg.batch_size, True, torch.Generator().manual_seed(cfg.seed),
                                        device)))
     print(f"jacdistill check: student {describe_architecture(architecture(cfg.student))} (train mode), "

@@ -328,12 +328,13 @@ def shared_claim(session: Session, claim: Any) -> Any:
 def prepare(session: Session) -> None:
     """Seed, precision, data; every model setting and teacher.reuse_outputs decided before any training."""
     from jacdistill_cli.commands.startup import check_models, data
-    from jacdistill_cli.run.precision import Precision, precision_name
+    from jacdistill_cli.config.settings import precision
+    from jacdistill_cli.run.precision import Precision
     from jacdistill_cli.run.runtime import seed_everything
 
     cfg = session.cfg
     seed_everything(cfg.seed)
-    session.precision = Precision(precision_name(cfg.trainer.precision), session.device.type)
+    session.precision = Precision(precision(cfg), session.device.type)
     session.data = data(cfg.dataset, session.device)
     check_models(cfg, session.data, session.objective.features)
     session.reuse = reuse_teacher_outputs(cfg, session.objective, session.data, session.precision)

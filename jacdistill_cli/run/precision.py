@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
-
-
-def precision_name(value: Any) -> str:
-    """Hydra reads 16 and 32 as integers."""
-    return str(value)
 
 
 @dataclass

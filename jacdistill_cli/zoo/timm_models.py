@@ -34,7 +34,7 @@ def timm_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resn
                weights: str | None = None, options: dict[str, Any] | None = None) -> nn.Module:
     """timm.create_model(arch, in_chans=C, num_classes=num_classes, **settings) for inputs [C, H, W] ->
     logits [batch, num_classes]. `img_size`: the size a model with position embeddings is built for (null:
-    the input's own height when the model takes an img_size); `patch_size`: a ViT's patch size (null: the
+    the input's own [height, width] when the model takes an img_size); `patch_size`: a ViT's patch size (null: the
     model's); `options`: any other keyword argument of the model. In-place activations are switched off."""
     import timm
 
@@ -58,7 +58,7 @@ def timm_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resn
     settings.update(options or {})
     automatic = img_size is None and len(input_shape) == 3
     if img_size is not None or automatic:
-        settings["img_size"] = img_size if img_size is not None else input_shape[1]
+        settings["img_size"] = img_size if img_size is not None else tuple(input_shape[1:3])
     state = None if weights is None else read_weights(weights)
     try:
         net = _create(arch, settings, weights, state)

@@ -168,6 +168,14 @@ def test_check_passes_every_method_on_a_transformer_student_in_float64_and_bf16(
         assert report.jacobian_error_student < 1e-9 and report.precision_error < PRECISION_TOLERANCE["bf16"]
 
 
+@pytest.mark.parametrize("kind", ["mha", "sdpa"])
+def test_strategy_func_runs_attention_on_the_math_kernel_inside_the_jacobians(kind):
+    """exact with strategy=func: the forward pass runs under torch.func inside gate.jacobians()."""
+    torch.manual_seed(0)
+    inputs, labels = batch()
+    proven(Tokens(kind).train(), Tokens(kind).eval(), inputs, labels, "exact", strategy="func")
+
+
 # ---------------------------------------------------------------------------------------------
 # Which kernel runs where
 

@@ -21,7 +21,8 @@ behave exactly like their parents unless the model's `JacobianGate` is open:
 - inside `gate.holding(statistics)`: BatchNorm normalises with the given statistics (a separate
   per-sample pass; see engine/batchnorm.py).
 - attention, in a second-order pass (the student's gated pass, whose input-gradient stays in the
-  graph; `gate.second_order_pass()` for a pass outside it, such as a feature Jacobian): the fused
+  graph, and the forward passes of strategy=func inside `gate.jacobians()`; `gate.second_order_pass()`
+  for a pass outside them, such as a feature Jacobian): the fused
   attention kernels (flash, memory-efficient, the CPU flash kernel) have no double backward, so
   nn.MultiheadAttention takes its own explicit path (`need_weights=True`, the weights dropped when
   not asked for), a module with timm's `fused_attn` switch its explicit one, and any other call of
@@ -98,9 +99,12 @@ class JacobianGate:
 
     @contextlib.contextmanager
     def jacobians(self) -> Iterator[None]:
+        """The input-gradients of a step. A forward pass run inside (strategy=func's, under torch.func) is one
+        whose input-gradient the term differentiates again: a second-order pass."""
         self.closed += 1
         try:
-            yield
+            with self.second_order_pass():
+                yield
         finally:
             self.closed -= 1
 

@@ -108,7 +108,17 @@ LAYERS = {
     "mha_need_weights_true": lambda: Tokens("mha_weights"),
     "mha_need_weights_false": lambda: Tokens("mha"),
     "scaled_dot_product_attention": lambda: Tokens("sdpa"),
+    "torchvision_vit": lambda: _torchvision_vit(),
 }
+
+
+def _torchvision_vit() -> nn.Module:
+    """torchvision's VisionTransformer (nn.MultiheadAttention with need_weights=False), as vit_b_16 is built."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(4, 2, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=3)
+    nn.init.normal_(model.heads.head.weight)   # torchvision starts it at zero: no input-gradient to match
+    return model
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -117,7 +127,7 @@ def test_each_layer_is_proven_by_checks_machinery(layer):
     the term depends on gets autograd's gradient, equal to finite differences'."""
     torch.manual_seed(0)
     student, teacher = LAYERS[layer]().train(), LAYERS[layer]().eval()
-    inputs, labels = batch()
+    inputs, labels = batch((3, 4, 4) if layer == "torchvision_vit" else (1, 4, 4))
     report = proven(student, teacher, inputs, labels)
     assert report.jacobian_error_student < 1e-9 and report.dependent
 

@@ -50,7 +50,6 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
 
-from jacdistill_cli.errors import UsageError
 
 
 class JacobianGate:

@@ -51,7 +51,6 @@ from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
 
 
-
 class JacobianGate:
     """The state one model's Jacobian-ready layers read: set by the objective, per model."""
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from jacdistill_cli.engine.batchnorm import refuse_unconverted
 from jacdistill_cli.engine.layers import (JacobianMultiheadAttention, MathAttention, gate_of, make_jacobian_ready,
                                           math_attention)
 from jacdistill_cli.errors import UsageError
@@ -353,6 +354,11 @@ def test_a_batchnorm_subclass_with_its_own_forward_is_refused_in_one_line():
         objective("kl", 4.0, 0.5, 0.0, OmegaConf.create({"name": "top1"}))(student, teacher, inputs, labels)
     message = str(refused.value)
     assert "\n" not in message and "module '1'" in message and "ScaledBatchNorm" in message
+    # The same line before any step, for a command to call once the student is built.
+    with pytest.raises(UsageError) as early:
+        refuse_unconverted(student, None, "batch")
+    assert str(early.value) == message
+    refuse_unconverted(student, None, "coupled")
     assert "jacobian.batchnorm=coupled" in message and "eval mode" in message
     # What the line offers works: the batch as one function, and the module in eval mode.
     proven(student, teacher, inputs, labels, batchnorm="coupled")

@@ -109,9 +109,15 @@ def _held_by_hooks(norms: list[nn.Module], statistics: BatchStatistics) -> Itera
             handle.remove()
 
 
-def refuse_unconverted(model: nn.Module, norms: list[nn.Module], mode: str) -> None:
-    """One line naming the first train-mode BatchNorm subclass whose forward does more than BatchNorm (its
-    output cannot be rebuilt from given statistics, so its per-sample Jacobian would be wrong), and what to do."""
+def refuse_unconverted(model: nn.Module, norms: list[nn.Module] | None, mode: str) -> None:
+    """One line naming the first of `norms` (None: every BatchNorm of the model, for a check before training)
+    that is a BatchNorm subclass whose forward does more than BatchNorm (its output cannot be rebuilt from
+    given statistics, so its per-sample Jacobian in train mode would be wrong), and what to do. Nothing to
+    refuse for `coupled`."""
+    if mode == "coupled":
+        return
+    if norms is None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     odd = [m for m in norms if unconverted_batchnorm(m)]
     if not odd:
         return

@@ -20,7 +20,7 @@ timm = pytest.importorskip("timm")
 SMALL = {
     "vit_tiny_patch16_224": {"patch_size": 2, "options": {"embed_dim": 16, "depth": 1, "num_heads": 2}},
     "deit_tiny_patch16_224": {"patch_size": 2, "options": {"embed_dim": 16, "depth": 1, "num_heads": 2}},
-    # Layer scale 1 (timm's default 1e-6 leaves each block's parameters a 1e-6 effect, below finite differences).
+    # Layer scale 1: timm's default 1e-6 leaves each block a 1e-6 share of the input-gradient.
     "convnext_atto": {"patch_size": 1, "options": {"dims": [8, 8, 8, 8], "depths": [1, 1, 1, 1], "ls_init_value": 1.0}},
     "resnet18": {"patch_size": None, "options": {"layers": [1, 1, 1, 1], "base_width": 64, "channels": [4, 4, 4, 4]}},
 }
@@ -141,15 +141,42 @@ def test_a_weights_file_of_another_architecture_is_refused_in_one_line(tmp_path)
     assert "its tensors are not those of vit_tiny_patch16_224" in message
 
 
-@pytest.mark.parametrize("student,teacher", [("vit_tiny_patch16_224", "resnet18"), ("convnext_atto", "deit_tiny_patch16_224")])
-def test_the_jacobian_step_is_proven_on_timm_students_and_teachers(student, teacher):
+def small(role: str, arch: str, shape=(3, 8, 8)):
     torch.manual_seed(0)
-    # 3 channels: a 1x1 stem of one channel into a LayerNorm (ConvNeXt's, patch size 1) is too ill-conditioned
-    # for finite differences.
-    nets = [build_model(spec(role, arch=arch, **SMALL[arch]), (3, 8, 8), 3, role=role)
-            for role, arch in (("student", student), ("teacher", teacher))]
+    return build_model(spec(role, arch=arch, **SMALL[arch]), shape, 3, role=role)
+
+
+def small_batch(shape=(3, 8, 8), size: int = 4):
     drawn = torch.Generator().manual_seed(0)
-    inputs, labels = torch.randn(4, 3, 8, 8, generator=drawn), torch.randint(0, 3, (4,), generator=drawn)
-    report = check_method(OmegaConf.load("conf/jacobian/top1.yaml"), nets[0].train(), nets[1].eval(), inputs, labels, 0)
+    return torch.randn(size, *shape, generator=drawn), torch.randint(0, 3, (size,), generator=drawn)
+
+
+def test_check_passes_on_a_timm_vit_student_and_a_timm_resnet_teacher():
+    """All of check's proofs of top1: both input-gradients against jacrev (float64), every parameter the term
+    depends on receiving autograd's gradient, equal to finite differences'."""
+    report = check_method(OmegaConf.load("conf/jacobian/top1.yaml"), small("student", "vit_tiny_patch16_224").train(),
+                          small("teacher", "resnet18").eval(), *small_batch(), 0)
     assert report.passed, report.failures
     assert report.jacobian_error_student < 1e-9 and report.jacobian_error_teacher < 1e-9
+    assert any("attn.qkv.weight" in name for name in report.receiving)
+
+
+@pytest.mark.parametrize("student,teacher", [("convnext_atto", "deit_tiny_patch16_224"), ("resnet18", "convnext_atto")])
+def test_timm_students_and_teachers_input_gradients_equal_jacrevs(student, teacher):
+    """The training step's input-gradients of a timm CNN student in train mode (train-mode BatchNorm for the
+    ResNet) and of a timm teacher, against check's jacrev reference in float64; the term trains the student."""
+    from jacdistill_cli.config.registry import build
+    from jacdistill_cli.engine.losses import no_distillation
+    from jacdistill_cli.engine.objective import distillation_objective
+    from jacdistill_cli.proofs.verify import reference_gradients, relative_error
+
+    nets = [small("student", student).double().train(), small("teacher", teacher).double().eval()]
+    inputs, labels = small_batch()
+    inputs = inputs.double()
+    method = build("jacobian", OmegaConf.load("conf/jacobian/top1.yaml"))
+    _, terms, matched = distillation_objective(no_distillation, 1.0, 0.0, method).evaluate(*nets, inputs, labels)
+    vectors = matched.vectors.detach()
+    for net, gradients in zip(nets, (matched.student, matched.teacher)):
+        assert relative_error(gradients, reference_gradients(net, inputs, vectors, method.batchnorm)) < 1e-9
+    terms["jacobian"].backward()
+    assert sum(bool(p.grad is not None and p.grad.ne(0).any()) for p in nets[0].parameters()) > 10

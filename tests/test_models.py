@@ -14,6 +14,7 @@ from torch import nn
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.config.registry import shipped_options
+from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.zoo.models import LEGACY_NAMES, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
 from run_inprocess import run_command
 
@@ -38,12 +39,15 @@ SMALL = {
     "resnet_cifar": {"name": "resnet_cifar", "depth": 8, "channels": [4, 4, 8, 8]},
     "wrn": {"name": "wrn", "depth": 10, "width": 1},
     "torchvision": {"name": "torchvision", "arch": "squeezenet1_1"},
+    "vit": {"_target_": "jacdistill_cli.zoo.vit.vit", "name": "vit", "dim": 8, "depth": 1, "heads": 2},
+    "timm": {"_target_": "jacdistill_cli.zoo.timm_models.timm_model", "name": "timm", "arch": "vit_tiny_patch16_224",
+             "patch_size": 4, "options": {"embed_dim": 16, "depth": 1, "num_heads": 2}},
 }
 
 
 def test_every_shipped_family_has_a_small_member_here():
     targets = {target.rsplit(".", 1)[-1] for group in ("teacher", "student") for target in shipped_options(group).values()}
-    assert targets == {LEGACY_NAMES[name] for name in SMALL}
+    assert targets == {spec.get("_target_", LEGACY_NAMES.get(name, "")).rsplit(".", 1)[-1] for name, spec in SMALL.items()}
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
@@ -64,7 +68,8 @@ def test_each_family_is_per_sample_in_eval_mode_and_twice_differentiable(family)
     shape = (1, 8, 8) if family in ("mlp", "cnn", "lenet5") else (3, 32, 32)
     model = build_model(SMALL[family], shape, 5).eval()
     inputs = torch.randn(4, *shape, requires_grad=True)
-    logits = model(inputs)
+    with gate_of(model).second_order_pass():   # the pass whose input-gradient is differentiated again
+        logits = model(inputs)
     with torch.no_grad():
         alone = torch.cat([model(inputs[i:i + 1]) for i in range(4)])
     assert torch.allclose(logits, alone, atol=1e-5)
@@ -221,6 +226,9 @@ FAMILY_OVERRIDES = {
     "resnet_cifar": ["student=resnet8x4", "student.channels=[4,4,8,8]"],
     "wrn": ["student=wrn_16_2", "student.depth=10", "student.width=1"],
     "torchvision": ["student=torchvision", "student.arch=squeezenet1_1"],
+    "vit": ["student=vit", "student.dim=8", "student.depth=1", "student.heads=2"],
+    "timm": ["student=timm", "student.arch=vit_tiny_patch16_224", "student.patch_size=4",
+             "student.options={embed_dim: 16, depth: 1, num_heads: 2}"],
 }
 DATASETS = {
     "digits": ["dataset.samples_per_class=2", "dataset.val_fraction=0.05", "dataset.test_fraction=0.05"],

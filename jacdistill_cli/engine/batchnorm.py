@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.engine.layers import GATED_BATCHNORMS, affine, gate_of
+from jacdistill_cli.engine.layers import GATED_BATCHNORMS, affine, gate_of, unconverted_batchnorm
+from jacdistill_cli.errors import UsageError
 
 BATCHNORM_MODES = ("batch", "running", "coupled")
 
@@ -108,6 +109,27 @@ def _held_by_hooks(norms: list[nn.Module], statistics: BatchStatistics) -> Itera
             handle.remove()
 
 
+def refuse_unconverted(model: nn.Module, norms: list[nn.Module] | None, mode: str) -> None:
+    """One line naming the first of `norms` (None: every BatchNorm of the model, for a check before training)
+    that is a BatchNorm subclass whose forward does more than BatchNorm (its output cannot be rebuilt from
+    given statistics, so its per-sample Jacobian in train mode would be wrong), and what to do. Nothing to
+    refuse for `coupled`."""
+    if mode == "coupled":
+        return
+    if norms is None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    odd = [m for m in norms if unconverted_batchnorm(m)]
+    if not odd:
+        return
+    name = next(n for n, m in model.named_modules() if m is odd[0])
+    parent = next(b for b in type(odd[0]).__mro__ if b.__module__.startswith("torch.nn."))
+    raise UsageError(f"module {name!r} ({type(odd[0]).__module__}.{type(odd[0]).__qualname__}) is a subclass of "
+                     f"nn.{parent.__name__} with a forward of its own: its per-sample Jacobian in "
+                     f"train mode (jacobian.batchnorm={mode}) cannot be formed from BatchNorm's statistics; use "
+                     "jacobian.batchnorm=coupled (the batch as one function), put that module in eval mode "
+                     "(running statistics), or build the model with nn.BatchNorm layers")
+
+
 @contextlib.contextmanager
 def per_sample_batchnorm(model: nn.Module, mode: str, statistics: BatchStatistics | None = None) -> Iterator[None]:
     """Make the model's forward pass a per-sample function while BatchNorm is in train mode.
@@ -140,6 +162,7 @@ def per_sample_batchnorm(model: nn.Module, mode: str, statistics: BatchStatistic
     gate = gate_of(model)
     converted = [m for m in norms if gate is not None and isinstance(m, GATED_BATCHNORMS)]
     others = [m for m in norms if m not in converted]
+    refuse_unconverted(model, others, mode)
     with contextlib.ExitStack() as stack:
         if converted:
             stack.enter_context(gate.holding({m: statistics[m] for m in converted}))

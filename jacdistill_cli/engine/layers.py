@@ -20,6 +20,16 @@ behave exactly like their parents unless the model's `JacobianGate` is open:
   input-gradient (nothing reads the gradient of the input batch).
 - inside `gate.holding(statistics)`: BatchNorm normalises with the given statistics (a separate
   per-sample pass; see engine/batchnorm.py).
+- attention, in a second-order pass (the student's gated pass, whose input-gradient stays in the
+  graph, and the forward passes of strategy=func inside `gate.jacobians()`; `gate.second_order_pass()`
+  for a pass outside them, such as a feature Jacobian): the fused
+  attention kernels (flash, memory-efficient, the CPU flash kernel) have no double backward, so
+  nn.MultiheadAttention takes its own explicit path (`need_weights=True`, the weights dropped when
+  not asked for), a module with timm's `fused_attn` switch its explicit one, and any other call of
+  F.scaled_dot_product_attention made in this thread while the pass lasts goes to the math kernel
+  (`MathAttention`, a TorchFunctionMode: the mode stack is per-thread, so a model running in another
+  thread keeps the fused kernels). The teacher's pass, evaluation and a plain KD step never open a
+  second-order pass and keep the fused kernels.
 
 Everywhere else the input-gradient of a converted model is the true one. The gate belongs to the
 model (two models, two gates: objectives in two threads do not meet), and no `forward` is ever
@@ -29,13 +39,16 @@ assigned: the choice is made inside each layer's own forward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from types import MappingProxyType
 from typing import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.overrides import TorchFunctionMode
 
 
 class JacobianGate:
@@ -49,25 +62,47 @@ class JacobianGate:
         self.closed = 0              # > 0: backward passes inside jacobians()
         self.loss_backward = 0       # > 0: the backward pass of a loss wrapped by loss()
         self.held: dict[nn.Module, Iterator[tuple[Tensor, Tensor]]] = {}
+        self.second_order = False    # attention on kernels with a double backward
 
     def __deepcopy__(self, memo) -> "JacobianGate":
         return JacobianGate()   # a copied model gets a closed gate of its own
 
     @contextlib.contextmanager
     def forward_pass(self, inputs: Tensor | None = None, batchnorm: bool = False,
-                     activations: bool = True) -> Iterator[None]:
+                     activations: bool = True, second_order: bool | None = None) -> Iterator[None]:
+        """The objective's forward pass. `second_order` (default: `activations`, which only a pass whose
+        input-gradient is differentiated again asks for): attention on kernels with a double backward."""
         saved = (self.active, self.activations, self.batchnorm, self.inputs)
         self.active, self.activations, self.batchnorm, self.inputs = True, activations, batchnorm, inputs
         try:
-            yield
+            with self.second_order_pass(activations if second_order is None else second_order):
+                yield
         finally:
             self.active, self.activations, self.batchnorm, self.inputs = saved
 
     @contextlib.contextmanager
+    def second_order_pass(self, enabled: bool = True) -> Iterator[None]:
+        """Attention in this model, and every F.scaled_dot_product_attention called in this thread, on
+        kernels with a double backward while the context lasts (a pass whose input-gradient is taken with
+        create_graph=True). Other threads are not affected."""
+        if not enabled or self.second_order:
+            yield
+            return
+        self.second_order = True
+        try:
+            with MathAttention():
+                yield
+        finally:
+            self.second_order = False
+
+    @contextlib.contextmanager
     def jacobians(self) -> Iterator[None]:
+        """The input-gradients of a step. A forward pass run inside (strategy=func's, under torch.func) is one
+        whose input-gradient the term differentiates again: a second-order pass."""
         self.closed += 1
         try:
-            yield
+            with self.second_order_pass():
+                yield
         finally:
             self.closed -= 1
 
@@ -115,6 +150,27 @@ def gate_of(model: nn.Module) -> JacobianGate | None:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def math_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> Tensor:
+    """F.scaled_dot_product_attention on PyTorch's math kernel (matmul, softmax, dropout: a double
+    backward), as sdpa_kernel(SDPBackend.MATH) would pick it, without its process-wide flags.
+    query [..., L, E], key [..., S, E], value [..., S, Ev] -> [..., L, Ev]."""
+    return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                            scale=scale, enable_gqa=enable_gqa)[0]
+
+
+class MathAttention(TorchFunctionMode):
+    """While entered: F.scaled_dot_product_attention, called in this thread, runs `math_attention`.
+    (A mode is pushed on the current thread's stack only, so other threads keep the fused kernels.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return math_attention(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 class _ReLU(torch.autograd.Function):
@@ -286,6 +342,11 @@ def affine(module: nn.modules.batchnorm._BatchNorm, x: Tensor, mean: Tensor, var
 
 class _JacobianBatchNorm(_Gated):
     def forward(self, x: Tensor) -> Tensor:
+        out = self.gated_norm(x)
+        return super().forward(x) if out is None else out
+
+    def gated_norm(self, x: Tensor) -> Tensor | None:
+        """BatchNorm's own output where the gate changes how it is computed, else None (the layer as it is)."""
         gate = self.jacobian_gate
         held = gate.held.get(self)
         if held is not None:                 # a separate per-sample pass: given statistics, no update
@@ -302,7 +363,17 @@ class _JacobianBatchNorm(_Gated):
                 return _GatedBatchNorm.apply(x, self.weight, self.bias, self, momentum, gate)
             if not self.training and self.running_mean is not None and self.running_var is not None:
                 return affine(self, x, self.running_mean, self.running_var)
-        return super().forward(x)
+        return None
+
+
+class _JacobianNormAct(_JacobianBatchNorm):
+    """timm's BatchNormAct2d (BatchNorm, then its `drop` and `act` modules in one forward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.gated_norm(x)
+        if out is None:
+            return super(_JacobianBatchNorm, self).forward(x)   # the layer's own forward
+        return self.act(self.drop(out))
 
 
 class JacobianBatchNorm1d(_JacobianBatchNorm, nn.BatchNorm1d):
@@ -326,29 +397,109 @@ class JacobianConv2d(nn.Conv2d, _Gated):
         return super().forward(x)
 
 
-# Exact types only: a subclass may have a forward of its own, and keeps it.
+class JacobianMultiheadAttention(nn.MultiheadAttention, _Gated):
+    """nn.MultiheadAttention; in a second-order pass, `need_weights=False` (as nn.TransformerEncoderLayer
+    and torchvision's ViT call it, for the fused kernels) runs its explicit path, whose double backward exists."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if self.jacobian_gate.second_order and not need_weights and not is_causal:
+            out, _ = super().forward(query, key, value, key_padding_mask, True, attn_mask, average_attn_weights)
+            return out, None
+        return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                               is_causal)
+
+
+class _FusedAttentionSwitch(_Gated):
+    """A module with timm's `fused_attn` switch (F.scaled_dot_product_attention if true, its own
+    matmul-softmax attention if false): the switch reads false in a second-order pass."""
+
+    @property
+    def fused_attn(self) -> bool:
+        return bool(self.__dict__["_fused_attn"]) and not self.jacobian_gate.second_order
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        self.__dict__["_fused_attn"] = value
+
+
+@functools.cache
+def _jacobian_class(ready: type, cls: type) -> type:
+    """One Jacobian-ready class per (mixin, converted class) pair: `ready`'s forward before `cls`'s."""
+    return type(f"Jacobian{cls.__name__}", (ready, cls),
+                {"__module__": __name__, "__qualname__": f"Jacobian{cls.__name__}"})
+
+# Exact types only: a subclass may have a forward of its own (see `subclass_conversion`).
 CONVERSIONS: Mapping[type, type] = MappingProxyType({
     nn.ReLU: JacobianReLU, nn.MaxPool2d: JacobianMaxPool2d, nn.Conv2d: JacobianConv2d,
     nn.BatchNorm1d: JacobianBatchNorm1d, nn.BatchNorm2d: JacobianBatchNorm2d, nn.BatchNorm3d: JacobianBatchNorm3d,
+    nn.MultiheadAttention: JacobianMultiheadAttention,
 })
-GATED_BATCHNORMS = (JacobianBatchNorm1d, JacobianBatchNorm2d, JacobianBatchNorm3d)
+GATED_BATCHNORMS = (_JacobianBatchNorm,)
+# Subclasses of nn.BatchNorm2d whose forward is known: BatchNorm, then `drop` and `act` (by name: timm is optional).
+NORM_ACT = ("timm.layers.norm_act.BatchNormAct2d",)
+
+
+def _own_forward(cls: type, base: type) -> bool:
+    return cls.forward is not base.forward
+
+
+def subclass_conversion(module: nn.Module) -> type | None:
+    """The Jacobian-ready class of a subclass of a converted type, or None to leave it as it is.
+
+    A subclass that keeps its parent's forward converts as its parent (its class kept in the MRO);
+    timm's BatchNormAct2d converts with its drop and activation. Subclasses of ReLU, MaxPool2d and
+    Conv2d with a forward of their own (timm's Conv2dSame) are left: their input-gradients are the
+    true ones, only not the cheaper ones. A BatchNorm subclass with a forward of its own is left,
+    and a per-sample Jacobian through it in train mode is refused (engine/batchnorm.py)."""
+    cls = type(module)
+    base = next((b for b in cls.__mro__[1:] if b in CONVERSIONS), None)
+    if base is None or isinstance(module, _Gated) or isinstance(module, nn.SyncBatchNorm):
+        return None
+    if f"{cls.__module__}.{cls.__qualname__}" in NORM_ACT:
+        return _jacobian_class(_JacobianNormAct, cls)
+    if _own_forward(cls, base):
+        return None
+    return _jacobian_class(CONVERSIONS[base], cls)
+
+
+def unconverted_batchnorm(module: nn.Module) -> bool:
+    """A train-mode-coupled BatchNorm whose forward does more than BatchNorm, left as it is: its
+    per-sample Jacobian cannot be formed from the statistics it normalises with."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, (_Gated, nn.SyncBatchNorm)):
+        return False
+    return _own_forward(type(module), nn.modules.batchnorm._BatchNorm)
+
+
+def _conversion(module: nn.Module) -> type | None:
+    cls = CONVERSIONS.get(type(module))
+    if cls is not None:
+        return cls
+    if isinstance(module.__dict__.get("fused_attn"), bool) and not isinstance(module, _Gated):
+        return _jacobian_class(_FusedAttentionSwitch, type(module))
+    return subclass_conversion(module)
 
 
 def make_jacobian_ready(model: nn.Module) -> nn.Module:
-    """Replace, in place, every nn.ReLU, nn.MaxPool2d, nn.Conv2d and nn.BatchNorm1d/2d/3d of `model`
-    by its Jacobian-ready subclass (the same parameter and buffer objects, hooks and state_dict keys),
-    all sharing one new gate, also held by `model.jacobian_gate`. Returns `model`; a converted model
-    is left as it is (in the manner of torch.func.replace_all_batch_norm_modules_)."""
+    """Replace, in place, every nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.BatchNorm1d/2d/3d and
+    nn.MultiheadAttention of `model` (and subclasses that keep their parent's forward, timm's
+    BatchNormAct2d, modules with timm's `fused_attn` switch) by its Jacobian-ready class (the same
+    parameter and buffer objects, hooks and state_dict keys), all sharing one new gate, also held by
+    `model.jacobian_gate`. Returns `model`; a converted model is left as it is (in the manner of
+    torch.func.replace_all_batch_norm_modules_)."""
     if gate_of(model) is not None:
         return model
     gate = JacobianGate()
     for parent in model.modules():
         for name, child in list(parent._modules.items()):
-            cls = CONVERSIONS.get(type(child)) if child is not None else None
+            cls = _conversion(child) if child is not None else None
             if cls is None:
                 continue
             converted = cls.__new__(cls)
             converted.__dict__.update(child.__dict__)
+            if issubclass(cls, _FusedAttentionSwitch):
+                converted.__dict__["_fused_attn"] = converted.__dict__.pop("fused_attn")
             converted.jacobian_gate = gate
             parent._modules[name] = converted
     model.jacobian_gate = gate

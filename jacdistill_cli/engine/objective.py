@@ -32,7 +32,7 @@ class Step:
 
     student: nn.Module
     teacher: nn.Module
-    inputs: Tensor                     # the batch the terms see (perturbed copies for noise)
+    inputs: Tensor                     # [batch, *input]
     labels: Tensor
     student_logits: Tensor
     teacher_logits: Tensor | None      # None when no term reads the teacher (its pass is skipped)
@@ -41,6 +41,8 @@ class Step:
     student_features: list[Tensor] = field(default_factory=list)   # "features"
     teacher_features: list[Tensor] = field(default_factory=list)
     statistics: Any = None            # "statistics": the student's recorded BatchNorm statistics
+    perturbations: Tensor | None = None         # "perturbed": the directions xi [copies, batch, *input]
+    perturbed_difference: Tensor | None = None  # S(x + sigma xi) - T(x + sigma xi) [copies, batch, classes]
 
 
 @dataclass
@@ -141,8 +143,6 @@ class Objective:
 
     def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
              gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None) -> Step:
-        if self.method.perturbs_inputs:
-            inputs, labels = self.method.perturb(inputs, labels, self.generator)
         student_gate = gate_of(student)
         teacher_inputs = inputs.detach().requires_grad_(gradients)
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
@@ -171,6 +171,8 @@ class Objective:
 
             step.student_features, step.teacher_features = split_features(capture, len(self.matching.pairs))
             capture.clear()
+        if "perturbed" in self.needs and self.method.perturbs_inputs:
+            self.perturbed_passes(step, statistics)
         if gradients:
             with per_sample_batchnorm(student, mode if separate else "coupled", statistics), student_gate.jacobians():
                 if separate:
@@ -187,6 +189,18 @@ class Objective:
                                 teacher_gradients=None if teacher_outputs is None else teacher_outputs.gradients)
                 step.jacobian_distance, step.matched = self.method.term(passes)
         return step
+
+    def perturbed_passes(self, step: Step, statistics: Any) -> None:
+        """Both networks on the method's perturbed copies x + sigma xi of the batch, in one pass each: the
+        student's normalised with the clean pass's BatchNorm statistics, the teacher's a constant."""
+        xi = self.method.draws(step.inputs.detach(), self.generator)   # [copies, batch, *input]
+        copies = (step.inputs.detach().unsqueeze(0) + self.method.sigma * xi).flatten(0, 1)
+        with torch.no_grad():
+            teacher_logits = step.teacher(copies)
+        with per_sample_batchnorm(step.student, "batch" if statistics else "coupled", statistics):
+            student_logits = step.student(copies)
+        step.perturbations = xi
+        step.perturbed_difference = (student_logits - teacher_logits).unflatten(0, xi.shape[:2])
 
     @contextlib.contextmanager
     def first_pass(self, student: nn.Module, inputs: Tensor, gradients: bool, mode: str, separate: bool,

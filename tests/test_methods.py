@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("float64_one_thread")
 
 def settings(name: str, **overrides):
     base = {"name": name, "normalize": True, "squared": True, "batchnorm": "batch", "strategy": "auto",
-            "num_projections": 3, "distribution": "rademacher", "sigma": 0.1, "samples": 1}
+            "num_projections": 3, "distribution": "rademacher", "sigma": 0.1, "samples": 1, "antithetic": True, "form": "difference"}
     return OmegaConf.create({**base, **overrides})
 
 
@@ -209,18 +209,19 @@ def jacobian_difference(student: nn.Module, teacher: nn.Module, x: torch.Tensor)
     return torch.stack(rows).flatten(2)
 
 
+@pytest.mark.parametrize("form", ["difference", "expansion"])
 @pytest.mark.parametrize("network", ["piecewise linear", "smooth"])
-def test_noise_approaches_the_unnormalised_jacobian_penalty_as_sigma_shrinks(network):
-    """(perturbed - clean squared error) / sigma^2 with antithetic pairs: on the very draws xi it approaches
+def test_noise_approaches_the_unnormalised_jacobian_penalty_as_sigma_shrinks(network, form):
+    """The perturbed-minus-clean term over sigma^2 with antithetic pairs: on the very draws xi it approaches
     ||(J_S - J_T) xi||^2 as sigma shrinks (exactly for ReLU, as sigma^2 for tanh), and over the draws
-    ||J_S - J_T||_F^2, the penalty of `exact` with normalize=false. The smooth network's outputs agree with
-    the teacher's at the sample, where the curvature part of the expansion vanishes."""
+    ||J_S - J_T||_F^2, the penalty of `exact` with normalize=false. For `expansion` the smooth network's
+    outputs agree with the teacher's at the sample, where the curvature part of the expansion vanishes."""
     activation = nn.ReLU if network == "piecewise linear" else nn.Tanh
     student, teacher = mlp(seed=0, activation=activation), frozen(mlp(seed=1, activation=activation))
     torch.manual_seed(4)
     x = torch.randn(2 if network == "piecewise linear" else 1, 1, 4, 3)
     labels = torch.zeros(len(x), dtype=torch.long)
-    if network == "smooth":
+    if network == "smooth" and form == "expansion":
         with torch.no_grad():
             student[-1].bias += teacher(x)[0] - student(x)[0]   # D(x) = 0
     difference = jacobian_difference(student, teacher, x)                 # [batch, classes, input]
@@ -228,9 +229,9 @@ def test_noise_approaches_the_unnormalised_jacobian_penalty_as_sigma_shrinks(net
         student, teacher, x, labels)[1]["jacobian"]
     torch.testing.assert_close(penalty, difference.pow(2).sum((1, 2)).mean())
 
-    samples, errors = 2000, []
+    samples, errors = 1000, []
     for sigma in (1e-1, 1e-2, 1e-3):
-        objective = Objective("none", 1.0, 1.0, 0.0, settings("noise", sigma=sigma, samples=samples),
+        objective = Objective("none", 1.0, 1.0, 0.0, settings("noise", sigma=sigma, samples=samples, form=form),
                               torch.Generator().manual_seed(11))
         _, terms, _ = objective.evaluate(student, teacher, x, labels)
         xi = objective.method.draws(x, torch.Generator().manual_seed(11)).flatten(2)   # the same draws
@@ -245,18 +246,42 @@ def test_noise_approaches_the_unnormalised_jacobian_penalty_as_sigma_shrinks(net
     assert standard_error < 0.05 * penalty.item()
 
 
-def test_noise_without_antithetic_pairs_converges_only_in_expectation():
+def test_noise_expansion_without_antithetic_pairs_converges_only_in_expectation():
     """One-sided draws: the first-order part 2 D . J_D xi / sigma stays, so on the same draws the term moves
     away from ||J_D xi||^2 as sigma shrinks (its variance grows as 1 / sigma^2) while its mean is unchanged."""
     student, teacher = mlp(seed=0), frozen(mlp(seed=1))
     x, labels = torch.randn(2, 1, 4, 3), torch.zeros(2, dtype=torch.long)
     values = []
     for sigma in (1e-1, 1e-3):
-        objective = Objective("none", 1.0, 1.0, 0.0, settings("noise", sigma=sigma, samples=4, antithetic=False),
+        objective = Objective("none", 1.0, 1.0, 0.0, settings("noise", sigma=sigma, samples=4, antithetic=False,
+                                                                    form="expansion"),
                               torch.Generator().manual_seed(3))
         values.append(objective.evaluate(student, teacher, x, labels)[1]["jacobian"].item())
     penalty = jacobian_difference(student, teacher, x).pow(2).sum((1, 2)).mean().item()
     assert abs(values[1] - penalty) > 10 * abs(values[0] - penalty)
+
+
+@pytest.mark.parametrize("form", ["difference", "expansion"])
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh])
+def test_the_checks_noise_limit_holds_on_piecewise_linear_and_smooth_networks(activation, form):
+    """`jacdistill check`'s proof for noise: the term at sigma = 1e-3, 1e-4, 1e-5 against its limit on the same
+    draws from forward-mode derivatives (for `expansion` on a smooth network, with the curvature part
+    D . xi^T H xi); and a planted error (sigma^2 where sigma is meant) is caught."""
+    from jacdistill_cli.engine.methods import Noise
+    from jacdistill_cli.proofs.verify import NOISE_LIMIT_TOLERANCE, NOISE_SIGMAS, noise_limit_errors
+
+    student, teacher = cnn(seed=0, activation=activation), frozen(cnn(seed=1, activation=activation))
+    x, labels = torch.randn(3, 1, 4, 4), torch.zeros(3, dtype=torch.long)
+    errors = noise_limit_errors(Noise(sigma=0.1, samples=1, form=form), student, teacher, x, labels, seed=3)
+    assert list(errors) == list(NOISE_SIGMAS) and errors[NOISE_SIGMAS[-1]] < NOISE_LIMIT_TOLERANCE, errors
+    if activation is nn.Tanh and form == "difference":   # O(sigma^2): 100x smaller per step of the ladder
+        assert errors[NOISE_SIGMAS[1]] < 0.02 * errors[NOISE_SIGMAS[0]], errors
+
+    class Misscaled(Noise):
+        def term(self, clean, perturbed):
+            return super().term(clean, perturbed) * self.sigma / 0.1
+
+    assert noise_limit_errors(Misscaled(form=form), student, teacher, x, labels, seed=3)[NOISE_SIGMAS[-1]] > 0.5
 
 
 def test_noise_keeps_the_distillation_term_on_the_clean_batch():
@@ -280,7 +305,7 @@ def test_noise_perturbed_copies_use_the_clean_batch_statistics():
     with torch.no_grad():
         clean = reference(x) - teacher(x)
         perturbed = torch.stack([reference(x + 0.2 * v) - teacher(x + 0.2 * v) for v in xi])
-        expected = (perturbed.pow(2).sum(-1) - clean.pow(2).sum(-1)).mean() / 0.2 ** 2
+        expected = (perturbed - clean).pow(2).sum(-1).mean() / 0.2 ** 2
     torch.testing.assert_close(terms["jacobian"].detach(), expected)
 
 

@@ -128,34 +128,40 @@ class Noise(JacobianMethod):
         E_xi ||D(x + sigma xi)||^2 = ||D(x)||^2 + sigma^2 ||J_D(x)||_F^2
                                      + sigma^2 sum_k D_k(x) tr(Hessian of D_k at x) + O(sigma^4),
 
-    and the curvature sum vanishes where D(x) = 0 or the networks are piecewise linear (ReLU, max
-    pooling). The term, per sample, is the perturbed squared error minus the clean one over sigma^2,
+    where the curvature sum vanishes where D(x) = 0 or the networks are piecewise linear (ReLU, max
+    pooling). Distillation on noisy inputs is thus distillation plus sigma^2 times the unnormalised
+    full-Jacobian penalty of `exact` (`normalize=false squared=true`). The term, per sample, is
 
-        (mean over the copies of ||D(x + sigma xi)||^2 - ||D(x)||^2) / sigma^2,
+        difference (default): mean over the copies of ||D(x + sigma xi) - D(x)||^2 / sigma^2
+        expansion:            mean over the copies of (||D(x + sigma xi)||^2 - ||D(x)||^2) / sigma^2
 
-    which approaches ||J_S(x) - J_T(x)||_F^2 (plus the curvature sum): the penalty of `exact` with
-    `normalize=false squared=true`, unnormalised. `alpha` weighs it as it weighs the other methods,
-    so the step is (1 - alpha) * distill(clean) + (alpha / sigma^2) * perturbed - (alpha / sigma^2) *
-    clean squared error: the clean distillation term plus a perturbed term of weight alpha / sigma^2.
+    Both approach ||J_D(x) xi||^2 on each draw as sigma shrinks, and ||J_D(x)||_F^2 over the draws:
+    `difference` for every network (error O(sigma^2) with antithetic pairs), `expansion` (the left side
+    of the expansion minus its clean part) where the curvature sum vanishes. The two differ by
+    2 D . (D(x + sigma xi) - D(x)) / sigma^2, whose mean is the curvature sum: `expansion` rewards a
+    student that makes the clean error large where that sum is negative, and in training it does so
+    (`difference` is never negative). `alpha` weighs the term as it weighs the other methods: the step
+    is (1 - alpha) * distill(clean batch) + (alpha / sigma^2) * perturbed squared error (less its
+    clean part): a perturbed term of weight alpha / sigma^2, so that the Jacobian penalty weighs alpha.
 
-    With `antithetic` the copies come in pairs xi, -xi: the first-order part 2 sigma D . J_D xi cancels
-    exactly, and the pair's term is ||J_D xi||^2 + O(sigma^2) (a Gaussian random projection of the
-    Jacobian in input space, as `projected` draws them in output space); without it, a copy's term has a
-    variance that grows as 1 / sigma^2. `sigma` is in units of the normalised input (each channel has
-    standard deviation 1 after the dataset's mean/std normalisation). In train-mode BatchNorm the
-    perturbed copies are normalised with the clean batch's statistics (the function `exact` takes with
-    `batchnorm=batch`). Cost: 2 * samples extra forward passes of both networks (samples without
-    `antithetic`), and the student's backward pass through them.
+    With `antithetic` the copies come in pairs xi, -xi: the odd orders in sigma cancel pairwise (for
+    `expansion`, the first-order part 2 sigma D . J_D xi, whose variance grows as 1 / sigma^2 without
+    them). `sigma` is in units of the normalised input (each channel has standard deviation 1 after
+    the dataset's mean/std normalisation). In train-mode BatchNorm the perturbed copies are normalised
+    with the clean batch's statistics (the function `exact` takes with `batchnorm=batch`). Cost: `copies`
+    extra forward passes of both networks (2 * samples with `antithetic`) and the student's backward
+    pass through them.
     """
 
     name = "noise"
     perturbs_inputs = True
     reusable_teacher = False
 
-    def __init__(self, sigma: float = 0.1, samples: int = 1, antithetic: bool = True):
+    def __init__(self, sigma: float = 0.1, samples: int = 1, antithetic: bool = True, form: str = "difference"):
         self.sigma = number("sigma", sigma, low=0, low_open=True, allowed="it must be a number > 0")
         self.samples = whole("samples", samples, low=1, allowed="it must be an integer >= 1")
         self.antithetic = boolean("antithetic", antithetic)
+        self.form = one_of("form", form, ("difference", "expansion"))
 
     @property
     def copies(self) -> int:
@@ -168,10 +174,13 @@ class Noise(JacobianMethod):
 
     def term(self, clean: Tensor, perturbed: Tensor) -> Tensor:
         """clean D(x) [batch, classes] and perturbed D(x + sigma xi) [copies, batch, classes] -> the
-        per-sample term [batch], mean over the copies of (||D(x + sigma xi)||^2 - ||D(x)||^2) / sigma^2,
-        computed as 2 D . d + ||d||^2 with d = D(x + sigma xi) - D(x), which keeps the small difference."""
+        per-sample term [batch] (see the class). `expansion` is computed as 2 D . d + ||d||^2 with
+        d = D(x + sigma xi) - D(x), which keeps the small difference."""
         change = perturbed - clean
-        return (2 * (clean * change).sum(-1) + change.pow(2).sum(-1)).mean(0) / self.sigma ** 2
+        squared = change.pow(2).sum(-1)
+        if self.form == "expansion":
+            squared = squared + 2 * (clean * change).sum(-1)
+        return squared.mean(0) / self.sigma ** 2
 
 
 class GradientMethod(JacobianMethod):

@@ -36,6 +36,7 @@ class Step:
     labels: Tensor
     student_logits: Tensor
     teacher_logits: Tensor | None      # None when no term reads the teacher (its pass is skipped)
+    epoch: int | None = None           # 1-based, the epoch the step belongs to; None where the caller does not say
     jacobian_distance: Tensor | None = None   # [batch], the method's per-sample term ("gradients")
     matched: Matched | None = None
     student_features: list[Tensor] = field(default_factory=list)   # "features"
@@ -88,9 +89,12 @@ class Objective:
         self.create_graph = any(self.weights[t.name] > 0 for t in self.terms if "gradients" in t.needs)
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 gradient_scale: float = 1.0,
-                 teacher_outputs: TeacherOutputs | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale, teacher_outputs)
+                 gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
+                 epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(student logits [batch, classes], {term name: scalar, "total": scalar}). `epoch`: 1-based, the
+        epoch the step belongs to, for a term or loss that changes with it (DKD's warm-up); None (a caller
+        that does not know it: evaluation, check, bench) means past any warm-up."""
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale, teacher_outputs, epoch)
         return logits, terms
 
     @property
@@ -125,7 +129,7 @@ class Objective:
 
     def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
                  gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
-                 ) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+                 epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
         """As calling it, plus the gradients the Jacobian term matched (None for methods without).
         `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale);
         `teacher_outputs`: the teacher's side computed earlier (see `teacher_reusable`)."""
@@ -134,7 +138,7 @@ class Objective:
         gradients = self.gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
         with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
-            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs)
+            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs, epoch)
             values = {term.name: term(step) for term in self.terms}
             total = sum((self.weights[name] * value for name, value in values.items()),
                         step.student_logits.new_zeros(()))
@@ -142,7 +146,8 @@ class Objective:
         return step.student_logits, values, step.matched
 
     def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-             gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None) -> Step:
+             gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
+             epoch: int | None = None) -> Step:
         student_gate = gate_of(student)
         teacher_inputs = inputs.detach().requires_grad_(gradients)
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
@@ -165,7 +170,7 @@ class Objective:
                 teacher_logits = self.teacher_logits(teacher, teacher_inputs, gradients)
             with self.first_pass(student, student_inputs, gradients, mode, separate, strategy, record) as statistics:
                 logits = student(student_inputs)
-        step = Step(student, teacher, inputs, labels, logits, teacher_logits, statistics=statistics)
+        step = Step(student, teacher, inputs, labels, logits, teacher_logits, epoch=epoch, statistics=statistics)
         if capture is not None:
             from jacdistill_cli.engine.features import split_features
 
@@ -276,8 +281,8 @@ def objective_from_settings(settings: Any, teacher: nn.Module, student: nn.Modul
 
 
 def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor, labels: Tensor,
-                            gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Plain supervised training (of a teacher): the hard-label term only."""
+                            gradient_scale: float = 1.0, epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain supervised training (of a teacher): the hard-label term only (`epoch` is accepted and unused)."""
     import torch.nn.functional as F
 
     logits = model(inputs)

@@ -16,6 +16,7 @@ with `terms.<name>={_target_: ..., weight: ...}` (see the README).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -39,11 +40,27 @@ class Term:
         raise NotImplementedError
 
 
+def step_arguments(loss: Callable) -> frozenset[str]:
+    """Which of the step's `labels` and `epoch` the loss takes as keywords (see engine/losses.py)."""
+    try:
+        parameters = inspect.signature(loss).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(name for name in ("labels", "epoch") if name in parameters)
+
+
 @dataclass
 class Distillation(Term):
-    """The distillation loss between the student's and the (constant) teacher's logits."""
+    """The distillation loss between the student's and the (constant) teacher's logits; a loss that takes
+    `labels` or `epoch` receives the step's."""
 
     loss: Callable[[Tensor, Tensor], Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.arguments = step_arguments(self.loss)
+        bound = set(getattr(self.loss, "keywords", {}) or {}) & self.arguments
+        if bound:
+            raise ValueError(f"the loss's {', '.join(sorted(bound))} come from the step, not from its settings")
 
     @property
     def reads_teacher(self) -> bool:
@@ -52,7 +69,8 @@ class Distillation(Term):
     def __call__(self, step: "Step") -> Tensor:
         if not self.reads_teacher:
             return step.student_logits.new_zeros(())
-        return self.loss(step.student_logits, step.teacher_logits.detach())
+        extra = {name: getattr(step, name) for name in self.arguments}
+        return self.loss(step.student_logits, step.teacher_logits.detach(), **extra)
 
 
 @dataclass

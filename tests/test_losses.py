@@ -214,6 +214,13 @@ def test_recipes_keep_the_published_distillation_weights(recipe):
     settings.validate_train(cfg)
 
 
+def test_kd_noise_weighs_the_unnormalised_noise_term_by_a_tenth():
+    cfg = compose_train("recipe=kd_noise")
+    assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == ("kl", "noise", 0.1, 1.0)
+    method = settings.validate_objective(cfg).method
+    assert (method.sigma, method.samples, method.antithetic, method.form) == (0.1, 4, True, "difference")
+
+
 @pytest.mark.parametrize("pair,nckd,base_temperature", [
     ("resnet56-resnet20", 2.0, 2.0), ("resnet32x4-resnet8x4", 8.0, 2.0), ("vgg13-vgg8", 6.0, 3.0)])
 def test_crd_pairs_carry_the_published_per_pair_settings(pair, nckd, base_temperature):

@@ -157,7 +157,7 @@ class Noise(JacobianMethod):
     perturbs_inputs = True
     reusable_teacher = False
 
-    def __init__(self, sigma: float = 0.1, samples: int = 1, antithetic: bool = True, form: str = "difference"):
+    def __init__(self, sigma: float = 0.1, samples: int = 4, antithetic: bool = True, form: str = "difference"):
         self.sigma = number("sigma", sigma, low=0, low_open=True, allowed="it must be a number > 0")
         self.samples = whole("samples", samples, low=1, allowed="it must be an integer >= 1")
         self.antithetic = boolean("antithetic", antithetic)

@@ -3,7 +3,8 @@
     total = sum(term.weight * term(step))      # e.g. (1 - alpha) * distill + alpha * jacobian
                                                #      + hard_weight * hard + features.weight * features
 
-Calling it on (student, teacher, inputs, labels) returns (student logits, {term name: value, "total"}).
+Calling it on (student, teacher, inputs, labels[, epoch=E]) returns (student logits, {term name: value, "total"});
+`epoch` (1-based) reaches a term or loss that changes with it (DKD's warm-up), None where the caller does not say.
 The trainer logs whatever terms come back; it knows nothing about particular losses.
 """
 

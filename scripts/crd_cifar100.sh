@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CIFAR-100 table of the distillation benchmark (CRD/RepDistiller, mdistiller): the five published
-# teachers distilled into their students as kd and kd_jacobian over 3 seeds (30 runs of 240 epochs,
-# experiment=crd_cifar100), ending with the sweep's report: mean and std over the seeds of each pair and
-# recipe.
+# teachers distilled into their students as kd, kd_jacobian, dkd, dkd_jacobian, kd_ls, kd_ls_jacobian, dist and
+# dist_jacobian over 3 seeds (120 runs of 240 epochs, experiment=crd_cifar100), ending with the sweep's report:
+# mean and std over the seeds of each pair and recipe.
 #
 #   scripts/crd_cifar100.sh DATA_ROOT TEACHER_DIR [OVERRIDE ...]
 #
@@ -10,7 +10,7 @@
 # <arch>_vanilla/ckpt_epoch_240.pth of resnet56, resnet110, resnet32x4, wrn_40_2 and vgg13.
 # Environment: JOBS=N runs N jobs at once on this machine (Hydra's joblib launcher; several small
 # networks share one GPU well), SWEEP_DIR sets the sweep directory. Overrides narrow or change the sweep,
-# e.g. `seed=0 crd_pair=resnet32x4-resnet8x4` (2 runs) or `trainer.num_workers=8`.
+# e.g. `seed=0 crd_pair=resnet32x4-resnet8x4` (8 runs), `recipe=kd,dkd,kd_ls` or `trainer.num_workers=8`.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then

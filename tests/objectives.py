@@ -13,7 +13,7 @@ from jacdistill_cli.engine.objective import Objective, distillation_objective
 
 LOSSES = {"kl": losses.kl, "mse": losses.mse, "ce": losses.ce, "none": losses.no_distillation}
 COMMON = ("normalize", "squared", "batchnorm", "strategy", "of")
-OWN = {"projected": ("num_projections", "distribution"), "noise": ("sigma", "samples")}
+OWN = {"projected": ("num_projections", "distribution"), "noise": ("sigma", "samples", "antithetic", "form")}
 
 
 def method(name: str, **settings):

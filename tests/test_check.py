@@ -41,11 +41,15 @@ def test_check_exits_0_on_the_default_configuration_for_every_method(cli, tmp_pa
     for method in report["methods"]:
         assert method["jacobian_error_student"] is None or method["jacobian_error_student"] < 1e-9
         assert set(method["dependent"]) <= set(method["receiving"]) and method["dependent"]
-    # A ReLU MLP's input-gradients do not depend on its biases; the noise term does.
+    # A ReLU MLP's input-gradients do not depend on its biases; the noise term depends on the hidden bias (which
+    # ReLUs are active along x + sigma xi), not on the last one, which cancels in D(x + sigma xi) - D(x).
     exact = next(m for m in report["methods"] if m["method"] == "exact")
     assert exact["without_effect"] == ["1.bias", "3.bias"]
     noise = next(m for m in report["methods"] if m["method"] == "noise")
-    assert noise["without_effect"] == [] and len(noise["receiving"]) == 4
+    assert noise["without_effect"] == ["3.bias"] and noise["dependent"] == ["1.weight", "1.bias", "3.weight"]
+    # Its term against the sigma -> 0 limit on the same draws, from jvp: within tolerance at the smallest sigma.
+    assert set(noise["noise_limit"]) == {"0.001", "0.0001", "1e-05"} and noise["noise_limit"]["1e-05"] < 1e-5
+    assert any(line.startswith("noise: the term against its sigma -> 0 limit") for line in lines)
 
 
 class DetachedStudent(Top1):

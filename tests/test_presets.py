@@ -142,7 +142,10 @@ CRD_PAIRS = {"resnet56": "resnet20", "resnet110": "resnet32", "resnet32x4": "res
              "vgg13": "vgg8"}
 
 
-def test_crd_cifar100_is_the_five_published_pairs_by_two_recipes_and_three_seeds(tmp_path):
+CRD_RECIPES = ("kd", "kd_jacobian", "dkd", "dkd_jacobian", "kd_ls", "kd_ls_jacobian", "dist", "dist_jacobian")
+
+
+def test_crd_cifar100_is_the_five_published_pairs_by_eight_recipes_and_three_seeds(tmp_path):
     """The benchmark's table: each pair's teacher is its published file under teacher_dir, the recipe
     is the benchmark's (SGD 0.05, momentum 0.9, no Nesterov, 5e-4, batch 64, 240 epochs, x0.1 after 150, 180, 210)."""
     for teacher in CRD_PAIRS:
@@ -150,10 +153,10 @@ def test_crd_cifar100_is_the_five_published_pairs_by_two_recipes_and_three_seeds
         folder.mkdir()
         (folder / "ckpt_epoch_240.pth").touch()
     jobs = grid("crd_cifar100")
-    assert len(jobs) == 30
+    assert len(jobs) == 120
     assert {tuple(sorted(o for o in job if not o.startswith("seed="))) for job in jobs} == {
         tuple(sorted([f"crd_pair={t}-{s}", f"recipe={r}", "experiment=crd_cifar100"]))
-        for t, s in CRD_PAIRS.items() for r in ("kd", "kd_jacobian")}
+        for t, s in CRD_PAIRS.items() for r in CRD_RECIPES}
     assert {o for job in jobs for o in job if o.startswith("seed=")} == {"seed=0", "seed=1", "seed=2"}
     from jacdistill_cli.zoo.published import published_name
 

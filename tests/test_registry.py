@@ -67,7 +67,7 @@ def test_a_multistep_schedule_steps_at_its_milestones():
     (["jacobian=projected", "jacobian.num_projections=0"],
      r"^jacobian.num_projections=0 is not allowed: it must be an integer >= 1$"),
     (["loss._target_=nowhere.loss"], r"^loss._target_='nowhere.loss' is not allowed: it cannot be imported"),
-    (["+loss.margin=1"], r"^loss.margin is not a setting of 'kl'; its settings are: temperature$"),
+    (["+loss.margin=1"], r"^loss.margin is not a setting of 'kl'; its settings are: temperature, standardize, weight$"),
     (["features=hint", "features.weight=-1"], r"^features.weight=-1 is not allowed: it must be a number >= 0$"),
 ])
 def test_a_node_that_does_not_fit_its_target_is_one_line(overrides, message):

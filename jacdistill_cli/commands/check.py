@@ -113,6 +113,8 @@ def format_report(reports, mistake: tuple[int, int]) -> str:
         out.append(f"without effect on the term of {', '.join(names)}: {', '.join(without)} (finite differences "
                    "are 0 there; a ReLU network's input-gradients do not depend on such biases)")
     for r in reports:
+        out.extend(r.notes())
+    for r in reports:
         for failure in r.failures:
             out.append(f"{r.method}: FAILED: {failure}")
     out.append(f"the common mistake, the student's gradient taken with retain_graph=True instead of "

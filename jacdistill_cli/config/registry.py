@@ -150,4 +150,10 @@ def bind(group: str, node: Any, exclude: Iterable[str] = (), positional: int = 0
     check_name(group, node)
     settings = settings_of(node, exclude)
     check_keys(group, target, settings, positional=positional)
+    check = getattr(target, "check_settings", None)   # a function target's own check of its values (losses)
+    if check is not None:
+        try:
+            check(**settings)
+        except SettingError as err:
+            raise setting_error(f"{group}.{err.key}", err.value, err.allowed) from None
     return functools.partial(target, **settings)

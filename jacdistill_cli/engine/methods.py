@@ -11,7 +11,7 @@ them, g[k, b] = v[k, b]^T J[b] (J[b] = d logits[b] / d inputs[b], classes x inpu
 
 The student's gradients keep `create_graph` so the term trains the student; the teacher's are
 computed without a second-order graph and are constants. `noise` needs no input-gradients at
-all: it perturbs the inputs of every term (see `objective.Objective`).
+all: it compares the networks on Gaussian-perturbed copies of the batch (see `Noise`).
 
 A method is a class whose constructor takes the keyword settings of its config node
 (conf/jacobian/<name>.yaml, `_target_` naming the class) and checks them; a new method subclasses
@@ -120,22 +120,67 @@ class NoJacobian(JacobianMethod):
 
 
 class Noise(JacobianMethod):
-    """Distillation on Gaussian-perturbed inputs x + sigma * eps (noise equivalence, Srinivas & Fleuret
-    2018): every term of the step sees `samples` perturbed copies of the batch."""
+    """The Jacobian penalty by Gaussian perturbations of the inputs (the noise equivalence of
+    Srinivas & Fleuret 2018), with no input-gradient and no second-order graph.
+
+    With D(x) = S(x) - T(x) the student's logits minus the teacher's and xi ~ N(0, I) over the input,
+
+        E_xi ||D(x + sigma xi)||^2 = ||D(x)||^2 + sigma^2 ||J_D(x)||_F^2
+                                     + sigma^2 sum_k D_k(x) tr(Hessian of D_k at x) + O(sigma^4),
+
+    where the curvature sum vanishes where D(x) = 0 or the networks are piecewise linear (ReLU, max
+    pooling). Distillation on noisy inputs is thus distillation plus sigma^2 times the unnormalised
+    full-Jacobian penalty of `exact` (`normalize=false squared=true`). The term, per sample, is
+
+        difference (default): mean over the copies of ||D(x + sigma xi) - D(x)||^2 / sigma^2
+        expansion:            mean over the copies of (||D(x + sigma xi)||^2 - ||D(x)||^2) / sigma^2
+
+    Both approach ||J_D(x) xi||^2 on each draw as sigma shrinks, and ||J_D(x)||_F^2 over the draws:
+    `difference` for every network (error O(sigma^2) with antithetic pairs), `expansion` (the left side
+    of the expansion minus its clean part) where the curvature sum vanishes. The two differ by
+    2 D . (D(x + sigma xi) - D(x)) / sigma^2, whose mean is the curvature sum: `expansion` rewards a
+    student that makes the clean error large where that sum is negative, and in training it does so
+    (`difference` is never negative). `alpha` weighs the term as it weighs the other methods: the step
+    is (1 - alpha) * distill(clean batch) + (alpha / sigma^2) * perturbed squared error (less its
+    clean part): a perturbed term of weight alpha / sigma^2, so that the Jacobian penalty weighs alpha.
+
+    With `antithetic` the copies come in pairs xi, -xi: the odd orders in sigma cancel pairwise (for
+    `expansion`, the first-order part 2 sigma D . J_D xi, whose variance grows as 1 / sigma^2 without
+    them). `sigma` is in units of the normalised input (each channel has standard deviation 1 after
+    the dataset's mean/std normalisation). In train-mode BatchNorm the perturbed copies are normalised
+    with the clean batch's statistics (the function `exact` takes with `batchnorm=batch`). Cost: `copies`
+    extra forward passes of both networks (2 * samples with `antithetic`) and the student's backward
+    pass through them.
+    """
 
     name = "noise"
     perturbs_inputs = True
     reusable_teacher = False
 
-    def __init__(self, sigma: float = 0.1, samples: int = 1):
+    def __init__(self, sigma: float = 0.1, samples: int = 4, antithetic: bool = True, form: str = "difference"):
         self.sigma = number("sigma", sigma, low=0, low_open=True, allowed="it must be a number > 0")
         self.samples = whole("samples", samples, low=1, allowed="it must be an integer >= 1")
+        self.antithetic = boolean("antithetic", antithetic)
+        self.form = one_of("form", form, ("difference", "expansion"))
 
-    def perturb(self, inputs: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """`samples` Gaussian-perturbed copies of the batch: [samples * batch, *input]."""
-        repeated = inputs.repeat(self.samples, *([1] * (inputs.dim() - 1)))
-        noise = torch.randn(repeated.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-        return repeated + self.sigma * noise, labels.repeat(self.samples)
+    @property
+    def copies(self) -> int:
+        return 2 * self.samples if self.antithetic else self.samples
+
+    def draws(self, inputs: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The directions xi of the perturbed copies, [copies, batch, *input] (xi then -xi when antithetic)."""
+        xi = torch.randn((self.samples, *inputs.shape), generator=generator, device=inputs.device, dtype=inputs.dtype)
+        return torch.cat([xi, -xi]) if self.antithetic else xi
+
+    def term(self, clean: Tensor, perturbed: Tensor) -> Tensor:
+        """clean D(x) [batch, classes] and perturbed D(x + sigma xi) [copies, batch, classes] -> the
+        per-sample term [batch] (see the class). `expansion` is computed as 2 D . d + ||d||^2 with
+        d = D(x + sigma xi) - D(x), which keeps the small difference."""
+        change = perturbed - clean
+        squared = change.pow(2).sum(-1)
+        if self.form == "expansion":
+            squared = squared + 2 * (clean * change).sum(-1)
+        return squared.mean(0) / self.sigma ** 2
 
 
 class GradientMethod(JacobianMethod):

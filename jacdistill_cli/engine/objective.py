@@ -3,7 +3,8 @@
     total = sum(term.weight * term(step))      # e.g. (1 - alpha) * distill + alpha * jacobian
                                                #      + hard_weight * hard + features.weight * features
 
-Calling it on (student, teacher, inputs, labels) returns (student logits, {term name: value, "total"}).
+Calling it on (student, teacher, inputs, labels[, epoch=E]) returns (student logits, {term name: value, "total"});
+`epoch` (1-based) reaches a term or loss that changes with it (DKD's warm-up), None where the caller does not say.
 The trainer logs whatever terms come back; it knows nothing about particular losses.
 """
 
@@ -32,15 +33,18 @@ class Step:
 
     student: nn.Module
     teacher: nn.Module
-    inputs: Tensor                     # the batch the terms see (perturbed copies for noise)
+    inputs: Tensor                     # [batch, *input]
     labels: Tensor
     student_logits: Tensor
     teacher_logits: Tensor | None      # None when no term reads the teacher (its pass is skipped)
+    epoch: int | None = None           # 1-based, the epoch the step belongs to; None where the caller does not say
     jacobian_distance: Tensor | None = None   # [batch], the method's per-sample term ("gradients")
     matched: Matched | None = None
     student_features: list[Tensor] = field(default_factory=list)   # "features"
     teacher_features: list[Tensor] = field(default_factory=list)
     statistics: Any = None            # "statistics": the student's recorded BatchNorm statistics
+    perturbations: Tensor | None = None         # "perturbed": the directions xi [copies, batch, *input]
+    perturbed_difference: Tensor | None = None  # S(x + sigma xi) - T(x + sigma xi) [copies, batch, classes]
 
 
 @dataclass
@@ -86,9 +90,12 @@ class Objective:
         self.create_graph = any(self.weights[t.name] > 0 for t in self.terms if "gradients" in t.needs)
 
     def __call__(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-                 gradient_scale: float = 1.0,
-                 teacher_outputs: TeacherOutputs | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale, teacher_outputs)
+                 gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
+                 epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(student logits [batch, classes], {term name: scalar, "total": scalar}). `epoch`: 1-based, the
+        epoch the step belongs to, for a term or loss that changes with it (DKD's warm-up); None (a caller
+        that does not know it: evaluation, check, bench) means past any warm-up."""
+        logits, terms, _ = self.evaluate(student, teacher, inputs, labels, gradient_scale, teacher_outputs, epoch)
         return logits, terms
 
     @property
@@ -123,7 +130,7 @@ class Objective:
 
     def evaluate(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
                  gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
-                 ) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
+                 epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor], Matched | None]:
         """As calling it, plus the gradients the Jacobian term matched (None for methods without).
         `gradient_scale`: float16's loss scale, for the input-gradients (see methods.Passes.scale);
         `teacher_outputs`: the teacher's side computed earlier (see `teacher_reusable`)."""
@@ -132,7 +139,7 @@ class Objective:
         gradients = self.gradients
         # Input-gradients need autograd even where the caller has turned it off (an evaluation).
         with torch.set_grad_enabled(gradients or torch.is_grad_enabled()):
-            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs)
+            step = self.step(student, teacher, inputs, labels, gradients, gradient_scale, teacher_outputs, epoch)
             values = {term.name: term(step) for term in self.terms}
             total = sum((self.weights[name] * value for name, value in values.items()),
                         step.student_logits.new_zeros(()))
@@ -140,9 +147,8 @@ class Objective:
         return step.student_logits, values, step.matched
 
     def step(self, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
-             gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None) -> Step:
-        if self.method.perturbs_inputs:
-            inputs, labels = self.method.perturb(inputs, labels, self.generator)
+             gradients: bool, gradient_scale: float = 1.0, teacher_outputs: TeacherOutputs | None = None,
+             epoch: int | None = None) -> Step:
         student_gate = gate_of(student)
         teacher_inputs = inputs.detach().requires_grad_(gradients)
         # BatchNorm in train mode couples the samples of a batch. `batch`: one forward pass whose
@@ -165,12 +171,14 @@ class Objective:
                 teacher_logits = self.teacher_logits(teacher, teacher_inputs, gradients)
             with self.first_pass(student, student_inputs, gradients, mode, separate, strategy, record) as statistics:
                 logits = student(student_inputs)
-        step = Step(student, teacher, inputs, labels, logits, teacher_logits, statistics=statistics)
+        step = Step(student, teacher, inputs, labels, logits, teacher_logits, epoch=epoch, statistics=statistics)
         if capture is not None:
             from jacdistill_cli.engine.features import split_features
 
             step.student_features, step.teacher_features = split_features(capture, len(self.matching.pairs))
             capture.clear()
+        if "perturbed" in self.needs and self.method.perturbs_inputs:
+            self.perturbed_passes(step, statistics)
         if gradients:
             with per_sample_batchnorm(student, mode if separate else "coupled", statistics), student_gate.jacobians():
                 if separate:
@@ -187,6 +195,18 @@ class Objective:
                                 teacher_gradients=None if teacher_outputs is None else teacher_outputs.gradients)
                 step.jacobian_distance, step.matched = self.method.term(passes)
         return step
+
+    def perturbed_passes(self, step: Step, statistics: Any) -> None:
+        """Both networks on the method's perturbed copies x + sigma xi of the batch, in one pass each: the
+        student's normalised with the clean pass's BatchNorm statistics, the teacher's a constant."""
+        xi = self.method.draws(step.inputs.detach(), self.generator)   # [copies, batch, *input]
+        copies = (step.inputs.detach().unsqueeze(0) + self.method.sigma * xi).flatten(0, 1)
+        with torch.no_grad():
+            teacher_logits = step.teacher(copies)
+        with per_sample_batchnorm(step.student, "batch" if statistics else "coupled", statistics):
+            student_logits = step.student(copies)
+        step.perturbations = xi
+        step.perturbed_difference = (student_logits - teacher_logits).unflatten(0, xi.shape[:2])
 
     @contextlib.contextmanager
     def first_pass(self, student: nn.Module, inputs: Tensor, gradients: bool, mode: str, separate: bool,
@@ -262,8 +282,8 @@ def objective_from_settings(settings: Any, teacher: nn.Module, student: nn.Modul
 
 
 def cross_entropy_objective(model: nn.Module, teacher: None, inputs: Tensor, labels: Tensor,
-                            gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Plain supervised training (of a teacher): the hard-label term only."""
+                            gradient_scale: float = 1.0, epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain supervised training (of a teacher): the hard-label term only (`epoch` is accepted and unused)."""
     import torch.nn.functional as F
 
     logits = model(inputs)

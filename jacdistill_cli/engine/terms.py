@@ -16,9 +16,11 @@ with `terms.<name>={_target_: ..., weight: ...}` (see the README).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -38,11 +40,27 @@ class Term:
         raise NotImplementedError
 
 
+def step_arguments(loss: Callable) -> frozenset[str]:
+    """Which of the step's `labels` and `epoch` the loss takes as keywords (see engine/losses.py)."""
+    try:
+        parameters = inspect.signature(loss).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(name for name in ("labels", "epoch") if name in parameters)
+
+
 @dataclass
 class Distillation(Term):
-    """The distillation loss between the student's and the (constant) teacher's logits."""
+    """The distillation loss between the student's and the (constant) teacher's logits; a loss that takes
+    `labels` or `epoch` receives the step's."""
 
     loss: Callable[[Tensor, Tensor], Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.arguments = step_arguments(self.loss)
+        bound = set(getattr(self.loss, "keywords", {}) or {}) & self.arguments
+        if bound:
+            raise ValueError(f"the loss's {', '.join(sorted(bound))} come from the step, not from its settings")
 
     @property
     def reads_teacher(self) -> bool:
@@ -51,19 +69,24 @@ class Distillation(Term):
     def __call__(self, step: "Step") -> Tensor:
         if not self.reads_teacher:
             return step.student_logits.new_zeros(())
-        return self.loss(step.student_logits, step.teacher_logits.detach())
+        extra = {name: getattr(step, name) for name in self.arguments}
+        return self.loss(step.student_logits, step.teacher_logits.detach(), **extra)
 
 
 @dataclass
 class JacobianMatching(Term):
     """The Jacobian method's term: mean over the batch of the per-sample distance between input-
-    gradients; for `noise`, ||S(x+e) - T(x+e)||^2 on the perturbed inputs; for `none`, 0."""
+    gradients; for `noise`, (||D(x + sigma xi)||^2 - ||D(x)||^2) / sigma^2 with D = S - T, which
+    approaches ||J_S - J_T||_F^2 (see methods.Noise); for `none`, 0."""
 
     method: Any = None
 
     @property
     def needs(self) -> frozenset[str]:
-        return frozenset({"gradients"}) if self.method.uses_gradients else frozenset()
+        if self.method.uses_gradients:
+            return frozenset({"gradients"})
+        # The perturbed copies are normalised with the clean batch's BatchNorm statistics.
+        return frozenset({"perturbed", "statistics"}) if self.method.perturbs_inputs else frozenset()
 
     @property
     def reads_teacher(self) -> bool:
@@ -73,8 +96,10 @@ class JacobianMatching(Term):
         if self.method.uses_gradients:
             return step.jacobian_distance.mean()
         if self.method.perturbs_inputs:
-            # E||S(x+e) - T(x+e)||^2 = ||S(x) - T(x)||^2 + sigma^2 ||J_S - J_T||_F^2 + O(sigma^4).
-            return (step.student_logits - step.teacher_logits.detach()).pow(2).sum(dim=1).mean()
+            clean = step.student_logits - step.teacher_logits.detach()
+            perturbed = step.perturbed_difference
+            dtype = torch.promote_types(clean.dtype, torch.float32)   # bf16/float16 logits: the sum in float32
+            return self.method.term(clean.to(dtype), perturbed.to(dtype)).mean()
         return step.student_logits.new_zeros(())
 
 

@@ -11,7 +11,11 @@ For one method, on one small batch, in float64:
   which ones the term depends on, by central finite differences along a random direction in
   each parameter tensor (a ReLU network's input-gradients do not depend on its biases except
   through BatchNorm statistics, so not every parameter can receive one);
-- finite differences: d(term)/d(parameters) along one random direction in all parameters.
+- finite differences: d(term)/d(parameters) along one random direction in all parameters;
+- for `noise`, which takes no input-gradient: its term at sigma = 1e-3, 1e-4, 1e-5 (antithetic pairs) against
+  its sigma -> 0 limit on the same draws xi, ||(J_S - J_T) xi||^2 per sample (plus D . xi^T H_D xi for
+  `form=expansion`), computed independently by forward-mode derivatives (torch.func.jvp) of the per-sample
+  functions; over the draws that limit is ||J_S - J_T||_F^2, the penalty of `exact` with normalize=false.
 
 Every term is evaluated as training evaluates it, through the objective of training (alpha = 1,
 no distillation term), with BatchNorm buffers and random draws restored before each evaluation.
@@ -40,6 +44,12 @@ JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float6
 # 0.004-0.014 in bf16 where the digits CNN measured 0.06-0.20 (README, Layers and attention).
 PRECISION_TOLERANCE = {"32": 1e-4, "bf16": 0.25, "16": 0.01}
 FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth
+NOISE_SIGMAS = (1e-3, 1e-4, 1e-5)
+# Relative, at the smallest sigma: the error is O(sigma^2) for smooth networks, ~1e-11 for ReLU ones unless
+# a ReLU of some sample lies within sigma of its kink (rare at 1e-5), and float64 rounding of the clean and
+# perturbed outputs adds ~1e-16 |D|^2 / sigma^2 for form=expansion.
+NOISE_LIMIT_TOLERANCE = 1e-5
+ONE_SIDED = 1e-9
 
 
 @dataclass
@@ -57,6 +67,7 @@ class MethodReport:
     fd_numeric: float = 0.0
     precision: str = "32"
     precision_error: float | None = None   # worst of student and teacher, under `precision` (None: not run)
+    noise_limit: dict[float, float] = field(default_factory=dict)   # noise: {sigma: relative error to the limit}
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -74,7 +85,17 @@ class MethodReport:
             "fd_analytic": self.fd_analytic, "fd_numeric": self.fd_numeric,
             "precision": self.precision, "precision_error": self.precision_error,
             "precision_tolerance": PRECISION_TOLERANCE[self.precision],
+            "noise_limit": {str(sigma): error for sigma, error in self.noise_limit.items()},
         }
+
+    def notes(self) -> list[str]:
+        """Lines for below the table (the noise method's limit)."""
+        if not self.noise_limit:
+            return []
+        errors = ", ".join(f"sigma {sigma:g}: {error:.1e}" for sigma, error in self.noise_limit.items())
+        return [f"{self.method}: the term against its sigma -> 0 limit ||(J_S - J_T) xi||^2 on the same draws "
+                f"(torch.func.jvp, antithetic pairs), relative error {errors} (tolerance {NOISE_LIMIT_TOLERANCE:g} "
+                "at the smallest)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +187,49 @@ def reference_gradients(model: nn.Module, inputs: Tensor, vectors: Tensor, batch
     return torch.einsum("kbc,bcn...->kn...", vectors, jacobian)
 
 
+def directional_derivatives(function: Callable[[Tensor], Tensor], inputs: Tensor,
+                            direction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(f(x), f'(x) v, f''(x)[v, v]) by nested forward-mode derivatives; inputs and direction [batch, *input]."""
+    def first(x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(function, (x,), (direction,))
+
+    (value, slope), (_, curvature) = torch.func.jvp(first, (inputs,), (direction,))
+    return value, slope, curvature
+
+
+def noise_limit_errors(method: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
+                       seed: int) -> dict[float, float]:
+    """{sigma: |term(sigma) - limit| / |limit|} for sigma in NOISE_SIGMAS, the noise term with antithetic pairs
+    (the method's samples and form) as training computes it, and its limit on the same draws xi:
+    mean over draws and samples of ||D'(x; xi)||^2 (+ D(x) . D''(x)[xi, xi] for form=expansion), D = S - T the
+    per-sample functions of the step (train-mode BatchNorm with the batch's statistics), D'(x; xi) the
+    one-sided derivative along xi."""
+    student_reference = per_sample_reference(student, inputs, "batch")
+    teacher_reference = per_sample_reference(teacher, inputs, "batch")
+
+    def difference(x: Tensor) -> Tensor:
+        return student_reference(x) - teacher_reference(x)
+
+    errors = {}
+    for sigma in NOISE_SIGMAS:
+        at_sigma = copy.copy(method)
+        at_sigma.sigma, at_sigma.antithetic = sigma, True
+        draws = at_sigma.draws(inputs, torch.Generator(device=inputs.device).manual_seed(seed))
+        limits = []
+        for xi in draws:
+            # One-sided: taken at x + 1e-9 xi, where ties of max pooling (a constant region of an image) are
+            # broken as the perturbation breaks them; for smooth networks the shift changes nothing visible.
+            value, slope, curvature = directional_derivatives(difference, inputs + ONE_SIDED * xi, xi)
+            limit = slope.pow(2).sum(-1)
+            if method.form == "expansion":
+                limit = limit + (value * curvature).sum(-1)
+            limits.append(limit.detach())
+        reference = torch.stack(limits).mean()
+        term = TermFunction(at_sigma, student, teacher, inputs, labels, seed).value()
+        errors[sigma] = abs(term - float(reference)) / max(abs(float(reference)), 1e-300)
+    return errors
+
+
 def relative_error(value: Tensor, reference: Tensor) -> float:
     reference = reference.detach()
     scale = reference.abs().max().clamp_min(1e-300)
@@ -247,6 +311,12 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
                                    f"{report.jacobian_error_teacher:.1e} (relative)")
         if matched.teacher.requires_grad:
             report.failures.append("the teacher's gradients are not constants (they carry a graph)")
+    if method.perturbs_inputs:
+        report.noise_limit = noise_limit_errors(method, student, teacher, inputs, labels, seed)
+        report.jacobian_error_student = report.noise_limit[NOISE_SIGMAS[-1]]
+        if report.jacobian_error_student > NOISE_LIMIT_TOLERANCE:
+            report.failures.append(f"the noise term at sigma {NOISE_SIGMAS[-1]:g} differs from its limit "
+                                   f"||(J_S - J_T) xi||^2 by {report.jacobian_error_student:.1e} (relative)")
 
     scale = abs(float(value.detach()))
     report.receiving = [n for n, g in zip(names, gradients) if bool(g.ne(0).any())]
@@ -257,7 +327,10 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
         if abs(numeric) > 1e-8 * max(1.0, scale):
             report.dependent.append(name)
         worst = max(worst, error)
-        if error > FD_RELATIVE_TOLERANCE:
+        # Both zero to the check's resolution: float64 rounding of a term without the parameter (noise's last
+        # bias, which cancels in D(x + sigma xi) - D(x)) is no disagreement.
+        resolved = max(abs(analytic), abs(numeric)) > 1e-8 * max(1.0, scale)
+        if error > FD_RELATIVE_TOLERANCE and resolved:
             report.failures.append(f"d(term)/d({name}) is {analytic:.6g} by autograd but {numeric:.6g} by "
                                    "finite differences")
     report.parameter_fd_error = worst

@@ -73,19 +73,24 @@ def teacher_settings(cfg: DictConfig):
         num_workers=cfg.trainer.num_workers)
 
 
-def check_models(cfg: DictConfig, data: Any, features: Any = None) -> None:
+def check_models(cfg: DictConfig, data: Any, objective: Any = None) -> None:
     """Every model setting checked before any work: teacher and student built on the `meta` device (no
-    memory, no random numbers drawn), and with feature matching its module paths resolved on them (a wrong
-    path stops the run before a teacher is trained)."""
+    memory, no random numbers drawn); with the objective's settings (config/settings.py ObjectiveSettings),
+    a student BatchNorm whose per-sample Jacobian would be wrong refused, and feature matching's module paths
+    resolved on them (a wrong path stops the run before a teacher is trained)."""
     import torch
 
+    from jacdistill_cli.engine.batchnorm import refuse_unconverted
     from jacdistill_cli.zoo.models import architecture, build_model
 
     meta = torch.device("meta")
+    features = None if objective is None else objective.features
     matching = features is not None and features.name != "none"
     with meta:
         student = (build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student")
                    if "student" in cfg else None)   # `jacdistill teacher` has none
+        if objective is not None and objective.method.uses_gradients:
+            refuse_unconverted(student, None, objective.method.batchnorm)
         if cfg.teacher.get("checkpoint") is not None and not matching:
             return   # the checkpoint's own architecture is checked when it is read
         spec = {k: v for k, v in architecture(cfg.teacher).items() if k != "weights"}   # shapes only: no file read

@@ -336,7 +336,7 @@ def prepare(session: Session) -> None:
     seed_everything(cfg.seed)
     session.precision = Precision(precision(cfg), session.device.type)
     session.data = data(cfg.dataset, session.device)
-    check_models(cfg, session.data, session.objective.features)
+    check_models(cfg, session.data, session.objective)
     session.reuse = reuse_teacher_outputs(cfg, session.objective, session.data, session.precision)
 
 

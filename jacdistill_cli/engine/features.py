@@ -21,6 +21,7 @@ and every handle is removed when the capture ends, so no tensor survives from on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterable
 
@@ -33,6 +34,7 @@ from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.batchnorm import (batchnorm_buffers_kept, has_training_batchnorm, per_sample_batchnorm,
                                              recorded_batchnorm_statistics)
 from jacdistill_cli.engine.jacobian import matching_distance
+from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.engine.pairs import FeaturePair, parse_pairs, resolve_pairs
 
 FEATURE_METHODS = ("none", "attention", "hint")
@@ -351,7 +353,10 @@ def feature_jacobian_term(student: nn.Module, teacher: nn.Module, pairs: list[Fe
         teacher, [p.teacher_path for p in pairs], inputs, keep_graph, None, [None] * len(pairs), False)
     if statistics is None and needs_batch_statistics(student, settings):
         statistics = record_batch_statistics(student, inputs)
-    with batchnorm_buffers_kept(student), per_sample_batchnorm(student, settings.batchnorm, statistics):
+    gate = gate_of(student)
+    second_order = gate.second_order_pass(create_graph) if gate is not None else contextlib.nullcontext()
+    with batchnorm_buffers_kept(student), per_sample_batchnorm(student, settings.batchnorm, statistics), \
+            second_order:   # attention on a kernel with a double backward (the student's gradients keep the graph)
         student_gradients, _ = feature_input_gradients(
             student, [p.student_path for p in pairs], inputs, lambda output: student_feature(output), locations,
             [spatial_shape(p.teacher_shape) for p in pairs], create_graph)

@@ -175,7 +175,9 @@ class Trainer:
         """One optimiser step on this rank's shard of the batch: (the global batch's terms, its size)."""
         global_size = len(labels)
         inputs, labels, *samples = shard(inputs, labels, *samples, world=self.world)
-        options = {"gradient_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+        options: dict[str, Any] = {"epoch": self.progress.epoch}   # a loss with a warm-up reads it (DKD)
+        if self.scaler.is_enabled():
+            options["gradient_scale"] = self.scaler.get_scale()
         with self.precision.autocast():
             _, terms = self.distiller(inputs, labels, samples[0] if samples else None, **options)
         self.optimizer.zero_grad(set_to_none=True)

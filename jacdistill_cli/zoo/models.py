@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jacdistill_cli.config.checks import SettingError, boolean, whole
 from jacdistill_cli.errors import ReadError, UsageError
@@ -436,9 +435,8 @@ class TorchvisionClassifier(nn.Module):
             x = self.channel_map(x)
         if self.image_size is not None and tuple(x.shape[-2:]) != tuple(self.image_size):
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        # The fused attention kernels have no double backward; the plain one does.
-        with sdpa_kernel(SDPBackend.MATH):
-            return self.net(x)
+        # Attention runs on a kernel with a double backward inside the model's gate only (engine/layers.py).
+        return self.net(x)
 
 
 # Sizes tried, smallest first, when a torchvision network does not take the input's own size.

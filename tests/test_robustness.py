@@ -10,6 +10,7 @@ start (the part of the perturbation across w shrinks by about 1 / (1 + step / ep
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -22,6 +23,7 @@ from jacdistill_cli.robustness.attacks import Attack, run_attack
 from jacdistill_cli.robustness.measure import robust_accuracy, robust_counts
 from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
+from jacdistill_cli.robustness.training import AdversarialObjective, teacher_objective
 from jacdistill_cli.zoo.data import TensorSplit, digits
 from jacdistill_cli.zoo.models import mlp
 
@@ -236,3 +238,58 @@ def test_teacher_training_settings():
                            "teacher.adversarial.beta=-1")]:
         with pytest.raises(UsageError, match=message):
             teacher_training(node)
+
+
+# ------------------------------------------------------------------------------------- robust teachers
+
+def train(objective, bundle, epochs: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make_jacobian_ready(mlp((1, 8, 8), 10, hidden=[32])).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        for start in range(0, len(bundle.train), 256):
+            inputs, labels = bundle.train.inputs[start:start + 256], bundle.train.labels[start:start + 256]
+            optimiser.zero_grad()
+            objective(model, None, inputs, labels)[1]["total"].backward()
+            optimiser.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return digits(val_fraction=0.2, test_fraction=0.2, split_seed=0)
+
+
+@pytest.mark.parametrize("kind", ["adversarial", "trades"])
+def test_the_inner_maximisation_raises_the_loss_inside_the_ball(kind, trained, bundle):
+    model = copy.deepcopy(trained[0]).train()
+    pixels = Pixels.of(bundle)
+    training = teacher_training({"training": kind, "adversarial": {"eps": 0.1, "steps": 5}})
+    objective = AdversarialObjective(training, pixels, seed=0)
+    inputs, labels = bundle.test.inputs[:64], bundle.test.labels[:64]
+    adversarial = objective.examples(model, inputs, labels)
+    assert model.training   # restored after the inner maximisation (made in eval mode)
+    moved = (pixels.to_pixels(adversarial) - pixels.to_pixels(inputs)).abs().amax((1, 2, 3))
+    assert float(moved.max()) <= 0.1 + 1e-5 and float(moved.max()) > 0.05
+    assert 0 <= float(pixels.to_pixels(adversarial).min()) and float(pixels.to_pixels(adversarial).max()) <= 1
+    model.eval()
+    with torch.no_grad():
+        clean_loss = nn.functional.cross_entropy(model(inputs), labels)
+        attacked_loss = nn.functional.cross_entropy(model(adversarial), labels)
+    assert float(attacked_loss) > 2 * float(clean_loss)
+    logits, terms = objective(model.train(), None, inputs, labels)
+    assert logits.shape == (64, 10) and terms["total"].requires_grad
+    assert set(terms) == ({"hard", "total"} if kind == "adversarial" else {"hard", "robust", "total"})
+
+
+def test_adversarial_training_raises_pgd_accuracy_at_equal_epochs(bundle):
+    """Digits, an MLP, 15 epochs each: PGD-10 accuracy at eps 0.1 (L-inf, pixel scale) of the test split."""
+    pixels = Pixels.of(bundle)
+    training = teacher_training({"training": "adversarial", "adversarial": {"eps": 0.1, "steps": 3}})
+    standard = train(teacher_objective(teacher_training({}), pixels), bundle, 15)
+    robust = train(teacher_objective(training, pixels, seed=0), bundle, 15)
+    settings = settings_of([{"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 10}], samples=None, batch_size=400)
+    measured = {name: robust_accuracy(model, bundle.test, pixels, torch.device("cpu"), settings)
+                for name, model in (("standard", standard), ("adversarial", robust))}
+    assert measured["adversarial"]["pgd_linf_0.1"] > measured["standard"]["pgd_linf_0.1"] + 0.2, measured
+    assert measured["adversarial"]["clean"] > 0.8, measured

@@ -125,19 +125,31 @@ def fgsm(model: nn.Module, clean: Tensor, labels: Tensor, attack: Attack, pixels
     return pixels.clip(clean + attack.eps * ascent(gradient, attack.norm)).detach()
 
 
+def ascend(loss: Callable[[Tensor], Tensor], clean: Tensor, delta: Tensor, attack: Attack,
+           pixels: Pixels) -> Tensor:
+    """Projected steepest ascent of `loss` (pixels [b, ...] -> per-sample losses [b]) from clean + delta:
+    `attack.steps` steps of `attack.step` along the norm's ascent direction, each projected onto the
+    eps-ball and clipped to the pixel range. Returns the end point [b, ...], detached."""
+    adversarial = pixels.clip(clean + delta).detach()
+    for _ in range(attack.steps):
+        point = adversarial.requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(loss(point).sum(), point)
+        moved = adversarial.detach() + attack.step * ascent(gradient, attack.norm)
+        adversarial = pixels.clip(clean + project(moved - clean, attack.eps, attack.norm)).detach()
+    return adversarial
+
+
 def pgd(model: nn.Module, clean: Tensor, labels: Tensor, attack: Attack, pixels: Pixels, seed: int,
         indices: Tensor) -> Tensor:
     """clean pixels [b, ...] -> adversarial pixels [b, ...] (Madry et al. 2018): per sample, a
     misclassified end point of a restart if there is one, else the end point of highest loss."""
     best, best_wrong, best_loss = clean.clone(), None, None
+    cross_entropy = lambda point: F.cross_entropy(model(point), labels, reduction="none")  # noqa: E731
     for restart in range(attack.restarts):
         delta = (random_start(clean, attack, seed, f"{attack.key}:{restart}", indices) if attack.random_start
                  else torch.zeros_like(clean))
-        adversarial = pixels.clip(clean + delta)
-        for _ in range(attack.steps):
-            gradient, _, _ = loss_gradient(model, adversarial, labels)
-            moved = adversarial + attack.step * ascent(gradient, attack.norm)
-            adversarial = pixels.clip(clean + project(moved - clean, attack.eps, attack.norm)).detach()
+        adversarial = ascend(cross_entropy, clean, delta, attack, pixels)
         with torch.no_grad():
             logits = model(adversarial)
         loss = F.cross_entropy(logits, labels, reduction="none")

@@ -293,3 +293,37 @@ def test_adversarial_training_raises_pgd_accuracy_at_equal_epochs(bundle):
                 for name, model in (("standard", standard), ("adversarial", robust))}
     assert measured["adversarial"]["pgd_linf_0.1"] > measured["standard"]["pgd_linf_0.1"] + 0.2, measured
     assert measured["adversarial"]["clean"] > 0.8, measured
+
+
+# ------------------------------------------------------------------------------------- jacdistill evaluate
+
+def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.zoo.models import build_model
+    from run_inprocess import run_command
+
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        data = build_data(compose(config_name="train", overrides=[]).dataset)
+    torch.manual_seed(0)
+    paths = {}
+    for role, spec in (("student", {"name": "mlp", "hidden": [16], "batchnorm": False}),
+                       ("teacher", {"name": "cnn", "channels": [4], "hidden": 8, "batchnorm": True})):
+        paths[role] = tmp_path / f"{role}.pt"
+        save_checkpoint(make_checkpoint(build_model(spec, data.input_shape, data.num_classes), role, spec, data, {}),
+                        paths[role])
+    attacks = "[{name:pgd,norm:linf,eps:0.2,steps:3},{name:transfer_pgd,norm:linf,eps:0.2,steps:3},{name:noise,sigma:0.1}]"
+    result = run_command("evaluate", [f"checkpoint={paths['student']}", f"teacher.checkpoint={paths['teacher']}",
+                                      "robustness.samples=50", f"robustness.attacks={attacks}"], tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert written["robust_accuracy"] == json.loads(json.dumps(result["robust_accuracy"]))
+    model, teacher = (written["robust_accuracy"], written["teacher_robust_accuracy"])
+    assert set(model) == {"clean", "pgd_linf_0.2", "transfer_pgd_linf_0.2", "noise_0.1", "samples", "robust_seconds"}
+    assert "transfer_pgd_linf_0.2" not in teacher and model["samples"] == teacher["samples"] == 50
+    assert model["pgd_linf_0.2"] <= model["clean"]
+    out = capsys.readouterr().out
+    assert "robust accuracy on the first 50 test samples" in out and "transfer_pgd_linf_0.2" in out

@@ -25,7 +25,7 @@ from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
 from jacdistill_cli.robustness.training import AdversarialObjective, teacher_objective
 from jacdistill_cli.zoo.data import TensorSplit, digits
-from jacdistill_cli.zoo.models import mlp
+from jacdistill_cli.zoo.models import build_model, mlp
 
 EXACT = 1e-5
 L2_PGD = 0.01
@@ -327,3 +327,44 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
     assert model["pgd_linf_0.2"] <= model["clean"]
     out = capsys.readouterr().out
     assert "robust accuracy on the first 50 test samples" in out and "transfer_pgd_linf_0.2" in out
+
+
+def test_the_robust_transfer_preset_is_20_valid_jobs_and_its_baselines_10():
+    from test_presets import compose_job, grid, one_job_per_seed_group
+
+    from jacdistill_cli.config.settings import validate_train
+
+    jobs = grid("robust_transfer")
+    assert len(jobs) == 20
+    assert {tuple(sorted(job)) for job in jobs} == {
+        tuple(sorted([f"jacobian={j}", f"teacher.training={t}", f"seed={seed}", "experiment=robust_transfer"]))
+        for j in ("top1", "loss") for t in ("adversarial", "standard") for seed in range(5)}
+    for job in one_job_per_seed_group(jobs):
+        cfg = compose_job(job)
+        validate_train(cfg)
+        assert cfg.alpha == 0.5 and cfg.loss.name == "kl" and cfg.trainer.epochs == 30
+        training = teacher_training(cfg.teacher)
+        assert training.kind == cfg.teacher.training
+        assert training.identity() == ({} if training.kind == "standard" else {"training": "adversarial",
+            "adversarial": {"norm": "linf", "eps": 0.2, "steps": 10, "step_size": 0.05, "random_start": True}})
+        robust = robustness_settings(cfg.robustness, cfg.seed)
+        assert {"pgd_linf_0.1", "pgd_linf_0.2", "pgd_linf_0.3", "transfer_pgd_linf_0.2"} <= {a.key for a in robust.attacks}
+    baseline = compose_job(["experiment=robust_transfer", "recipe=ce_only", "jacobian=none",
+                            "teacher.training=adversarial", "seed=0"])
+    assert (baseline.loss.name, baseline.jacobian.name, baseline.alpha) == ("none", "none", 0.0)
+
+
+def test_a_batchnorm_network_stays_in_eval_mode_through_every_attack(trained):
+    """torchattacks restores the train mode of a model it was given in train mode: the wrapper must not pass
+    that on, or BatchNorm would normalise the later blocks with their own statistics and update its buffers."""
+    pytest.importorskip("torchattacks")
+    _, split, pixels = trained
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "channels": [4], "hidden": 8, "batchnorm": True}, (1, 8, 8), 10).eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = settings_of([{"name": "square", "norm": "linf", "eps": 0.2, "queries": 20},
+                            {"name": "apgd_ce", "norm": "linf", "eps": 0.2, "steps": 2}], samples=90, batch_size=30)
+    counts = robust_counts(model, split, pixels, torch.device("cpu"), settings)
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    with torch.no_grad():
+        assert counts["clean"] == (model(split.inputs[:90]).argmax(1) == split.labels[:90]).sum().item()

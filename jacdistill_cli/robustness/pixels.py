@@ -65,6 +65,14 @@ class PixelModel(nn.Module):
         super().__init__()
         self.model = model
         self.pixels = pixels
+        self.training = False
+
+    def train(self, mode: bool = True) -> "PixelModel":
+        """The wrapper's own flag only: the network's mode belongs to `attacked` (torchattacks puts a model it
+        found in train mode back into train mode after its attack, which would switch BatchNorm to batch
+        statistics for the rest of the evaluation)."""
+        self.training = mode
+        return self
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(self.pixels.to_inputs(pixels))

@@ -3,6 +3,7 @@ checked and typed: every bad value stops the command in one line naming its key.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +81,8 @@ def attack_from(entry: Any, where: str) -> Attack:
                                       allowed="it must be an integer >= 1")
     except SettingError as err:
         raise setting_error(f"{where}.{err.key}", err.value, err.allowed) from None
-    if name in LIBRARY:
-        try:
-            import torchattacks  # noqa: F401
-        except ImportError:
-            raise setting_error(f"{where}.name", name, "it needs torchattacks: pip install 'jacdistill[robust]'")
+    if name in LIBRARY and importlib.util.find_spec("torchattacks") is None:   # found, not imported (seconds)
+        raise setting_error(f"{where}.name", name, "it needs torchattacks: pip install 'jacdistill[robust]'")
     return Attack(**values)
 
 

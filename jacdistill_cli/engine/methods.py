@@ -6,6 +6,7 @@ them, g[k, b] = v[k, b]^T J[b] (J[b] = d logits[b] / d inputs[b], classes x inpu
 
     top1       v = e_{argmax teacher(x_b)}      K = 1
     target     v = e_{y_b}                      K = 1
+    loss       v = softmax(own logits_b) - e_{y_b}, each network its own (d CE / dx)   K = 1
     exact      v = e_1 .. e_C                   K = C, the K rows form one vector: the whole Jacobian
     projected  v random, E[v v^T] = I           K = num_projections, K separate estimates averaged
 

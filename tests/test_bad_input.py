@@ -144,6 +144,21 @@ CORPUS: list[tuple[str, str]] = [
     ("evaluate checkpoint={student} sigmas=[-1]", "sigmas=[-1] is not allowed"),
     ("evaluate checkpoint={student} teacher.checkpoint={garbage}", "is not a jacdistill checkpoint"),
     ("evaluate checkpoint={student} +checkpoint_path=x", "did you mean checkpoint?"),
+    # --- evaluate: the robustness group (attacks on the test split)
+    ("evaluate checkpoint={student} robustness=nope", "Could not find 'robustness/nope'"),
+    ("evaluate checkpoint={student} robustness.samples=0", "robustness.samples=0 is not allowed"),
+    ("evaluate checkpoint={student} robustness=digits robustness.attacks.1.eps=-0.1",
+     "robustness.attacks[1].eps=-0.1 is not allowed: epsilon in pixel scale"),
+    ("evaluate checkpoint={student} robustness=digits robustness.attacks.1.steps=0",
+     "robustness.attacks[1].steps=0 is not allowed"),
+    ("evaluate checkpoint={student} robustness.attacks=[{{name:cw,eps:0.1}}]",
+     "robustness.attacks[0].name='cw' is not allowed: it must be one of fgsm, pgd"),
+    ("evaluate checkpoint={student} robustness.attacks=[{{name:pgd,norm:l1,eps:0.1}}]",
+     "robustness.attacks[0].norm='l1' is not allowed: it must be one of linf, l2"),
+    ("evaluate checkpoint={student} robustness.attacks=[{{name:noise,norm:linf,sigma:0.1}}]",
+     "robustness.attacks[0].norm='linf' is not allowed: attack noise has no setting 'norm'"),
+    ("evaluate checkpoint={student} robustness.attacks=[{{name:fgsm,eps:0.1,restarts:2}}]",
+     "attack fgsm has no setting 'restarts'"),
     # --- check
     ("check methods=[nope]", "is not allowed"),
     ("check batch_size=1", "batch_size=1 is not allowed"),
@@ -293,7 +308,7 @@ def test_the_corpus_covers_every_command_and_group():
     assert commands == {"train", "teacher", "evaluate", "check", "bench", "report"}
     text = " ".join(case for case, _ in CORPUS)
     for group in ("dataset", "teacher", "student", "loss", "jacobian", "features", "optim", "trainer", "recipe",
-                  "experiment"):
+                  "experiment", "robustness"):
         assert f" {group}" in text, group
 
 

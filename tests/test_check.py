@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from run_inprocess import run_command  # noqa: E402
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-ROWS = ("top1", "target", "exact", "projected", "noise")
+ROWS = ("top1", "target", "loss", "exact", "projected", "noise")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,7 +20,7 @@ from jacdistill_cli.engine.layers import (JacobianBatchNorm2d, JacobianConv2d, J
 from objectives import objective
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jacdistill_cli"
-METHODS = ["top1", "target", "exact", "projected", "noise"]
+METHODS = ["top1", "target", "loss", "exact", "projected", "noise"]
 
 
 def cnn(seed: int = 0, classes: int = 5) -> nn.Module:

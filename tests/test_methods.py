@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.engine.jacobian import full_jacobian
 from objectives import objective as Objective  # noqa: E402
 from jacdistill_cli.proofs.verify import retain_graph_mistake
 

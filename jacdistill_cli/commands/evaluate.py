@@ -18,7 +18,7 @@ SPLIT_NEUTRAL = {"samples_per_class", "augment", "download", "root", "verify", "
 
 
 def validate(cfg: DictConfig) -> list[float]:
-    """Check the settings before any work; returns the sigmas."""
+    """Check the settings before any work (the robustness node too); returns the sigmas."""
     from jacdistill_cli.config import settings
 
     if cfg.checkpoint is None or str(cfg.checkpoint).strip() == "":
@@ -31,7 +31,30 @@ def validate(cfg: DictConfig) -> list[float]:
     if not isinstance(sigmas, list) or not all(
             isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in sigmas):
         raise setting_error("sigmas", sigmas, "it must be a list of numbers >= 0, e.g. sigmas=[0.1,0.5]")
+    robustness(cfg)
     return [float(s) for s in sigmas]
+
+
+def robustness(cfg: DictConfig):
+    """The attacks of the `robustness` node (robustness/settings.py), seeded by `seed`."""
+    from jacdistill_cli.robustness.settings import robustness_settings
+
+    return robustness_settings(cfg.get("robustness"), seed=cfg.seed)
+
+
+def robust_metrics(models: dict[str, Any], data, device, cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """{model name: robust_accuracy(...)} on the test split ({} without attacks); the model is attacked
+    with the teacher as the source of transfer attacks, the teacher without any."""
+    from jacdistill_cli.robustness.measure import robust_accuracy
+    from jacdistill_cli.robustness.pixels import Pixels
+
+    settings = robustness(cfg)
+    if not settings.enabled:
+        return {}
+    pixels = Pixels.of(data)
+    return {name: robust_accuracy(model, data.test, pixels, device, settings,
+                                  teacher=models.get("teacher") if name == "model" else None)
+            for name, model in models.items()}
 
 
 def with_dataset_target(stored: dict, cfg: DictConfig) -> dict:
@@ -120,6 +143,35 @@ def table(rows: dict[str, dict[str, float | None]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def print_results(result: dict[str, Any], payload: dict, teacher_payload: dict | None, cfg: DictConfig,
+                  samples: int) -> None:
+    """The table of evaluation.json's numbers: one row per network, then its robust accuracy."""
+    from jacdistill_cli.zoo.checkpoints import describe_architecture
+
+    sigmas = result["sigmas"]
+    teacher = teacher_payload is not None
+    columns = ["accuracy"] + (["agreement", "jacobian_cosine"] if teacher else []) + [f"sigma={s:g}" for s in sigmas]
+    rows = {"model": {"accuracy": result["accuracy"], "agreement": result.get("agreement"),
+                      "jacobian_cosine": result.get("jacobian_cosine"),
+                      **{f"sigma={s:g}": result["noise_accuracy"][str(s)] for s in sigmas}}}
+    if teacher:
+        rows["teacher"] = {"accuracy": result["teacher_accuracy"],
+                           **{f"sigma={s:g}": result["teacher_noise_accuracy"][str(s)] for s in sigmas}}
+    print(f"model     {cfg.checkpoint}: {describe_architecture(payload['architecture'])}")
+    if teacher:
+        print(f"teacher   {cfg.teacher.checkpoint}: {describe_architecture(teacher_payload['architecture'])}")
+    print(f"dataset   {result['dataset']}, test split, {samples} samples; sigma: std of Gaussian noise on the "
+          "normalised inputs\n")
+    print(table(rows, columns))
+    robust = {name: result[key] for name, key in (("model", "robust_accuracy"), ("teacher", "teacher_robust_accuracy"))
+              if key in result}
+    if robust:
+        keys = [k for k in robust["model"] if k not in ("samples", "robust_seconds")]
+        print(f"\nrobust accuracy on the first {robust['model']['samples']} test samples (epsilon and noise sigma in "
+              f"pixel scale [0, 1]); {sum(r['robust_seconds'] for r in robust.values()):.1f} s")
+        print(table({name: {k: r.get(k) for k in keys} for name, r in robust.items()}, keys))
+
+
 @one_line_errors("evaluate")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Returns what evaluation.json holds."""
@@ -128,7 +180,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import logging
 
     from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
-    from jacdistill_cli.zoo.models import describe_architecture
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
     from jacdistill_cli.storage import write_json
@@ -170,22 +221,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                       teacher_architecture=teacher_payload["architecture"],
                       teacher_accuracy=evaluate(teacher, None, data.test, batch_size, device)["accuracy"],
                       teacher_noise_accuracy=noisy["teacher"])
+    robust = robust_metrics(models, data, device, cfg)
+    if robust:
+        result["robust_accuracy"] = robust["model"]
+        if teacher is not None:
+            result["teacher_robust_accuracy"] = robust["teacher"]
     write_json(run_dir / "evaluation.json", result)
 
-    columns = ["accuracy"] + (["agreement", "jacobian_cosine"] if teacher is not None else []) + [
-        f"sigma={s:g}" for s in sigmas]
-    rows = {"model": {"accuracy": result["accuracy"], "agreement": result.get("agreement"),
-                      "jacobian_cosine": result.get("jacobian_cosine"),
-                      **{f"sigma={s:g}": noisy["model"][str(s)] for s in sigmas}}}
-    if teacher is not None:
-        rows["teacher"] = {"accuracy": result["teacher_accuracy"],
-                           **{f"sigma={s:g}": noisy["teacher"][str(s)] for s in sigmas}}
-    print(f"model     {cfg.checkpoint}: {describe_architecture(payload['architecture'])}")
-    if teacher is not None:
-        print(f"teacher   {cfg.teacher.checkpoint}: {describe_architecture(teacher_payload['architecture'])}")
-    print(f"dataset   {data.name}, test split, {len(data.test)} samples; sigma: std of Gaussian noise on the "
-          "normalised inputs\n")
-    print(table(rows, columns))
+    print_results(result, payload, teacher_payload, cfg, len(data.test))
     log.info(f"written: {run_dir / 'evaluation.json'}")
     return result
 

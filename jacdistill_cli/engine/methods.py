@@ -6,6 +6,7 @@ them, g[k, b] = v[k, b]^T J[b] (J[b] = d logits[b] / d inputs[b], classes x inpu
 
     top1       v = e_{argmax teacher(x_b)}      K = 1
     target     v = e_{y_b}                      K = 1
+    loss       v = softmax(own logits_b) - e_{y_b}, each network its own (d CE / dx)   K = 1
     exact      v = e_1 .. e_C                   K = C, the K rows form one vector: the whole Jacobian
     projected  v random, E[v v^T] = I           K = num_projections, K separate estimates averaged
 
@@ -59,6 +60,7 @@ class Matched:
     teacher: Tensor   # [K, batch, *input], constant
     vectors: Tensor   # [K, batch, classes]: student[k, b] = vectors[k, b] @ J_student[b]
     joint: bool       # the K gradients of a sample form one vector (exact), else K estimates averaged
+    teacher_vectors: Tensor | None = None   # the teacher's own directions where they differ (loss), else vectors
 
 
 def matching_term(matched: Matched, normalize: bool, squared: bool) -> Tensor:
@@ -264,3 +266,30 @@ class Projected(GradientMethod):
         batch, classes = p.teacher_logits.shape
         return projection_vectors((self.num_projections, batch, classes), self.distribution, p.generator,
                                   p.teacher_logits.device, p.teacher_logits.dtype), False
+
+
+class LossGradient(GradientMethod):
+    """Each network's input-gradient of its own cross-entropy, d CE(f(x), y) / dx = (p - e_y)^T J with p
+    the network's own softmax (the quantity IGAM and KDIGA align): the student's direction depends on its
+    parameters, and the term is differentiated through it as well."""
+
+    name = "loss"
+
+    @staticmethod
+    def directions(logits: Tensor, labels: Tensor) -> Tensor:
+        """softmax(logits) - one_hot(labels): [1, batch, classes], differentiable in logits."""
+        return (torch.softmax(logits, dim=1) - one_hot_vectors(labels, logits)[0]).unsqueeze(0)
+
+    def vectors(self, p: Passes) -> tuple[Tensor, bool]:
+        # The teacher's directions (what Objective.teacher_outputs asks for): constants.
+        return self.directions(p.teacher_logits.detach(), p.labels), True
+
+    def gradients(self, p: Passes) -> Matched:
+        student_vectors = self.directions(p.student_logits, p.labels)
+        if not p.create_graph:
+            student_vectors = student_vectors.detach()
+        student = _along(p.student_logits, p.student_inputs, student_vectors, p.create_graph, p.student_strategy,
+                         p.student_forward, p.scale)
+        teacher_vectors, _ = self.vectors(p)
+        teacher = p.teacher_gradients if p.teacher_gradients is not None else teacher_along(p, teacher_vectors)
+        return Matched(student, teacher, student_vectors, True, teacher_vectors)

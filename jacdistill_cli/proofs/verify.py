@@ -260,10 +260,17 @@ def precision_error(method: JacobianMethod, student: nn.Module, teacher: nn.Modu
     with Precision(precision, inputs.device.type).autocast():
         _, _, matched = objective.evaluate(student32, teacher32, inputs.float(), labels,
                                            gradient_scale=1024.0 if precision == "16" else 1.0)
-    vectors = matched.vectors.detach().double()
+    vectors, teacher_vectors = (v.detach().double() for v in directions(matched))
     student64, teacher64, inputs64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double(), inputs.double()
     return max(l2_error(matched.student, reference_gradients(student64, inputs64, vectors, method.batchnorm)),
-               l2_error(matched.teacher, reference_gradients(teacher64, inputs64, vectors, method.batchnorm)))
+               l2_error(matched.teacher, reference_gradients(teacher64, inputs64, teacher_vectors, method.batchnorm)))
+
+
+def directions(matched: Matched) -> tuple[Tensor, Tensor]:
+    """(the student's, the teacher's) output directions: the same for every method but `loss`, whose
+    directions are each network's own p - e_y."""
+    teacher = matched.vectors if matched.teacher_vectors is None else matched.teacher_vectors
+    return matched.vectors, teacher
 
 
 def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
@@ -299,8 +306,9 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
     term.restore()
     if matched is not None:
         batchnorm = method.batchnorm
-        expected_student = reference_gradients(student, inputs, matched.vectors.detach(), batchnorm)
-        expected_teacher = reference_gradients(teacher, inputs, matched.vectors.detach(), batchnorm)
+        student_vectors, teacher_vectors = directions(matched)
+        expected_student = reference_gradients(student, inputs, student_vectors.detach(), batchnorm)
+        expected_teacher = reference_gradients(teacher, inputs, teacher_vectors.detach(), batchnorm)
         report.jacobian_error_student = relative_error(matched.student, expected_student)
         report.jacobian_error_teacher = relative_error(matched.teacher, expected_teacher)
         if report.jacobian_error_student > JACOBIAN_TOLERANCE:
@@ -385,7 +393,7 @@ def checkable_methods() -> list[str]:
 
     from jacdistill_cli.config import registry
 
-    order = ["top1", "target", "exact", "projected", "noise"]
+    order = ["top1", "target", "loss", "exact", "projected", "noise"]
     names = [name for name, target in registry.shipped_options("jacobian").items()
              if get_object(target).uses_gradients or get_object(target).perturbs_inputs]
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))

@@ -186,6 +186,9 @@ class DataBundle:
     std: list[float] = field(default_factory=list)
     teacher_train: Split | Dataset | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # The range of the images' pixels before normalisation (digits: grey levels 0..16 / 16; files: 0..255 / 255);
+    # None for data that are no images of a range (fake): robustness attacks are then not clipped.
+    pixel_range: tuple[float, float] | None = (0.0, 1.0)
 
     def to(self, device) -> "DataBundle":
         """Move in-memory splits to the device once, so batching costs no copies."""
@@ -410,7 +413,8 @@ def fake(cfg: DictConfig) -> DataBundle:
     train, val, test = (make(sizes[k]) for k in ("train_size", "val_size", "test_size"))
     mean, std = [0.0] * channels, [1.0] * channels
     train.augment = training_augment(cfg, pad=max(1, height // 8), flip=True, mean=mean, std=std)
-    return DataBundle("fake", train, val, test, num_classes=num_classes, input_shape=shape, mean=mean, std=std)
+    return DataBundle("fake", train, val, test, num_classes=num_classes, input_shape=shape, mean=mean, std=std,
+                      pixel_range=None)
 
 
 # ---------------------------------------------------------------- files on disk (torchvision's loaders)

@@ -22,7 +22,8 @@ from jacdistill_cli.config.checks import SettingError, boolean, whole
 from jacdistill_cli.errors import ReadError, UsageError
 
 # Keys of a teacher/student node that are not architecture settings.
-NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "reuse_outputs"}
+NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "reuse_outputs",
+                    "training", "adversarial"}
 PACKAGE_TARGETS = "jacdistill_cli."
 # Checkpoints written before models were chosen by `_target_` name their builder.
 LEGACY_NAMES = {"mlp": "mlp", "cnn": "cnn", "lenet5": "lenet5", "vgg": "vgg", "resnet_cifar": "resnet_cifar",

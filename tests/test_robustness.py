@@ -1,0 +1,370 @@
+"""The attacks where the worst case is known in closed form, and robust accuracy over a split.
+
+A binary linear score s(p) = w . p of pixels p (the network sees normalised inputs (p - mean) / std, so
+its own weights are w * std): with every pixel at least eps inside [0, 1], an L-inf attack of radius eps
+can lower s by at most eps ||w||_1 and an L2 attack by eps ||w||_2 (Hoelder), and FGSM / PGD reach those
+bounds. Tolerances: 1e-5 relative for what is exact up to float32 rounding (FGSM, L-inf PGD, the balls);
+1% for L2 PGD (20 steps of eps / 4), which approaches the sphere's point geometrically from its random
+start (the part of the perturbation across w shrinks by about 1 / (1 + step / eps) a step).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
+from jacdistill_cli.errors import UsageError
+from jacdistill_cli.robustness.attacks import Attack, run_attack
+from jacdistill_cli.robustness.measure import robust_accuracy, robust_counts
+from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
+from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
+from jacdistill_cli.robustness.training import AdversarialObjective, teacher_objective
+from jacdistill_cli.zoo.data import TensorSplit, digits
+from jacdistill_cli.zoo.models import build_model, mlp
+
+EXACT = 1e-5
+L2_PGD = 0.01
+PIXELS = Pixels(mean=(0.3,), std=(0.2,))
+EPS = 0.1
+
+
+class Linear(nn.Module):
+    """logits [b, 4] = (0, v . x + c, -20, -20) of normalised inputs x [b, 1, 8, 8]: a binary score, with
+    two more classes of constant logits (APGD-T's loss needs four classes)."""
+
+    def __init__(self, v: torch.Tensor, c: float = 0.0):
+        super().__init__()
+        self.v = nn.Parameter(v.clone())
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = (x.flatten(1) * self.v.flatten()).sum(1) + self.c
+        zero = torch.zeros_like(score)
+        return torch.stack([zero, score, zero - 20, zero - 20], dim=1)
+
+
+def linear_case(seed: int = 0, count: int = 6):
+    generator = torch.Generator().manual_seed(seed)
+    v = 0.05 * torch.randn(1, 8, 8, generator=generator)
+    w = v / PIXELS.std[0]   # the score's weights in pixel space
+    clean = EPS + 1e-3 + (1 - 2 * EPS - 2e-3) * torch.rand(count, 1, 8, 8, generator=generator)
+    labels = torch.ones(count, dtype=torch.long)   # the attack lowers the score
+    return PixelModel(Linear(v).eval(), PIXELS), w, clean, labels
+
+
+def score_drop(model, clean, adversarial) -> torch.Tensor:
+    with torch.no_grad():
+        return model(clean)[:, 1] - model(adversarial)[:, 1]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fgsm_moves_a_linear_score_by_the_dual_norm(norm):
+    model, w, clean, labels = linear_case()
+    adversarial = run_attack(Attack("fgsm", EPS, norm), model, clean, labels, PIXELS, 0, torch.arange(len(labels)))
+    bound = EPS * (w.abs().sum() if norm == "linf" else w.norm())
+    assert torch.allclose(score_drop(model, clean, adversarial), bound.expand(len(labels)), rtol=EXACT)
+
+
+@pytest.mark.parametrize("norm,tolerance", [("linf", EXACT), ("l2", L2_PGD)])
+def test_pgd_reaches_the_dual_norm(norm, tolerance):
+    model, w, clean, labels = linear_case(1)
+    attack = Attack("pgd", EPS, norm, steps=20, step_size=EPS / 4, restarts=2)
+    adversarial = run_attack(attack, model, clean, labels, PIXELS, 0, torch.arange(len(labels)))
+    bound = float(EPS * (w.abs().sum() if norm == "linf" else w.norm()))
+    drop = score_drop(model, clean, adversarial)
+    assert bool((drop >= bound * (1 - tolerance)).all()), (drop, bound)
+
+
+ALL = [Attack("fgsm", EPS, "linf"), Attack("fgsm", EPS, "l2"), Attack("pgd", EPS, "linf", steps=5),
+       Attack("pgd", EPS, "l2", steps=5, restarts=2), Attack("transfer_pgd", EPS, "linf", steps=5),
+       Attack("apgd_ce", EPS, "linf", steps=5), Attack("apgd_t", EPS, "l2", steps=5),
+       Attack("square", EPS, "linf", queries=50), Attack("square", EPS, "l2", queries=50)]
+
+
+@pytest.mark.parametrize("attack", ALL, ids=[a.key for a in ALL])
+def test_no_attack_leaves_the_ball_or_the_pixel_range(attack):
+    if attack.name in ("apgd_ce", "apgd_t", "square"):
+        pytest.importorskip("torchattacks")
+    model, w, clean, labels = linear_case(2, count=8)
+    clean[:2] = clean[:2].round()   # pixels at 0 and 1: the attack must clip
+    source = PixelModel(Linear(torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(9))).eval(), PIXELS)
+    adversarial = run_attack(attack, model, clean, labels, PIXELS, 0, torch.arange(len(labels)), source=source)
+    delta = (adversarial - clean).flatten(1)
+    size = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
+    assert bool((size <= EPS * (1 + EXACT)).all()), size
+    assert float(adversarial.min()) >= 0 and float(adversarial.max()) <= 1
+    dual = w.abs().sum() if attack.norm == "linf" else w.norm()
+    assert bool((score_drop(model, clean, adversarial).abs() <= EPS * dual * (1 + EXACT)).all())
+
+
+def test_the_bound_is_the_one_of_w_in_pixel_space():
+    """The same network under two normalisations: the score moves by eps ||v / std||_1, not eps ||v||_1."""
+    _, _, clean, labels = linear_case(3)
+    v = 0.05 * torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for std in (0.2, 0.5):
+        pixels = Pixels(mean=(0.1,), std=(std,))
+        model = PixelModel(Linear(v).eval(), pixels)
+        adversarial = run_attack(Attack("fgsm", EPS), model, clean, labels, pixels, 0, torch.arange(len(labels)))
+        expected = EPS * v.abs().sum() / std
+        assert torch.allclose(score_drop(model, clean, adversarial), expected.expand(len(labels)), rtol=EXACT)
+
+
+# ------------------------------------------------------------------------------------- on digits
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained on digits for a second: (model, test split, pixels)."""
+    torch.manual_seed(0)
+    bundle = digits(val_fraction=0.2, test_fraction=0.2, split_seed=0)
+    model = mlp((1, 8, 8), 10, hidden=[32])
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(bundle.train.inputs), bundle.train.labels).backward()
+        optimiser.step()
+    return model.eval(), bundle.test, Pixels.of(bundle)
+
+
+def test_digits_pixels_are_its_grey_levels(trained):
+    _, split, pixels = trained
+    levels = pixels.to_pixels(split.inputs) * 16
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert float(levels.min()) == 0 and float(levels.max()) == 16
+    assert torch.allclose(pixels.to_inputs(pixels.to_pixels(split.inputs)), split.inputs, atol=1e-5)
+
+
+def settings_of(attacks, samples=120, batch_size=32):
+    return robustness_settings({"samples": samples, "batch_size": batch_size, "attacks": attacks}, seed=0)
+
+
+def test_robust_accuracy_does_not_increase_with_epsilon(trained):
+    """Tolerance: one sample in a hundred (random starts differ between radii)."""
+    model, split, pixels = trained
+    epsilons = [0.0, 0.05, 0.1, 0.2, 0.3]
+    result = robust_accuracy(model, split, pixels, torch.device("cpu"), settings_of(
+        [{"name": "pgd", "norm": "linf", "eps": e, "steps": 10} for e in epsilons]
+        + [{"name": "fgsm", "norm": "linf", "eps": e} for e in epsilons[1:]]))
+    accuracies = [result[f"pgd_linf_{e:g}"] for e in epsilons]
+    assert accuracies[0] == pytest.approx(result["clean"])
+    assert all(b <= a + 0.01 for a, b in zip(accuracies, accuracies[1:])), accuracies
+    assert accuracies[-1] < result["clean"] - 0.3, accuracies   # the attack works on a standard network
+    assert all(result[f"pgd_linf_{e:g}"] <= result[f"fgsm_linf_{e:g}"] + 0.01 for e in epsilons[1:])
+    assert result["samples"] == 120 and result["robust_seconds"] > 0
+
+
+def test_two_halves_give_the_whole(trained):
+    """What trainer.devices=2 does: each rank attacks its blocks, the counts are summed."""
+    model, split, pixels = trained
+    attacks = [{"name": "pgd", "norm": "l2", "eps": 0.5, "steps": 3, "restarts": 2},
+               {"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 3}, {"name": "noise", "sigma": 0.3},
+               {"name": "transfer_pgd", "norm": "linf", "eps": 0.2, "steps": 3}]
+    try:
+        import torchattacks  # noqa: F401
+        attacks.append({"name": "apgd_ce", "norm": "linf", "eps": 0.1, "steps": 3})
+    except ImportError:
+        pass
+    settings = settings_of(attacks, samples=70, batch_size=16)
+    teacher = mlp((1, 8, 8), 10, hidden=[16]).eval()
+    device = torch.device("cpu")
+    whole = robust_counts(model, split, pixels, device, settings, teacher, part=(0, 1))
+    halves = [robust_counts(model, split, pixels, device, settings, teacher, part=(r, 2)) for r in range(2)]
+    assert {k: halves[0][k] + halves[1][k] for k in whole} == whole
+    assert whole["count"] == 70 and halves[0]["count"] == 38   # blocks 0, 2, 4 (16 + 16 + 6)
+    summed = robust_accuracy(model, split, pixels, device, settings, teacher, part=(1, 2),
+                             reduce=lambda values: [a + b for a, b in zip(values, halves[0].values())])
+    assert summed["pgd_l2_0.5"] == whole["pgd_l2_0.5"] / 70
+
+
+def test_a_dataset_without_pixel_range_is_not_clipped(caplog):
+    model = Linear(torch.full((1, 8, 8), 0.0125)).eval()
+    split = TensorSplit(torch.full((4, 1, 8, 8), -0.2), torch.ones(4, dtype=torch.long))
+    pixels = Pixels(mean=(0.0,), std=(1.0,), low=None, high=None)
+    attack = Attack("fgsm", 0.5)
+    adversarial = run_attack(attack, PixelModel(model, pixels), split.inputs, split.labels, pixels, 0,
+                             torch.arange(4))
+    assert torch.allclose(adversarial, torch.full_like(adversarial, -0.7))   # below 0: not clipped
+    with caplog.at_level(logging.INFO, logger="jacdistill"):
+        robust_accuracy(model, split, pixels, torch.device("cpu"), settings_of([{"name": "fgsm", "eps": 0.5}]))
+    assert sum("no pixel range" in r.message for r in caplog.records) == 1
+
+
+def test_the_network_is_attacked_in_eval_mode_with_its_gate_closed(trained):
+    model, split, pixels = trained
+    ready = make_jacobian_ready(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 10)))
+    ready.train()
+    with attacked(ready):
+        assert not ready.training
+    assert ready.training
+    with gate_of(ready).forward_pass(activations=True):
+        with pytest.raises(RuntimeError, match="gate open"):
+            with attacked(ready):
+                pass
+
+
+BAD = [
+    ({"attacks": [{"name": "pgd", "eps": -0.1}]}, "robustness.attacks[0].eps=-0.1 is not allowed"),
+    ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 0}]}, "robustness.attacks[0].steps=0 is not allowed"),
+    ({"attacks": [{"name": "cw", "eps": 0.1}]}, "robustness.attacks[0].name='cw' is not allowed"),
+    ({"attacks": [{"name": "pgd", "norm": "l1", "eps": 0.1}]}, "robustness.attacks[0].norm='l1' is not allowed"),
+    ({"attacks": [{"name": "noise", "norm": "l2", "sigma": 0.1}]}, "attack noise has no setting 'norm'"),
+    ({"attacks": [{"name": "fgsm", "eps": 0.1, "steps": 3}]}, "attack fgsm has no setting 'steps'"),
+    ({"samples": 0, "attacks": []}, "robustness.samples=0 is not allowed"),
+    ({"attacks": [{"name": "pgd", "eps": 0.1}, {"name": "pgd", "eps": 0.1}]}, "pgd_linf_0.1 is listed twice"),
+]
+
+
+@pytest.mark.parametrize("node,message", BAD, ids=[m for _, m in BAD])
+def test_bad_settings_are_refused_in_one_line(node, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        robustness_settings(node)
+    assert "\n" not in str(err.value)
+
+
+def test_teacher_training_settings():
+    assert teacher_training({"training": "standard"}).identity() == {}
+    trades = teacher_training({"training": "trades", "adversarial": {"eps": 0.2, "steps": 5, "beta": 3}})
+    assert trades.identity() == {"training": "trades", "adversarial": {
+        "norm": "linf", "eps": 0.2, "steps": 5, "step_size": 0.1, "random_start": True, "beta": 3.0}}
+    for node, message in [({"training": "madry"}, "teacher.training='madry' is not allowed"),
+                          ({"training": "adversarial", "adversarial": {"eps": 0}}, "teacher.adversarial.eps=0"),
+                          ({"training": "adversarial", "adversarial": {"eps": 0.1, "steps": 0}},
+                           "teacher.adversarial.steps=0"),
+                          ({"training": "trades", "adversarial": {"eps": 0.1, "beta": -1}},
+                           "teacher.adversarial.beta=-1")]:
+        with pytest.raises(UsageError, match=message):
+            teacher_training(node)
+
+
+# ------------------------------------------------------------------------------------- robust teachers
+
+def train(objective, bundle, epochs: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make_jacobian_ready(mlp((1, 8, 8), 10, hidden=[32])).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        for start in range(0, len(bundle.train), 256):
+            inputs, labels = bundle.train.inputs[start:start + 256], bundle.train.labels[start:start + 256]
+            optimiser.zero_grad()
+            objective(model, None, inputs, labels)[1]["total"].backward()
+            optimiser.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return digits(val_fraction=0.2, test_fraction=0.2, split_seed=0)
+
+
+@pytest.mark.parametrize("kind", ["adversarial", "trades"])
+def test_the_inner_maximisation_raises_the_loss_inside_the_ball(kind, trained, bundle):
+    model = copy.deepcopy(trained[0]).train()
+    pixels = Pixels.of(bundle)
+    training = teacher_training({"training": kind, "adversarial": {"eps": 0.1, "steps": 5}})
+    objective = AdversarialObjective(training, pixels, seed=0)
+    inputs, labels = bundle.test.inputs[:64], bundle.test.labels[:64]
+    adversarial = objective.examples(model, inputs, labels)
+    assert model.training   # restored after the inner maximisation (made in eval mode)
+    moved = (pixels.to_pixels(adversarial) - pixels.to_pixels(inputs)).abs().amax((1, 2, 3))
+    assert float(moved.max()) <= 0.1 + 1e-5 and float(moved.max()) > 0.05
+    assert 0 <= float(pixels.to_pixels(adversarial).min()) and float(pixels.to_pixels(adversarial).max()) <= 1
+    model.eval()
+    with torch.no_grad():
+        clean_loss = nn.functional.cross_entropy(model(inputs), labels)
+        attacked_loss = nn.functional.cross_entropy(model(adversarial), labels)
+    assert float(attacked_loss) > 2 * float(clean_loss)
+    logits, terms = objective(model.train(), None, inputs, labels)
+    assert logits.shape == (64, 10) and terms["total"].requires_grad
+    assert set(terms) == ({"hard", "total"} if kind == "adversarial" else {"hard", "robust", "total"})
+
+
+def test_adversarial_training_raises_pgd_accuracy_at_equal_epochs(bundle):
+    """Digits, an MLP, 15 epochs each: PGD-10 accuracy at eps 0.1 (L-inf, pixel scale) of the test split."""
+    pixels = Pixels.of(bundle)
+    training = teacher_training({"training": "adversarial", "adversarial": {"eps": 0.1, "steps": 3}})
+    standard = train(teacher_objective(teacher_training({}), pixels), bundle, 15)
+    robust = train(teacher_objective(training, pixels, seed=0), bundle, 15)
+    settings = settings_of([{"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 10}], samples=None, batch_size=400)
+    measured = {name: robust_accuracy(model, bundle.test, pixels, torch.device("cpu"), settings)
+                for name, model in (("standard", standard), ("adversarial", robust))}
+    assert measured["adversarial"]["pgd_linf_0.1"] > measured["standard"]["pgd_linf_0.1"] + 0.2, measured
+    assert measured["adversarial"]["clean"] > 0.8, measured
+
+
+# ------------------------------------------------------------------------------------- jacdistill evaluate
+
+def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.zoo.data import build_data
+    from jacdistill_cli.zoo.models import build_model
+    from run_inprocess import run_command
+
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        data = build_data(compose(config_name="train", overrides=[]).dataset)
+    torch.manual_seed(0)
+    paths = {}
+    for role, spec in (("student", {"name": "mlp", "hidden": [16], "batchnorm": False}),
+                       ("teacher", {"name": "cnn", "channels": [4], "hidden": 8, "batchnorm": True})):
+        paths[role] = tmp_path / f"{role}.pt"
+        save_checkpoint(make_checkpoint(build_model(spec, data.input_shape, data.num_classes), role, spec, data, {}),
+                        paths[role])
+    attacks = "[{name:pgd,norm:linf,eps:0.2,steps:3},{name:transfer_pgd,norm:linf,eps:0.2,steps:3},{name:noise,sigma:0.1}]"
+    result = run_command("evaluate", [f"checkpoint={paths['student']}", f"teacher.checkpoint={paths['teacher']}",
+                                      "robustness.samples=50", f"robustness.attacks={attacks}"], tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert written["robust_accuracy"] == json.loads(json.dumps(result["robust_accuracy"]))
+    model, teacher = (written["robust_accuracy"], written["teacher_robust_accuracy"])
+    assert set(model) == {"clean", "pgd_linf_0.2", "transfer_pgd_linf_0.2", "noise_0.1", "samples", "robust_seconds"}
+    assert "transfer_pgd_linf_0.2" not in teacher and model["samples"] == teacher["samples"] == 50
+    assert model["pgd_linf_0.2"] <= model["clean"]
+    out = capsys.readouterr().out
+    assert "robust accuracy on the first 50 test samples" in out and "transfer_pgd_linf_0.2" in out
+
+
+def test_the_robust_transfer_preset_is_20_valid_jobs_and_its_baselines_10():
+    from test_presets import compose_job, grid, one_job_per_seed_group
+
+    from jacdistill_cli.config.settings import validate_train
+
+    jobs = grid("robust_transfer")
+    assert len(jobs) == 20
+    assert {tuple(sorted(job)) for job in jobs} == {
+        tuple(sorted([f"jacobian={j}", f"teacher.training={t}", f"seed={seed}", "experiment=robust_transfer"]))
+        for j in ("top1", "loss") for t in ("adversarial", "standard") for seed in range(5)}
+    for job in one_job_per_seed_group(jobs):
+        cfg = compose_job(job)
+        validate_train(cfg)
+        assert cfg.alpha == 0.5 and cfg.loss.name == "kl" and cfg.trainer.epochs == 30
+        training = teacher_training(cfg.teacher)
+        assert training.kind == cfg.teacher.training
+        assert training.identity() == ({} if training.kind == "standard" else {"training": "adversarial",
+            "adversarial": {"norm": "linf", "eps": 0.2, "steps": 10, "step_size": 0.05, "random_start": True}})
+        robust = robustness_settings(cfg.robustness, cfg.seed)
+        assert {"pgd_linf_0.1", "pgd_linf_0.2", "pgd_linf_0.3", "transfer_pgd_linf_0.2"} <= {a.key for a in robust.attacks}
+    baseline = compose_job(["experiment=robust_transfer", "recipe=ce_only", "jacobian=none",
+                            "teacher.training=adversarial", "seed=0"])
+    assert (baseline.loss.name, baseline.jacobian.name, baseline.alpha) == ("none", "none", 0.0)
+
+
+def test_a_batchnorm_network_stays_in_eval_mode_through_every_attack(trained):
+    """torchattacks restores the train mode of a model it was given in train mode: the wrapper must not pass
+    that on, or BatchNorm would normalise the later blocks with their own statistics and update its buffers."""
+    pytest.importorskip("torchattacks")
+    _, split, pixels = trained
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn", "channels": [4], "hidden": 8, "batchnorm": True}, (1, 8, 8), 10).eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = settings_of([{"name": "square", "norm": "linf", "eps": 0.2, "queries": 20},
+                            {"name": "apgd_ce", "norm": "linf", "eps": 0.2, "steps": 2}], samples=90, batch_size=30)
+    counts = robust_counts(model, split, pixels, torch.device("cpu"), settings)
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    with torch.no_grad():
+        assert counts["clean"] == (model(split.inputs[:90]).argmax(1) == split.labels[:90]).sum().item()

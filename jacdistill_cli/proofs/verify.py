@@ -23,6 +23,7 @@ no distillation term), with BatchNorm buffers and random draws restored before e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from jacdistill_cli.engine.batchnorm import training_batchnorms
 from jacdistill_cli.engine.jacobian import matching_distance, one_hot_vectors
+from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.engine.losses import no_distillation
 from jacdistill_cli.engine.methods import JacobianMethod, Matched
 from jacdistill_cli.engine.objective import distillation_objective
@@ -197,6 +199,12 @@ def directional_derivatives(function: Callable[[Tensor], Tensor], inputs: Tensor
     return value, slope, curvature
 
 
+def second_order(model: nn.Module):
+    """The model's gate's second-order pass (attention on kernels with every derivative), if it has a gate."""
+    gate = gate_of(model)
+    return gate.second_order_pass() if gate is not None else contextlib.nullcontext()
+
+
 def noise_limit_errors(method: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor, labels: Tensor,
                        seed: int) -> dict[float, float]:
     """{sigma: |term(sigma) - limit| / |limit|} for sigma in NOISE_SIGMAS, the noise term with antithetic pairs
@@ -219,7 +227,9 @@ def noise_limit_errors(method: Any, student: nn.Module, teacher: nn.Module, inpu
         for xi in draws:
             # One-sided: taken at x + 1e-9 xi, where ties of max pooling (a constant region of an image) are
             # broken as the perturbation breaks them; for smooth networks the shift changes nothing visible.
-            value, slope, curvature = directional_derivatives(difference, inputs + ONE_SIDED * xi, xi)
+            # Attention on its math kernel (forward-mode derivatives of the fused kernels are not implemented).
+            with second_order(student_reference), second_order(teacher_reference):
+                value, slope, curvature = directional_derivatives(difference, inputs + ONE_SIDED * xi, xi)
             limit = slope.pow(2).sum(-1)
             if method.form == "expansion":
                 limit = limit + (value * curvature).sum(-1)

@@ -190,12 +190,16 @@ def stage_ends(calls: list[ModuleCall]) -> tuple[list[ModuleCall], list[ModuleCa
 def default_pairs(teacher_calls: list[ModuleCall], student_calls: list[ModuleCall]) -> list[tuple[str, str]]:
     """The architecture pair's default pairs (teacher path, student path).
 
-    Both models have spatial maps: the stage ends of equal spatial size (each student stage end
-    whose resolution the teacher also has), or the deepest stage ends when no size is shared.
-    Otherwise (an MLP on either side): the deepest activation vector of each model.
+    Both models have spatial maps of the same rank: the stage ends of equal spatial size (each student stage
+    end whose resolution the teacher also has), or the deepest stage ends when no size is shared.
+    Otherwise (an MLP on either side, a CNN and a transformer): the deepest activation vector of each model,
+    and where either has none, no default (one line asks for features.pairs).
     """
     teacher_maps, teacher_vectors = stage_ends(teacher_calls)
     student_maps, student_vectors = stage_ends(student_calls)
+    if teacher_maps and student_maps and len(teacher_maps[-1].shape) != len(student_maps[-1].shape):
+        # e.g. a CNN's [channels, height, width] against a transformer's [tokens, width]: no maps in common
+        teacher_maps, student_maps = [], []
     if teacher_maps and student_maps:
         by_size = {c.shape[1:]: c.path for c in teacher_maps}
         pairs = [(by_size[c.shape[1:]], c.path) for c in student_maps if c.shape[1:] in by_size]

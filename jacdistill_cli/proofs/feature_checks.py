@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from jacdistill_cli.engine import features as F
 from jacdistill_cli.engine.features import FeatureMatching, feature_jacobian_term, split_features
 from jacdistill_cli.config.registry import build, label
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.pairs import probe_calls
 from jacdistill_cli.proofs.finite_differences import FD_STEP, analytic_gradients, central_difference, random_directions
 
@@ -182,6 +183,21 @@ def shipped_features(name: str) -> DictConfig:
     return OmegaConf.create((files("jacdistill_cli.conf") / "features" / f"{name}.yaml").read_text())
 
 
+@dataclass
+class NotChecked:
+    """A feature method `check` cannot try on this pair without pairs of the user's."""
+
+    method: str
+    reason: str
+    passed: bool = True
+
+    def lines(self) -> list[str]:
+        return [f"features={self.method}: not checked: {self.reason}"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "checked": False, "reason": self.reason}
+
+
 def feature_checks(cfg: DictConfig, student: nn.Module, teacher: nn.Module, inputs: Tensor,
                    jacobian_settings: Any) -> list[FeatureGradientCheck]:
     """`jacdistill check` for features: attention and hint, the configured one as configured (its
@@ -192,7 +208,13 @@ def feature_checks(cfg: DictConfig, student: nn.Module, teacher: nn.Module, inpu
     for method in ("attention", "hint"):
         node = configured if configured is not None and label("features", configured) == method \
             else shipped_features(method)
-        matching = build("features", node).matching(teacher, student, tuple(inputs.shape[1:]), inputs.device)
+        try:
+            matching = build("features", node).matching(teacher, student, tuple(inputs.shape[1:]), inputs.device)
+        except UsageError as err:
+            if node.get("pairs") is not None:
+                raise   # pairs the user gave that do not fit: their error
+            reports.append(NotChecked(method, str(err)))   # no default pairs for this teacher and student
+            continue
         reports.append(check_feature_gradients(matching, student, teacher, inputs, jacobian_settings,
                                                seed=int(OmegaConf.select(cfg, "seed", default=0))))
     return reports

@@ -20,6 +20,7 @@ from test_bad_input import Marker, write_crafted_cifar
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
 
 
+@pytest.mark.slow
 def test_three_concurrent_runs_train_the_teacher_once(cli, tmp_path):
     cache = tmp_path / "cache"
     env = {"JACDISTILL_CACHE": str(cache)}
@@ -78,6 +79,7 @@ def test_a_cache_that_cannot_be_written_costs_one_warning_and_the_teacher_stays_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"]
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_tmp(tmp_path):
     # RLIMIT_FSIZE makes the write fail part-way, as a full disk does (EFBIG instead of ENOSPC).
     code = (

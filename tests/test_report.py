@@ -136,6 +136,7 @@ def test_a_bare_directory_becomes_a_quoted_dir_override_that_hydra_reads_back(tm
     assert translate_argv(["missing-dir", "x=alpha"])[0] == "dir='missing-dir'"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, sweep):
     work = tmp_path / "work"
     work.mkdir()

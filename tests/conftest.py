@@ -9,12 +9,14 @@ import random
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 
 from jacdistill_cli.run.resume import LAST
 
+REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for end-to-end runs of the console script on digits.
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
 
@@ -35,7 +37,12 @@ def pytest_runtest_protocol(item, nextitem):
         return
 
     def refuse(*args, **kwargs):
-        pytest.fail(f"{item.nodeid} starts a process: mark it @pytest.mark.slow", pytrace=False)
+        stack = traceback.extract_stack()[:-1]
+        starter = next(f for f in reversed(stack) if not f.filename.endswith(("subprocess.py", "os.py")))
+        ours = next((f for f in reversed(stack)
+                     if f.filename.startswith(str(REPO)) and "site-packages" not in f.filename), starter)
+        pytest.fail(f"{item.nodeid} starts a process ({starter.filename}:{starter.lineno}, from "
+                    f"{ours.filename}:{ours.lineno}): mark it @pytest.mark.slow", pytrace=False)
 
     originals = [(module, name, getattr(module, name)) for module, name in PROCESS_STARTERS]
     for module, name, _ in originals:

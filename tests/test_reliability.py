@@ -151,6 +151,7 @@ def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_gi
     assert not (tmp_path / "run2" / "evaluation.json").exists()
 
 
+@pytest.mark.slow
 def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path):
     from test_bad_input import hydra_run
 

@@ -159,6 +159,7 @@ FAKE_CIFAR100 = ["dataset=fake", "dataset.num_classes=100", "dataset.shape=[3,16
                  "trainer.device=cpu", "student=resnet8x4", "student.channels=[4,4,8,8]", "recipe=kd"]
 
 
+@pytest.mark.slow
 def test_a_run_distils_from_a_published_teacher(tmp_path, caplog):
     """A published resnet20 teacher on fake data of 100 classes, through `train` in this process."""
     checkpoint = CARRIED / "resnet20_vanilla_ckpt_epoch_240.pth"

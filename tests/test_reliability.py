@@ -43,6 +43,7 @@ def test_three_concurrent_runs_train_the_teacher_once(cli, tmp_path):
     assert len(teachers) == 1  # all three distilled from the same teacher
 
 
+@pytest.mark.slow
 def test_a_cache_entry_that_does_not_fit_is_retrained_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("JACDISTILL_CACHE", str(tmp_path / "cache"))
     run_command("train", FAST, tmp_path / "first")

@@ -1,21 +1,57 @@
 """Shared fixtures: an isolated teacher cache, running the real console script, and stopping runs of it
-with signals."""
+with signals; a test not marked slow that starts a process fails."""
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
 import random
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 
 from jacdistill_cli.run.resume import LAST
 
+REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for end-to-end runs of the console script on digits.
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
+
+
+# What starts a process: subprocess (its own reference to fork_exec, or posix_spawn), multiprocessing's spawn
+# (fork_exec), fork, system.
+PROCESS_STARTERS = [(module, name) for module, name in
+                    [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"), (os, "forkpty"),
+                     (os, "posix_spawn"), (os, "posix_spawnp"), (os, "system")] if hasattr(module, name)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The fast set (`-m "not slow"`) starts no process: outside tests marked slow, what starts one fails the
+    test, in its fixtures too."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        stack = traceback.extract_stack()[:-1]
+        starter = next(f for f in reversed(stack) if not f.filename.endswith(("subprocess.py", "os.py")))
+        ours = next((f for f in reversed(stack)
+                     if f.filename.startswith(str(REPO)) and "site-packages" not in f.filename), starter)
+        pytest.fail(f"{item.nodeid} starts a process ({starter.filename}:{starter.lineno}, from "
+                    f"{ours.filename}:{ours.lineno}): mark it @pytest.mark.slow", pytrace=False)
+
+    originals = [(module, name, getattr(module, name)) for module, name in PROCESS_STARTERS]
+    for module, name, _ in originals:
+        setattr(module, name, refuse)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 @pytest.fixture(scope="session")

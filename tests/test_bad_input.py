@@ -312,6 +312,7 @@ def test_the_corpus_covers_every_command_and_group():
         assert f" {group}" in text, group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,expected", [
     ("train +trainer.epoch=2", "+trainer.epoch=2 is not allowed: trainer has no setting 'epoch'; did you mean "
                                "trainer.epochs?"),

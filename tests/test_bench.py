@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
-    results = run_command("bench", TINY, tmp_path)
+def test_the_full_comparison_times_every_strategy_and_both_naive_loops(tmp_path, capsys):
+    results = run_command("bench", [*TINY, "comparison=full", "data_batches=20"], tmp_path)
     out = capsys.readouterr().out
     for label in ("plain KD (jacobian=none)", "top1", "target", "projected (1 projection)", "noise (1 sample)",
                   "exact (auto = loop)", "exact (loop)", "exact (batched)", "exact (func)",
@@ -40,6 +41,7 @@ def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
     assert "exact strategy=auto runs loop" in out
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["device"] == "cpu" and saved["threads"] == 1 and saved["input_shape"] == [1, 8, 8]
+    assert (saved["comparison"], saved["bench_pair"], saved["budget_seconds"]) == ("full", "cnn", 60)
     assert saved == json.loads(json.dumps(results))
     (table,) = saved["tables"]
     assert table["classes"] == 10
@@ -58,12 +60,63 @@ def test_bench_times_every_method_and_writes_bench_json(tmp_path, capsys):
     assert {c["what"].split(":")[0] for c in table["checks"]} >= {"top1", "noise (1 sample)"}
     # The data-path row: the training batches of the default dataset against the fastest benched step.
     row = saved["data_path"]
-    assert (row["dataset"], row["batches"], row["batch_size"], row["split"]) == ("digits", 200, 4, "TensorSplit")
+    assert (row["dataset"], row["batches"], row["batch_size"], row["split"]) == ("digits", 20, 4, "TensorSplit")
     fastest = min(rows, key=lambda name: rows[name]["median_ms"])   # plain KD or noise, whichever timed faster
     assert row["fastest_step"] == f"10 classes: {fastest}"
     assert row["x_fastest_step"] == pytest.approx(row["batches_per_second"] * rows[fastest]["median_ms"] / 1000)
     assert any(line.startswith("data path: dataset=digits training split (1079 samples of 1x8x8")
                for line in out.splitlines())
+
+
+def test_the_default_comparison_times_what_every_target_needs_at_10_and_100_classes(tmp_path, capsys):
+    """No fixed strategy and one naive loop, both class counts: each target's check is still made."""
+    tiny = [o for o in TINY if not o.startswith(("classes=", "warmup=", "repeats="))]
+    saved = run_command("bench", [*tiny, "warmup=0", "repeats=1", "data_batches=0"], tmp_path)
+    capsys.readouterr()
+    assert (saved["comparison"], saved["strategies"], saved["naive"]) == ("quick", [], ["backward"])
+    assert [table["classes"] for table in saved["tables"]] == [10, 100]
+    for table in saved["tables"]:
+        assert [row["step"] for row in table["rows"]] == [
+            "plain KD (jacobian=none)", "top1", "target", "projected (1 projection)", "noise (1 sample)",
+            "exact (auto = loop)", "naive: backward + x.grad"]
+        targets = {row["step"]: row["target"] for row in table["rows"] if "target" in row}
+        speedup = {10: 1.5, 100: 4}[table["classes"]]
+        assert targets == {"top1": "<= 2.5x plain KD", "target": "<= 2.5x plain KD",
+                           "projected (1 projection)": "<= 2.5x plain KD", "noise (1 sample)": "<= 1.5x plain KD",
+                           "exact (auto = loop)": f">= {speedup}x faster than naive"}
+        assert len(table["checks"]) == 6   # those five and the Jacobians' agreement with the naive loop's
+        assert set(table["jacobian_agreement"]) == {"auto"} and "auto_vs_best" not in table
+    assert "data_path" not in saved
+
+
+def test_the_bench_pair_is_an_option_and_either_side_can_be_overridden():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        default = compose(config_name="bench")
+        paper = compose(config_name="bench", overrides=["teacher=vgg9", "student=vgg4"])
+        full = compose(config_name="bench", overrides=["comparison=full"])
+    assert (default.teacher.name, default.teacher.channels, default.student.channels) == ("cnn", [32, 64], [16, 32])
+    assert (paper.teacher.name, paper.teacher.depth, paper.student.depth) == ("vgg", 9, 4)
+    assert (default.strategies, default.naive, default.budget_seconds) == ([], ["backward"], 20)
+    assert (full.strategies, full.naive, full.budget_seconds) == (["loop", "batched", "func"], ["backward", "grad"], 60)
+
+
+def test_a_candidate_stops_after_its_budget_and_the_others_take_every_round():
+    """The naive loop at 100 classes takes one timed step when it alone exceeds the budget."""
+    calls = {"slow": 0, "fast": 0}
+
+    def step(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    slow = benchmark.Candidate("slow", "naive", step("slow", 0.3))
+    fast = benchmark.Candidate("fast", "exact", step("fast", 0))
+    benchmark.time_rounds([fast, slow], warmup=1, repeats=4, budget_seconds=0.25, device=torch.device("cpu"))
+    assert (len(slow.times), len(fast.times)) == (1, 4)
+    assert calls == {"slow": 2, "fast": 5}   # the warm-up step untimed
 
 
 def test_targets_are_the_documented_ones_at_10_and_100_classes():

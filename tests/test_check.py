@@ -26,6 +26,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_check_exits_0_on_the_default_configuration_for_every_method(cli, tmp_path):
     result = cli("check", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr

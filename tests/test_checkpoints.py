@@ -95,6 +95,7 @@ def test_matching_overrides_name_the_shipped_option_and_the_settings_that_differ
                               "student") == "student=wrn_16_2 student.depth=28 student.width=10"
 
 
+@pytest.mark.slow
 def test_mismatches_and_bad_files_through_the_console_script(cli, files, tmp_path):
     """Each gives its one line on stderr and exit status 2."""
     cnn = files["cnn.pt"]

@@ -16,6 +16,7 @@ from jacdistill_cli.cli import COMMANDS, main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_top_level_help_lists_commands_without_importing_torch():
     code = ("import sys; from jacdistill_cli.cli import main; main(['--help']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -25,6 +26,7 @@ def test_top_level_help_lists_commands_without_importing_torch():
         assert f"  {name} " in result.stdout
 
 
+@pytest.mark.slow
 def test_unknown_command_is_one_line(cli):
     result = cli("trian")
     assert result.returncode == 2
@@ -48,6 +50,7 @@ ask "jacdistill train alpha=0.3 trainer.ep"
 """
 
 
+@pytest.mark.slow
 def test_bash_completes_the_commands_then_each_commands_overrides_through_hydra(tmp_path):
     """In a real bash: the script registers one completion for `jacdistill`; the first word completes to
     a command, the next ones to the command's overrides as Hydra completes them."""
@@ -75,6 +78,7 @@ def test_hydra_completion_install_is_refused_in_one_line(capsys):
     assert "bashcompinit" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_each_command_is_its_own_hydra_app(cli):
     result = cli("train", "--help")
     assert result.returncode == 0

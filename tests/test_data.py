@@ -292,16 +292,6 @@ def test_missing_files_say_where_they_are_expected_and_how_to_provide_them(tmp_p
     assert "\n" not in message
 
 
-def test_missing_dataset_through_the_console_script_is_one_line(cli, tmp_path):
-    result = cli("train", "dataset=cifar100", f"dataset.root={tmp_path / 'nowhere'}",
-                 f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith("jacdistill train: error: dataset cifar100: files not found in ")
-    assert "cifar-100-python.tar.gz" in lines[0]
-
-
 # ------------------------------------------------------------------- uint8 in memory or item by item
 
 def training_batches(split, seed: int = 3, batch_size: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -44,6 +44,7 @@ ARGS = ["recipe=kd_jacobian", "trainer.devices=2", "trainer.device=cpu", "traine
 NOT_RESULTS = {"train_seconds", "samples_per_second", "teacher_source"}
 
 
+@pytest.mark.slow
 def test_the_process_group_is_left_when_its_block_raises():
     """distributed.joined leaves the group when its block raises (train() returns through it too): a rank
     that exits with a gloo group in place can abort ("terminate called without an active exception")."""

@@ -102,6 +102,7 @@ def test_bad_evaluate_input_is_one_line(checkpoints, tmp_path, capsys, overrides
     assert not (tmp_path / "evaluation.json").exists()
 
 
+@pytest.mark.slow
 def test_teacher_then_train_then_evaluate_through_the_console_script(cli, tmp_path):
     teacher_dir, train_dir, evaluate_dir = tmp_path / "teacher", tmp_path / "train", tmp_path / "evaluate"
     teacher = cli("teacher", "teacher.epochs=2", f"hydra.run.dir={teacher_dir}")

@@ -333,6 +333,7 @@ def test_check_fails_on_a_planted_detach_in_the_hook_path(monkeypatch):
     assert "FAILED" in report.lines()[0]
 
 
+@pytest.mark.slow
 def test_check_command_covers_features_and_exits_1_on_a_planted_detach(tmp_path):
     """The real `jacdistill check` entry point, run twice in one process: as shipped (exit 0), then
     with a detach planted in the student's hook path (exit 1, the feature rows FAILED)."""
@@ -473,6 +474,7 @@ def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
 # The console script
 
 
+@pytest.mark.slow
 def test_wrong_module_path_stops_the_run_with_one_line(cli, tmp_path):
     result = cli("train", "features=attention", "features.pairs=[[11,nope]]", f"hydra.run.dir={tmp_path / 'run'}",
                  cwd=tmp_path, env=ONE_THREAD)
@@ -500,6 +502,7 @@ def check_feature_runs(sweep: Path, expected_jobs: int) -> list[Path]:
     return jobs
 
 
+@pytest.mark.slow
 def test_short_feature_runs_on_digits_log_loss_features(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "features=attention,hint", "jacobian.of=logits,features", "trainer.epochs=1",
@@ -520,6 +523,7 @@ def test_short_feature_runs_on_digits_log_loss_features(cli, tmp_path):
             assert "features" not in payload or payload["features"]["state_dict"] == {}
 
 
+@pytest.mark.slow
 def test_short_feature_runs_on_fake_images_log_loss_features(cli, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("train", "-m", "features=attention,hint", "dataset=fake", "dataset.train_size=128",

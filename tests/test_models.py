@@ -167,6 +167,7 @@ def test_torchvision_weights_names_are_checked_before_any_download(weights, mess
         build_model({"name": "torchvision", "arch": "resnet18", "weights": weights}, (3, 32, 32), 10, "teacher")
 
 
+@pytest.mark.slow
 def test_a_teacher_with_weights_is_used_as_it_is(tmp_path):
     """teacher=torchvision teacher.weights=FILE: not trained, not cached; its accuracy is the file's."""
     torch.manual_seed(2)
@@ -237,6 +238,7 @@ DATASETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 @pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
 def test_a_short_train_runs_for_each_family(tmp_path, family, dataset):

@@ -93,6 +93,7 @@ def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
 
 
+@pytest.mark.slow
 def test_digits_fewshot_slice_runs_as_a_sweep_without_dash_m(tmp_path):
     """One seed, one size: the three recipes, through the README's reproduction script and the console
     script, named by what varies."""

@@ -20,6 +20,7 @@ from test_bad_input import Marker, write_crafted_cifar
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
 
 
+@pytest.mark.slow
 def test_three_concurrent_runs_train_the_teacher_once(cli, tmp_path):
     cache = tmp_path / "cache"
     env = {"JACDISTILL_CACHE": str(cache)}
@@ -42,6 +43,7 @@ def test_three_concurrent_runs_train_the_teacher_once(cli, tmp_path):
     assert len(teachers) == 1  # all three distilled from the same teacher
 
 
+@pytest.mark.slow
 def test_a_cache_entry_that_does_not_fit_is_retrained_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("JACDISTILL_CACHE", str(tmp_path / "cache"))
     run_command("train", FAST, tmp_path / "first")
@@ -132,6 +134,7 @@ def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_gi
     assert not (tmp_path / "run2" / "evaluation.json").exists()
 
 
+@pytest.mark.slow
 def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path):
     from test_bad_input import hydra_run
 

@@ -66,6 +66,7 @@ def test_groups_by_overrides_other_than_seed_with_mean_and_sample_std(sweep):
     assert "Same in every run: experiment=digits_fewshot" in table
 
 
+@pytest.mark.slow
 def test_csv_and_png_are_written_into_the_directory(sweep):
     write_report(sweep)
     rows = list(csv.DictReader(open(sweep / "report.csv")))
@@ -99,6 +100,7 @@ def test_alpha_is_the_x_axis_when_it_is_swept(tmp_path):
     assert set(plot_lines(report, "test_accuracy", "alpha")) == {"jacobian=exact", "jacobian=top1"}
 
 
+@pytest.mark.slow
 def test_one_run_directory_is_a_group_of_one_without_std(tmp_path):
     run = make_run(tmp_path / "run", [], {"test_accuracy": 0.75})
     report, text, _ = write_report(run)
@@ -136,6 +138,7 @@ def test_a_bare_directory_becomes_a_quoted_dir_override_that_hydra_reads_back(tm
     assert translate_argv(["missing-dir", "x=alpha"])[0] == "dir='missing-dir'"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, sweep):
     work = tmp_path / "work"
     work.mkdir()

@@ -108,6 +108,7 @@ def session_status(run_dir: Path) -> int:
     return hparams_metadata.parse_session_end_info_plugin_data(content).status
 
 
+@pytest.mark.slow
 def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(reference, tmp_path, teacher_cache):
     """Two runs start together in default directories (two at a time: 2 cores); one is stopped by
     SIGINT, the other by SIGTERM; each printed command continues its run: one to the end, the
@@ -176,6 +177,7 @@ def test_select_best_tests_the_best_validation_weights(tmp_path, one_thread):
     assert all(torch.equal(student["state_dict"][k], v) for k, v in best["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_sigusr1_requeues_under_slurm(tmp_path, monkeypatch):
     log = tmp_path / "calls"
     fake = tmp_path / "bin" / "scontrol"   # SLURM is not on this machine: a stand-in that records its call

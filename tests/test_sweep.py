@@ -53,6 +53,7 @@ def sweep(tmp_path_factory, teacher_cache) -> Path:
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_a_multirun_says_where_it_is_and_leaves_its_report(sweep):
     stdout = (sweep / "stdout.txt").read_text().splitlines()
     where = f"jacdistill train: sweep directory {sweep.resolve()}"
@@ -69,6 +70,7 @@ def accumulator(run_dir: Path) -> EventAccumulator:
     return events
 
 
+@pytest.mark.slow
 def test_tensorboard_sees_each_job_as_one_run_named_by_its_overrides(sweep):
     multiplexer = EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(sweep))
@@ -103,6 +105,7 @@ def hparams_experiment(logdir: Path):
     return experiment, sessions
 
 
+@pytest.mark.slow
 def test_hparams_tab_leads_with_accuracy_and_compares_the_whole_sweep(sweep, tmp_path):
     experiment, sessions = hparams_experiment(sweep)
     assert sessions == set(RUNS)
@@ -129,6 +132,7 @@ def test_hparams_tab_leads_with_accuracy_and_compares_the_whole_sweep(sweep, tmp
     assert [info.name.tag for info in experiment.metric_infos][:4] == metrics[:4]
 
 
+@pytest.mark.slow
 def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
     for name, (alpha, seed) in RUNS.items():
         run_dir = sweep / name
@@ -187,6 +191,7 @@ def test_each_run_holds_its_hparams_metrics_layout_and_saliency_maps(sweep):
         assert not torch.equal(rows[1], rows[2])  # teacher and student maps differ after one epoch
 
 
+@pytest.mark.slow
 def test_report_of_the_sweep_gives_the_means_and_stds_of_its_metrics_json(sweep):
     result = run_cli("report", str(sweep), cwd=sweep)
     assert result.returncode == 0, result.stderr
@@ -209,6 +214,7 @@ def test_report_of_the_sweep_gives_the_means_and_stds_of_its_metrics_json(sweep)
     assert Image.open(png).size[0] > 300
 
 
+@pytest.mark.slow
 def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, teacher_cache):
     copy = tmp_path / "sweeps"
     shutil.copytree(sweep, copy / "grid")
@@ -246,6 +252,7 @@ def test_report_lists_failed_unfinished_and_never_started_jobs(sweep, tmp_path, 
     assert f"grid/{names[1]}: not started" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_sweep_rerun_skips_finished_jobs_and_resumes_the_others(sweep, tmp_path, teacher_cache):
     copy = tmp_path / "grid"
     shutil.copytree(sweep, copy)

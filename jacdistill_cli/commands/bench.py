@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.entry import one_line_errors
-from jacdistill_cli.errors import UsageError, setting_error
+from jacdistill_cli.errors import setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
@@ -73,13 +73,94 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise setting_error("threads", threads, "it must be null (torch's default) or an integer >= 1")
     checked["threads"] = threads
+    checked.update(chosen_options())
     return checked
+
+
+def chosen_options() -> dict[str, str | None]:
+    """The options of the comparison and bench_pair groups this run was composed with (None: not known)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {"comparison": choices.get("comparison"), "bench_pair": choices.get("bench_pair")}
 
 
 def shipped_jacobian(name: str) -> DictConfig:
     from jacdistill_cli.commands.check import shipped_jacobian as load
 
     return load(name)
+
+
+def choose_device(options: dict[str, Any]) -> Any:
+    """The torch device asked for, with the thread count set; a CUDA device torch does not see is refused."""
+    import torch
+
+    from jacdistill_cli.run.runtime import select_device
+
+    device = select_device(options["device"], key="device")   # one line for a GPU torch does not see
+    if options["threads"] is not None:
+        torch.set_num_threads(options["threads"])
+    return device
+
+
+def load_average() -> float | None:
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def print_header(options: dict[str, Any], device: Any, described: str, load_before: float | None) -> None:
+    import os
+
+    shape = options["input_shape"]
+    load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
+    print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
+          f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
+          f"warm-up{load}" + (f"; precision {options['precision']}" if options["precision"] != "32" else ""))
+    if load_before is not None and device.type == "cpu" and load_before > 0.5:
+        print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
+
+
+def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device: Any) -> dict[str, Any]:
+    """One table: every candidate timed on a fresh teacher and student with `classes` outputs, its rows
+    and checks against the targets."""
+    import torch
+
+    from jacdistill_cli.proofs import benchmark
+    from jacdistill_cli.run.precision import Precision
+    from jacdistill_cli.run.teacher import freeze
+    from jacdistill_cli.zoo.checkpoints import describe_architecture
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+
+    shape = tuple(options["input_shape"])
+    torch.manual_seed(options["seed"])
+    teacher = freeze(build_model(architecture(cfg.teacher), shape, classes, "teacher").to(device))
+    student = build_model(architecture(cfg.student), shape, classes, "student").to(device).train()
+    generator = torch.Generator().manual_seed(options["seed"])
+    x = torch.randn((options["batch_size"], *shape), generator=generator).to(device)
+    y = torch.randint(0, classes, (options["batch_size"],), generator=generator).to(device)
+    teacher_ms = 1000 * benchmark.model_cost(teacher, x, device)
+    student_ms = 1000 * benchmark.model_cost(student.eval(), x, device)
+    student.train()
+    print(f"\nteacher {describe_architecture(architecture(cfg.teacher))}: {count_parameters(teacher)} parameters, "
+          f"forward {teacher_ms:.1f} ms; student {describe_architecture(architecture(cfg.student))}: "
+          f"{count_parameters(student)} "
+          f"parameters, forward {student_ms:.1f} ms")
+    candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],
+                                            options["naive"], options["alpha"], options["temperature"],
+                                            options["seed"], shipped_jacobian,
+                                            Precision(options["precision"], device.type))
+    benchmark.time_rounds(candidates, options["warmup"], options["repeats"], options["budget_seconds"], device)
+    agreement = {}
+    if "backward" in options["naive"] and "exact" in options["methods"]:
+        agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
+                                                 options["seed"])
+    summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())
+    summary.update({"teacher_parameters": count_parameters(teacher),
+                    "student_parameters": count_parameters(student),
+                    "teacher_forward_ms": teacher_ms, "student_forward_ms": student_ms})
+    print(benchmark.format_summary(summary))
+    return summary
 
 
 @one_line_errors("bench")
@@ -90,84 +171,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data_batches = data_path.data_batches(cfg)
 
     import logging
-    import os
     import platform
 
     import torch
 
-    from jacdistill_cli.proofs import benchmark
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
-    from jacdistill_cli.run.runtime import keep_freed_memory, run_directory, save_resolved_config, select_device
+    from jacdistill_cli.zoo.models import architecture
+    from jacdistill_cli.run.runtime import keep_freed_memory, run_directory, save_resolved_config
     from jacdistill_cli.storage import write_json
-    from jacdistill_cli.run.precision import Precision
-    from jacdistill_cli.run.teacher import freeze
 
     log = logging.getLogger("jacdistill")
-    if options["device"] == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device='cuda' is not allowed: torch sees no CUDA GPU on this machine; use device=auto or cpu")
-    device = select_device(options["device"])
-    if options["threads"] is not None:
-        torch.set_num_threads(options["threads"])
+    device = choose_device(options)
     run_dir = run_directory()
     save_resolved_config(cfg, run_dir)
-    shape = tuple(options["input_shape"])
     threads = torch.get_num_threads()
     described = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}")
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
-    print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
-          f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
-          f"warm-up{load}" + (f"; precision {options['precision']}" if options["precision"] != "32" else ""))
-    if load_before is not None and device.type == "cpu" and load_before > 0.5:
-        print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
-
+                 else f"{platform.machine()}, {threads} thread{'s' if threads > 1 else ''}")
+    load_before = load_average()
+    print_header(options, device, described, load_before)
     data_rate = data_path.batch_rate(cfg.dataset, options["batch_size"], device, data_batches,
                                      options["seed"]) if data_batches else None
     results: dict[str, Any] = {
         "device": str(device), "device_description": described, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "batch_size": options["batch_size"], "input_shape": list(shape),
+        "threads": threads, "batch_size": options["batch_size"], "input_shape": options["input_shape"],
         "teacher": architecture(cfg.teacher), "student": architecture(cfg.student),
-        "warmup": options["warmup"], "repeats": options["repeats"], "load_average_before": load_before,
-        "precision": options["precision"],
-        "freed_memory_kept": keep_freed_memory(),
+        "comparison": options["comparison"], "bench_pair": options["bench_pair"], "strategies": options["strategies"],
+        "naive": options["naive"], "warmup": options["warmup"], "repeats": options["repeats"],
+        "budget_seconds": options["budget_seconds"], "load_average_before": load_before,
+        "precision": options["precision"], "freed_memory_kept": keep_freed_memory(),
         "tables": [],
     }
     for classes in options["classes"]:
-        torch.manual_seed(options["seed"])
-        teacher = freeze(build_model(architecture(cfg.teacher), shape, classes, "teacher").to(device))
-        student = build_model(architecture(cfg.student), shape, classes, "student").to(device).train()
-        generator = torch.Generator().manual_seed(options["seed"])
-        x = torch.randn((options["batch_size"], *shape), generator=generator).to(device)
-        y = torch.randint(0, classes, (options["batch_size"],), generator=generator).to(device)
-        teacher_ms = 1000 * benchmark.model_cost(teacher, x, device)
-        student_ms = 1000 * benchmark.model_cost(student.eval(), x, device)
-        student.train()
-        print(f"\nteacher {describe_architecture(architecture(cfg.teacher))}: {count_parameters(teacher)} parameters, "
-              f"forward {teacher_ms:.1f} ms; student {describe_architecture(architecture(cfg.student))}: "
-              f"{count_parameters(student)} "
-              f"parameters, forward {student_ms:.1f} ms")
-        candidates = benchmark.build_candidates(student, teacher, x, y, options["methods"], options["strategies"],
-                                                options["naive"], options["alpha"], options["temperature"],
-                                                options["seed"], shipped_jacobian,
-                                                Precision(options["precision"], device.type))
-        benchmark.time_rounds(candidates, options["warmup"], options["repeats"], options["budget_seconds"], device)
-        agreement = {}
-        if "backward" in options["naive"] and "exact" in options["methods"]:
-            agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
-                                                     options["seed"])
-        summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())
-        summary.update({"teacher_parameters": count_parameters(teacher),
-                        "student_parameters": count_parameters(student),
-                        "teacher_forward_ms": teacher_ms, "student_forward_ms": student_ms})
-        print(benchmark.format_summary(summary))
-        results["tables"].append(summary)
+        results["tables"].append(bench_classes(cfg, options, classes, device))
         write_json(run_dir / "bench.json", results)
 
     if data_rate is not None:
         results["data_path"] = data_path.compare(data_rate, results["tables"])
         print("\n" + data_path.format_row(results["data_path"]))
-    results["load_average_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results["load_average_after"] = load_average()
     missed = [c["what"] for t in results["tables"] for c in t["checks"] if not c["met"]]
     results["targets_met"] = not missed
     write_json(run_dir / "bench.json", results)

@@ -189,13 +189,13 @@ def keep_freed_memory() -> bool:
     with a Jacobian term allocates more of them (about 10% of its time on a CPU). Elsewhere nothing.
     """
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The process's own symbols, libc's among them: ctypes.util.find_library would run ldconfig.
+        libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

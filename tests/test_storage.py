@@ -90,6 +90,7 @@ def test_a_write_past_the_file_size_limit_keeps_the_old_file_and_says_why_in_one
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow   # mounts a tmpfs: a process
 def test_a_full_file_system_keeps_the_old_file_and_frees_the_temporary(tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()

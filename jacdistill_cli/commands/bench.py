@@ -129,8 +129,7 @@ def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device
     from jacdistill_cli.proofs import benchmark
     from jacdistill_cli.run.precision import Precision
     from jacdistill_cli.run.teacher import freeze
-    from jacdistill_cli.zoo.checkpoints import describe_architecture
-    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters
+    from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
 
     shape = tuple(options["input_shape"])
     torch.manual_seed(options["seed"])

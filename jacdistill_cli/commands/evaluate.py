@@ -146,7 +146,7 @@ def table(rows: dict[str, dict[str, float | None]], columns: list[str]) -> str:
 def print_results(result: dict[str, Any], payload: dict, teacher_payload: dict | None, cfg: DictConfig,
                   samples: int) -> None:
     """The table of evaluation.json's numbers: one row per network, then its robust accuracy."""
-    from jacdistill_cli.zoo.checkpoints import describe_architecture
+    from jacdistill_cli.zoo.models import describe_architecture
 
     sigmas = result["sigmas"]
     teacher = teacher_payload is not None

@@ -19,7 +19,6 @@ import os
 import re
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from jacdistill_cli.config.checks import SettingError, number
@@ -91,12 +90,13 @@ def read_weights(weights: Any) -> dict[str, Tensor]:
     path = os.path.expanduser(weights)
     if not os.path.isfile(path):
         raise SettingError("weights", weights, f"no such file; {WEIGHTS_ALLOWED}")
-    from jacdistill_cli.zoo.checkpoints import unpickling_reason
+    from jacdistill_cli.errors import ReadError
+    from jacdistill_cli.storage import load_torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise SettingError("weights", weights, f"{unpickling_reason(path, err)}; {WEIGHTS_ALLOWED}") from None
+        state = load_torch(path)   # the project's one safe load
+    except ReadError as err:
+        raise SettingError("weights", weights, f"{err.reason}; {WEIGHTS_ALLOWED}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -24,7 +24,7 @@ def start(cfg: DictConfig, device_key: str = "trainer.device", write_config: boo
     """The device of `device_key` (one line for a GPU torch does not see; under torch.distributed the rank's
     `local_rank` GPU), the run directory (Hydra's, unless given; its resolved config.yaml written unless the
     command writes it later), every random stream seeded."""
-    from jacdistill_cli.run.runtime import run_directory, save_resolved_config, seed_everything, select_device
+    from jacdistill_cli.run.runtime import run_directory, seed_everything, select_device
 
     device = select_device(OmegaConf.select(cfg, device_key), local_rank, key=device_key)
     run_dir = run_dir or run_directory()
@@ -32,6 +32,34 @@ def start(cfg: DictConfig, device_key: str = "trainer.device", write_config: boo
         save_resolved_config(cfg, run_dir)
     seed_everything(cfg.seed)
     return Startup(device, run_dir)
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra saves the config as composed (.hydra/config.yaml); this is the one with values filled in."""
+    from jacdistill_cli.storage import write_text
+
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's `.hydra/` record of the run (config.yaml, hydra.yaml, overrides.yaml), written once the
+    directory is known to be this configuration's: train sets `hydra.output_subdir: null`, because
+    Hydra would write them before the run could refuse a directory holding another run's record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from jacdistill_cli.storage import write_text
+
+    hydra_cfg = HydraConfig.instance().cfg
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        write_text(run_dir / ".hydra" / name, OmegaConf.to_yaml(node))
+
+
+def cache_directory(cfg: DictConfig) -> Path:
+    """Where teachers trained by the runner are cached (`cache_dir`, default $JACDISTILL_CACHE)."""
+    import os
+
+    return Path(os.path.expanduser(str(cfg.cache_dir)))
 
 
 def data(node: DictConfig, device: Any):
@@ -52,7 +80,6 @@ def loop_settings(cfg: DictConfig):
 
 def teacher_settings(cfg: DictConfig):
     """The teacher group, typed (run/teacher.py TeacherSettings); teacher.samples_per_class checked here."""
-    from jacdistill_cli.run.runtime import cache_directory
     from jacdistill_cli.run.teacher import TeacherSettings
     from jacdistill_cli.zoo.data import split_seed
     from jacdistill_cli.zoo.models import architecture

@@ -80,7 +80,7 @@ def claimed(cfg: DictConfig, run_dir: Path):
     import logging
 
     from jacdistill_cli.run import resume
-    from jacdistill_cli.run.runtime import save_resolved_config
+    from jacdistill_cli.commands.startup import save_hydra_files, save_resolved_config
 
     log = logging.getLogger("jacdistill")
     claim = resume.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
@@ -91,7 +91,7 @@ def claimed(cfg: DictConfig, run_dir: Path):
     if claim.restart:
         for name in (resume.LAST, resume.BEST, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
-    resume.save_hydra_files(cfg, run_dir)
+    save_hydra_files(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
     return claim
 

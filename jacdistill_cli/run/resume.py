@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from jacdistill_cli import storage
 from jacdistill_cli.errors import ReadError, UsageError
@@ -129,19 +129,6 @@ def claim_directory(config: dict[str, Any], run_dir: Path) -> Claim:
         any(run_dir.glob("events.out.tfevents.*")) or (run_dir / "metrics.json").is_file()
         or (run_dir / LAST).is_file())
     return claim
-
-
-def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
-    """Hydra's `.hydra/` record of the run (config.yaml, hydra.yaml, overrides.yaml), written once the
-    directory is known to be this configuration's: train sets `hydra.output_subdir: null`, because
-    Hydra would write them before the run could refuse a directory holding another run's record."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.instance().cfg
-    folder = run_dir / ".hydra"
-    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
-                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        storage.write_text(folder / name, OmegaConf.to_yaml(node))
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from jacdistill_cli.config.settings import check_device_name
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.storage import write_text
 
 MAX_DIRNAME = 120
 SALIENCY_MODES = ("abs", "signed")  # how run/saliency.py draws the input-gradients (trainer.saliency)
@@ -127,11 +125,6 @@ def run_directory() -> Path:
     return Path(HydraConfig.get().runtime.output_dir).resolve()
 
 
-def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Hydra saves the config as composed (.hydra/config.yaml); this is the one with values filled in."""
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-
 def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):
     """The torch device of a setting: `auto` (the first GPU when torch sees one, else the CPU), `cpu`,
     `cuda` or `cuda:N`; a GPU that torch does not see is refused in one line. Under torch.distributed
@@ -174,10 +167,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def cache_directory(cfg: DictConfig) -> Path:
-    return Path(os.path.expanduser(str(cfg.cache_dir)))
 
 
 def keep_freed_memory() -> bool:

@@ -154,7 +154,8 @@ def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device
     if "backward" in options["naive"] and "exact" in options["methods"]:
         agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", *options["strategies"]],
                                                  options["seed"])
-    summary = benchmark.summarise(candidates, classes, agreement, benchmark.Targets())
+    summary = benchmark.summarise(candidates, classes, agreement,
+                                  benchmark.targets_for(options["bench_pair"]))
     summary.update({"teacher_parameters": count_parameters(teacher),
                     "student_parameters": count_parameters(student),
                     "teacher_forward_ms": teacher_ms, "student_forward_ms": student_ms})

@@ -157,3 +157,33 @@ def test_robustness_none_records_none_of_it(tmp_path):
 
     _, text, _ = write_report(run_dir)
     assert "robust_accuracy" not in text and "Robust accuracy" not in text
+
+
+@pytest.mark.slow
+def test_two_processes_attack_their_blocks_and_record_what_one_process_measures(cli, tmp_path):
+    """trainer.devices=2: each rank attacks its blocks of 4 samples and the counts are summed; the result is
+    what one process measures on the saved student and teacher."""
+    from jacdistill_cli.robustness.measure import robust_accuracy
+    from jacdistill_cli.robustness.pixels import Pixels
+    from jacdistill_cli.robustness.settings import robustness_settings
+    from jacdistill_cli.zoo.checkpoints import load_checkpoint, model_from_checkpoint
+
+    attacks = [{"name": "pgd", "norm": "linf", "eps": 0.1, "steps": 3},
+               {"name": "transfer_pgd", "norm": "l2", "eps": 1.0, "steps": 3}, {"name": "noise", "sigma": 0.3}]
+    listed = "[" + ",".join("{" + ",".join(f"{k}:{v}" for k, v in a.items()) + "}" for a in attacks) + "]"
+    run_dir = tmp_path / "run"
+    result = cli("train", *QUICK, "trainer.devices=2", "trainer.device=cpu", f"robustness.attacks={listed}",
+                 "robustness.samples=14", "robustness.batch_size=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["robust_samples"] == 14
+
+    def loaded(path, kind):
+        return model_from_checkpoint(load_checkpoint(path, kind), kind).eval()
+
+    student, teacher = loaded(run_dir / "student.pt", "student"), loaded(metrics["teacher_checkpoint"], "teacher")
+    data = build_data(OmegaConf.load(run_dir / "config.yaml").dataset)
+    settings = robustness_settings({"attacks": attacks, "samples": 14, "batch_size": 4})
+    one = robust_accuracy(student, data.test, Pixels.of(data), torch.device("cpu"), settings, teacher=teacher)
+    assert metrics["robust_accuracy"] == {k: pytest.approx(v, abs=1e-9) for k, v in one.items()
+                                          if k not in ("samples", "robust_seconds")}

@@ -302,7 +302,8 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
 
     from hydra import compose, initialize_config_module
 
-    from jacdistill_cli.zoo.checkpoints import make_checkpoint, save_checkpoint
+    from jacdistill_cli.storage import write_torch
+    from jacdistill_cli.zoo.checkpoints import make_checkpoint
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.zoo.models import build_model
     from run_inprocess import run_command
@@ -314,8 +315,8 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
     for role, spec in (("student", {"name": "mlp", "hidden": [16], "batchnorm": False}),
                        ("teacher", {"name": "cnn", "channels": [4], "hidden": 8, "batchnorm": True})):
         paths[role] = tmp_path / f"{role}.pt"
-        save_checkpoint(make_checkpoint(build_model(spec, data.input_shape, data.num_classes), role, spec, data, {}),
-                        paths[role])
+        write_torch(paths[role],
+                    make_checkpoint(build_model(spec, data.input_shape, data.num_classes), role, spec, data, {}))
     attacks = "[{name:pgd,norm:linf,eps:0.2,steps:3},{name:transfer_pgd,norm:linf,eps:0.2,steps:3},{name:noise,sigma:0.1}]"
     result = run_command("evaluate", [f"checkpoint={paths['student']}", f"teacher.checkpoint={paths['teacher']}",
                                       "robustness.samples=50", f"robustness.attacks={attacks}"], tmp_path / "run")

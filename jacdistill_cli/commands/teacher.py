@@ -16,7 +16,6 @@ register_resolvers()
 def run(cfg: DictConfig) -> float:
     """Returns the teacher's validation accuracy."""
     from jacdistill_cli.config import settings
-
     from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
 
     settings.validate_trainer(cfg)

@@ -225,7 +225,8 @@ class Session:
 
 
 def validate(cfg: DictConfig) -> tuple[Any, Any]:
-    """Every setting of a train run, checked before any work: (objective settings, optimiser settings)."""
+    """Every setting of a train run (robustness and teacher.training too), checked before any work: (objective
+    settings, optimiser settings)."""
     from jacdistill_cli.config import settings
     from jacdistill_cli.robustness.settings import teacher_training
     from jacdistill_cli.run import resume

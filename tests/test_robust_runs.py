@@ -87,6 +87,20 @@ def test_a_run_logs_robust_scalars_with_the_teachers_as_a_level_line(robust_run)
     assert tags.index("teacher/test_accuracy") + 1 == tags.index("teacher/robust_accuracy/clean")
 
 
+def test_a_single_runs_summary_lists_each_attack_for_student_and_teacher(robust_run):
+    from jacdistill_cli.commands.records import summary_table
+
+    metrics = json.loads((robust_run / "metrics.json").read_text())
+    lines = summary_table(metrics, robust_run).splitlines()
+    student, teacher = metrics["robust_accuracy"], metrics["teacher_robust_accuracy"]
+    row = next(line for line in lines if line.startswith("robust pgd_linf_0.2 "))
+    assert row.split()[-2:] == [f"{student['pgd_linf_0.2']:.4f}", f"{teacher['pgd_linf_0.2']:.4f}"]
+    transfer = next(line for line in lines if line.startswith("robust transfer_pgd_linf_0.2 "))
+    assert transfer.split()[-1] == f"{student['transfer_pgd_linf_0.2']:.4f}"   # no teacher column
+    assert not any(line.startswith("robust clean") for line in lines)
+    assert f"robust accuracy on the first {ATTACKED} test samples" in "\n".join(lines)
+
+
 def test_the_report_has_the_robust_columns_and_says_how_many_samples_were_attacked(robust_run, tmp_path):
     from jacdistill_cli.run.report import build_report, markdown, robust_panel, write_csv
 

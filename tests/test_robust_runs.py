@@ -87,6 +87,37 @@ def test_a_run_logs_robust_scalars_with_the_teachers_as_a_level_line(robust_run)
     assert tags.index("teacher/test_accuracy") + 1 == tags.index("teacher/robust_accuracy/clean")
 
 
+def test_the_teachers_robust_accuracy_is_remembered_for_the_next_run_with_that_teacher(robust_run, tmp_path,
+                                                                                       caplog):
+    import dataclasses
+    import os
+
+    from jacdistill_cli.robustness.settings import robustness_settings
+    from jacdistill_cli.run.robust import remembered_path
+
+    first = json.loads((robust_run / "metrics.json").read_text())
+    entry = Path(first["teacher_checkpoint"])
+    assert len(list(entry.parent.glob(f"{entry.name}.robust-*.json"))) == 1
+    with caplog.at_level(logging.INFO, logger="jacdistill"):
+        run_command("train", [*QUICK, "student.hidden=[32]", "robustness=digits", f"robustness.samples={ATTACKED}",
+                              "teacher.training=adversarial", "teacher.adversarial.steps=2"], tmp_path / "second")
+    second = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert second["teacher_checkpoint"] == first["teacher_checkpoint"]
+    assert second["teacher_robust_accuracy"] == first["teacher_robust_accuracy"]
+    assert second["robust_accuracy"] != first["robust_accuracy"]   # another student, attacked
+    assert "the teacher's robust accuracy as measured before" in caplog.text
+    assert "(student; the teacher's remembered)" in caplog.text
+    # Other settings, another device or a teacher written anew are measured anew.
+    settings = robustness_settings(OmegaConf.load(Path(__file__).parents[1] / "conf" / "robustness" / "digits.yaml"))
+    cpu = torch.device("cpu")
+    other = dataclasses.replace(settings, samples=17)
+    assert remembered_path(entry, settings, cpu) != remembered_path(entry, other, cpu)
+    assert remembered_path(entry, settings, cpu) != remembered_path(entry, settings, torch.device("meta"))
+    before, stat = remembered_path(entry, settings, cpu), entry.stat()
+    os.utime(entry, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # as a teacher trained anew would be
+    assert remembered_path(entry, settings, cpu) != before
+
+
 def test_a_single_runs_summary_lists_each_attack_for_student_and_teacher(robust_run):
     from jacdistill_cli.commands.records import summary_table
 

@@ -478,8 +478,10 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
         val = {k: payload["metrics"][f"val_{k}"] for k in val}
     test = evaluate(distiller.student, distiller.teacher, session.data.test, cfg.trainer.eval_batch_size,
                     session.device, world)
-    robust = robust_metrics(distiller.student, distiller.teacher, session.data, session.device, world,
-                            robustness(cfg), history["train_seconds"] / max(history["epochs"], 1))
+    cached = Path(teacher_info["path"]) if teacher_info["source"] in ("cache", "trained") else None
+    robust = robust_metrics(distiller.student, distiller.teacher, session.data, session.device, world, robustness(cfg),
+                            history["train_seconds"] / max(history["epochs"], 1),
+                            cached if cached is not None and cached.parent != session.run_dir else None)
     return {
         "status": resume.FINISHED, "selected": cfg.trainer.select, "best_epoch": best["epoch"],
         "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],

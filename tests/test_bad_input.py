@@ -123,6 +123,13 @@ CORPUS: list[tuple[str, str]] = [
     ("train recipe=nope", "Could not find 'recipe/nope'"),
     ("train experiment=nope", "Could not find 'experiment/nope'"),
     ("train alpha=[", "no viable alternative"),
+    # --- train: robustness and robust teachers
+    ("train teacher.training=madry", "teacher.training='madry' is not allowed: it must be one of standard, "
+     "adversarial, trades"),
+    ("train teacher.training=adversarial teacher.adversarial.eps=0", "teacher.adversarial.eps=0 is not allowed"),
+    ("train teacher.training=trades teacher.adversarial.norm=l1", "teacher.adversarial.norm='l1' is not allowed"),
+    ("train robustness.samples=0", "robustness.samples=0 is not allowed"),
+    ("train robustness=digits robustness.attacks.0.eps=-0.1", "robustness.attacks[0].eps=-0.1 is not allowed"),
     # --- teacher
     ("teacher teacher.epochs=0", "teacher.epochs=0 is not allowed"),
     ("teacher teacher.hidden=-3", "teacher.hidden=-3 is not allowed"),
@@ -132,6 +139,8 @@ CORPUS: list[tuple[str, str]] = [
     ("teacher dataset=imagefolder dataset.root={two}", "split is empty"),
     ("teacher dataset=imagefolder dataset.root={one}", "a classifier needs at least 2"),
     ("teacher dataset=cifar100 dataset.root={dir}", "files not found"),
+    ("teacher teacher.training=madry", "teacher.training='madry' is not allowed"),
+    ("teacher teacher.training=adversarial teacher.adversarial.steps=0", "teacher.adversarial.steps=0 is not allowed"),
     # --- evaluate
     ("evaluate", "checkpoint=null is not allowed"),
     ("evaluate checkpoint={dir}/missing.pt", "no such file"),

@@ -79,7 +79,9 @@ def loop_settings(cfg: DictConfig):
 
 
 def teacher_settings(cfg: DictConfig):
-    """The teacher group, typed (run/teacher.py TeacherSettings); teacher.samples_per_class checked here."""
+    """The teacher group, typed (run/teacher.py TeacherSettings); teacher.samples_per_class, teacher.training
+    and teacher.adversarial checked here."""
+    from jacdistill_cli.robustness.settings import teacher_training
     from jacdistill_cli.run.teacher import TeacherSettings
     from jacdistill_cli.zoo.data import split_seed
     from jacdistill_cli.zoo.models import architecture
@@ -97,7 +99,7 @@ def teacher_settings(cfg: DictConfig):
         epochs=teacher.epochs, batch_size=teacher.batch_size, lr=teacher.lr, weight_decay=teacher.weight_decay,
         samples_per_class=samples, seed=cfg.seed, split_seed=seed, dataset=dataset,
         cache_dir=cache_directory(cfg) if "cache_dir" in cfg else None, eval_batch_size=cfg.trainer.eval_batch_size,
-        num_workers=cfg.trainer.num_workers)
+        num_workers=cfg.trainer.num_workers, training=teacher_training(teacher))
 
 
 def check_models(cfg: DictConfig, data: Any, objective: Any = None) -> None:

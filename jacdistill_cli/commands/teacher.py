@@ -1,4 +1,5 @@
-"""`jacdistill teacher`: train a teacher with cross-entropy and save it in the run directory."""
+"""`jacdistill teacher`: train a teacher (with cross-entropy, or adversarially: teacher.training) and save it in
+the run directory."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ register_resolvers()
 def run(cfg: DictConfig) -> float:
     """Returns the teacher's validation accuracy."""
     from jacdistill_cli.config import settings
+    from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
 
     settings.validate_trainer(cfg)
     settings.validate_teacher_training(cfg)
+    teacher_training(cfg.teacher)
+    robustness_settings(cfg.get("robustness"), seed=cfg.seed)
 
     import logging
     import sys

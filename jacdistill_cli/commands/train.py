@@ -225,14 +225,18 @@ class Session:
 
 
 def validate(cfg: DictConfig) -> tuple[Any, Any]:
-    """Every setting of a train run, checked before any work: (objective settings, optimiser settings)."""
+    """Every setting of a train run (robustness and teacher.training too), checked before any work: (objective
+    settings, optimiser settings)."""
     from jacdistill_cli.config import settings
+    from jacdistill_cli.robustness.settings import teacher_training
     from jacdistill_cli.run import resume
     from jacdistill_cli.run.runtime import SALIENCY_MODES
 
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
         raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
     validated = settings.validate_train(cfg)
+    robustness(cfg)
+    teacher_training(cfg.teacher)
     settings.choice(cfg, "trainer.resume", resume.RESUME_MODES)
     settings.choice(cfg, "trainer.select", resume.SELECT_MODES)
     if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
@@ -241,6 +245,13 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
         settings.integer(cfg, "trainer.save_every_epochs", allowed="it must be an integer >= 1 (the last epoch saves "
                          "in any case)")
     return validated
+
+
+def robustness(cfg: DictConfig) -> Any:
+    """The `robustness` node, typed (robustness/settings.py RobustnessSettings; no attacks for none)."""
+    from jacdistill_cli.robustness.settings import robustness_settings
+
+    return robustness_settings(cfg.get("robustness"), seed=cfg.seed)
 
 
 def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
@@ -453,6 +464,7 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
     import torch
 
     from jacdistill_cli.run import distributed, resume
+    from jacdistill_cli.run.robust import robust_metrics
     from jacdistill_cli.run.runtime import describe_device
     from jacdistill_cli.run.trainer import evaluate
     from jacdistill_cli.zoo.models import count_parameters
@@ -466,6 +478,10 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
         val = {k: payload["metrics"][f"val_{k}"] for k in val}
     test = evaluate(distiller.student, distiller.teacher, session.data.test, cfg.trainer.eval_batch_size,
                     session.device, world)
+    cached = Path(teacher_info["path"]) if teacher_info["source"] in ("cache", "trained") else None
+    robust = robust_metrics(distiller.student, distiller.teacher, session.data, session.device, world, robustness(cfg),
+                            history["train_seconds"] / max(history["epochs"], 1),
+                            cached if cached is not None and cached.parent != session.run_dir else None)
     return {
         "status": resume.FINISHED, "selected": cfg.trainer.select, "best_epoch": best["epoch"],
         "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
@@ -478,7 +494,7 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
         "world_size": world.size, "precision": session.precision.name,
         "teacher_source": teacher_info["source"], "teacher_checkpoint": teacher_info["path"],
         "student_parameters": count_parameters(distiller.student),
-        "teacher_parameters": count_parameters(distiller.teacher),
+        "teacher_parameters": count_parameters(distiller.teacher), **robust,
     }
 
 
@@ -487,12 +503,16 @@ def finished(session: Session, distiller: Any, metrics: dict[str, Any]) -> float
     import logging
 
     from jacdistill_cli.run import resume
+    from jacdistill_cli.run.robust import robust_scalars
     from jacdistill_cli.storage import write_torch
 
     log = logging.getLogger("jacdistill")
     with session.signals.deferring(raise_pending=False):  # the results are written whole, whatever arrives
+        student, teacher = robust_scalars(metrics)
+        session.logger.scalars(teacher, 0)   # the teacher's robust accuracy: a level line from the first step
         session.logger.scalars({"test/accuracy": metrics["test_accuracy"], "test/agreement": metrics["agreement"],
-                                "test/jacobian_cosine": metrics["jacobian_cosine"]}, metrics["steps"])
+                                "test/jacobian_cosine": metrics["jacobian_cosine"], **student, **teacher},
+                               metrics["steps"])
         close_logger(session, True)
         if session.world.main:
             floats = {k: v for k, v in metrics.items() if isinstance(v, float)}

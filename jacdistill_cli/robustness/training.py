@@ -1,6 +1,6 @@
 """Objectives that train a robust network (a teacher), called as engine.objective.cross_entropy_objective is:
 
-    objective(model, None, inputs, labels, gradient_scale=1.0) -> (logits [b, classes], {term: value, "total"})
+    objective(model, None, inputs, labels, gradient_scale=1.0, epoch=None) -> (logits [b, classes], {term: value, "total"})
 
     adversarial  hard = CE(f(x'), y), x' the PGD example of x: maximises CE within the eps-ball from a
                  random start (Madry et al. 2018); logits are those of x'
@@ -67,7 +67,8 @@ class AdversarialObjective:
         return self.pixels.to_inputs(adversarial).to(inputs.dtype)
 
     def __call__(self, model: nn.Module, teacher: None, inputs: Tensor, labels: Tensor,
-                 gradient_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                 gradient_scale: float = 1.0, epoch: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        # (called as the trainer calls any objective; `epoch` is accepted and unused)
         adversarial = self.examples(model, inputs, labels)
         if self.training.kind == "adversarial":
             logits = model(adversarial)

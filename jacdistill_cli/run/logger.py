@@ -18,7 +18,7 @@ HParamValue = int | float | str | bool | None
 # The metrics the HPARAMS tab lists first (it shows the first five of the list as columns), then the rest
 # of the runs' scalars in this order of prefixes.
 LEADING_METRICS = ("test/accuracy", "test/agreement", "test/jacobian_cosine", "val/accuracy")
-METRIC_PREFIX_ORDER = ("test/", "val/", "teacher/test_accuracy", "loss/", "teacher/")
+METRIC_PREFIX_ORDER = ("test/", "val/", "teacher/test_accuracy", "teacher/robust_accuracy/", "loss/", "teacher/")
 EXPERIMENT_SUFFIX = ".experiment"  # the file name suffix of the sweep's experiment summary
 
 

@@ -26,6 +26,9 @@ from jacdistill_cli.run.runtime import job_dirname, swept_keys, varying_dirname
 SEED_KEY = "seed"
 # Columns of the printed table; the CSV has every numeric metric of metrics.json.
 TABLE_METRICS = ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine")
+# metrics.json's robust accuracies ({attack key: accuracy}), read as the metrics `robust_accuracy/<key>` and
+# `teacher_robust_accuracy/<key>`: the table's robust columns, after the teacher's clean accuracy.
+ROBUST = ("robust_accuracy", "teacher_robust_accuracy")
 # The x-axis of the plot, in order of preference, when `x=auto` and the key varies across groups.
 PREFERRED_X = ("dataset.samples_per_class", "alpha")
 FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
@@ -153,11 +156,47 @@ def read_run(run_dir: Path, root: Path) -> Run:
                        f"{metrics.get('epoch')}, step {metrics.get('step')}; resume: {metrics.get('resume')}")
         if metrics.get("status") == DIVERGED:
             return Run(name, overrides, None, DIVERGED, str(metrics.get("error", "")))
-        return Run(name, overrides, metrics)
+        return Run(name, overrides, flattened(metrics))
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:
         return Run(name, overrides, None, FAILED, error)
     return Run(name, overrides, None, UNFINISHED, "no metrics.json")
+
+
+def flattened(metrics: dict) -> dict:
+    """metrics.json with its robust accuracies ({"robust_accuracy": {"pgd_linf_0.1": ...}}) as metrics of their
+    own (`robust_accuracy/pgd_linf_0.1`)."""
+    flat = dict(metrics)
+    for name in ROBUST:
+        nested = flat.pop(name, None)
+        if isinstance(nested, dict):
+            flat.update({f"{name}/{key}": value for key, value in nested.items()})
+    return flat
+
+
+def table_metrics(report: "Report") -> list[str]:
+    """The printed table's columns: TABLE_METRICS, and with robust accuracies the teacher's clean accuracy,
+    then each attack's robust accuracy of the student and of the teacher (`clean`, the accuracy on the
+    attacked samples, is left to the CSV)."""
+    columns = [m for m in TABLE_METRICS if m in report.metrics]
+    robust = [m for m in report.metrics if m.startswith(tuple(f"{name}/" for name in ROBUST))
+              and not m.endswith("/clean")]
+    if robust:
+        columns += [m for m in ("teacher_test_accuracy",) if m in report.metrics] + robust
+    return columns
+
+
+def robust_line(report: "Report") -> str | None:
+    """How many test samples the runs' robust accuracy was measured on, at what cost; None without it."""
+    finished = [r.metrics for r in report.runs if r.status == FINISHED and "robust_samples" in r.metrics]
+    if not finished:
+        return None
+    samples = sorted({int(m["robust_samples"]) for m in finished})
+    seconds = statistics.fmean(float(m.get("robust_seconds", 0.0)) for m in finished)
+    counted = str(samples[0]) if len(samples) == 1 else f"{samples[0]} to {samples[-1]}"
+    return (f"Robust accuracy (robust_accuracy/<attack>_<norm>_<epsilon>, epsilon and noise sigma in pixel scale "
+            f"[0, 1]) on the first {counted} test samples of each run (robustness.samples), student and teacher "
+            f"attacked in {seconds:.1f} s a run on average; teacher_robust_accuracy/* is the teacher's.")
 
 
 def run_directories(root: Path) -> list[Path]:
@@ -263,8 +302,11 @@ def markdown(report: Report) -> str:
              f"{len(report.groups)} group(s); mean ± std over seeds (sample std, n - 1)."]
     if report.constant:
         lines.append("Same in every run: " + " ".join(f"{k}={v}" for k, v in report.constant.items()))
+    robust = robust_line(report)
+    if robust is not None:
+        lines.append(robust)
     lines.append("")
-    metrics = [m for m in TABLE_METRICS if m in report.metrics]
+    metrics = table_metrics(report)
     any_unfinished = any(len(g.finished) < len(g.runs) for g in report.groups)
     header = [*report.varying, "runs", *(["not finished"] if any_unfinished else []), *metrics]
     lines.append("| " + " | ".join(header) + " |")
@@ -338,9 +380,20 @@ def plot_lines(report: Report, metric: str, key: str) -> dict[str, list[tuple[fl
     return {label: sorted(points) for label, points in lines.items()}
 
 
+def robust_panel(report: Report, metric: str) -> str | None:
+    """The robust accuracy drawn beside `metric`: the student's first L∞ PGD accuracy (else its first PGD's,
+    else its first attack's), None without robust accuracies or when `metric` is one already."""
+    student = [m for m in report.metrics if m.startswith("robust_accuracy/") and not m.endswith("/clean")]
+    if not student or metric.startswith(tuple(f"{name}/" for name in ROBUST)):
+        return None
+    return next((m for prefix in ("robust_accuracy/pgd_linf_", "robust_accuracy/pgd_") for m in student
+                 if m.startswith(prefix)), student[0])
+
+
 def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "auto") -> None:
     """`metric` (mean ± std) against the x key, one line per combination of the other varying keys;
-    horizontal bars per group when no numeric key varies."""
+    horizontal bars per group when no numeric key varies. With robust accuracies, a second panel beside it
+    draws one (robust_panel) the same way."""
     import logging
 
     private_matplotlib_config()
@@ -351,14 +404,27 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
     import matplotlib.pyplot as plt
 
     key = x_axis(report, x)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    metrics = [metric, *([robust] if (robust := robust_panel(report, metric)) else [])]
+    figure, panels = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.5), squeeze=False)
+    for axes, drawn in zip(panels[0], metrics):
+        panel(axes, report, drawn, key)
+    figure.suptitle("/".join(report.directory.resolve().parts[-3:]), fontsize=9)
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, dpi=120, format="png")
+    write_bytes(path, image.getbuffer())
+    plt.close(figure)
+
+
+def panel(axes, report: Report, metric: str, key: str | None) -> None:
+    """One metric of the report on matplotlib `axes`: against `key`, or as bars per group when it is None."""
     if key is None:
         labels = [",".join(f"{k}={v}" for k, v in g.key) or "all runs" for g in report.groups]
         stats = [g.mean_std(metric) for g in report.groups]
         axes.barh(range(len(labels)), [m if m is not None else 0 for m, _ in stats],
                   xerr=[s or 0 for _, s in stats], color="tab:blue", alpha=0.8, capsize=3)
         axes.set_yticks(range(len(labels)), labels, fontsize=8)
-        axes.set_xlabel(metric)
+        axes.set_xlabel(f"{metric} (mean ± std over seeds)")
     else:
         lines = plot_lines(report, metric, key)
         for label, points in lines.items():
@@ -372,13 +438,7 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
         axes.set_ylabel(f"{metric} (mean ± std over seeds)")
         if lines:
             axes.legend(fontsize=8)
-    axes.set_title("/".join(report.directory.resolve().parts[-3:]), fontsize=9)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, dpi=120, format="png")
-    write_bytes(path, image.getbuffer())
-    plt.close(figure)
 
 
 OUTPUT_NAMES = ("report.md", "report.csv", "report.png")

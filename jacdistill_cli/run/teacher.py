@@ -26,7 +26,9 @@ from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.errors import UsageError, WriteError
 from jacdistill_cli.zoo.models import build_model, describe_architecture
 from jacdistill_cli.config.settings import OptimSettings
-from jacdistill_cli.engine.objective import cross_entropy_objective
+from jacdistill_cli.robustness.pixels import Pixels
+from jacdistill_cli.robustness.settings import TeacherTraining
+from jacdistill_cli.robustness.training import teacher_objective
 from jacdistill_cli.run.callbacks import Divergence, ProgressBar, TensorBoard, interactive
 from jacdistill_cli.run.distiller import Distiller
 from jacdistill_cli.run.distributed import World, broadcast
@@ -43,7 +45,8 @@ NOT_TEACHER_DATA = ("samples_per_class", "download", "max_memory_mb")
 @dataclass(frozen=True)
 class TeacherSettings:
     """How the teacher is obtained (the `teacher` group, typed): `checkpoint` (a file), or the architecture
-    `spec` trained with cross-entropy by these settings and cached under `cache_dir`."""
+    `spec` trained by these settings (`training`: cross-entropy, or adversarially) and cached under
+    `cache_dir`."""
 
     name: str
     spec: dict[str, Any]                 # the architecture (zoo/models.py `architecture`)
@@ -60,6 +63,7 @@ class TeacherSettings:
     eval_batch_size: int = 512
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)   # other teacher keys that determine it (cache key)
+    training: TeacherTraining = field(default_factory=TeacherTraining)   # standard, adversarial or trades
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -72,7 +76,8 @@ def freeze(model: nn.Module) -> nn.Module:
 def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
     """Everything that determines a trained teacher."""
     training = {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
-                "weight_decay": settings.weight_decay, **settings.options}
+                "weight_decay": settings.weight_decay, **settings.options,
+                **settings.training.identity()}   # {} for standard training: the keys cached before stay
     if settings.samples_per_class is not None:
         training["samples_per_class"] = settings.samples_per_class
     return {
@@ -91,23 +96,38 @@ def cache_path(settings: TeacherSettings) -> Path:
 
 def train_teacher(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,
                   prefix: str = "teacher/") -> tuple[nn.Module, dict[str, Any]]:
-    """Train the configured teacher with cross-entropy on the full training split (or on
-    `samples_per_class` per class); returns it and its checkpoint payload."""
+    """Train the configured teacher on the full training split (or on `samples_per_class` per class) with
+    cross-entropy, or adversarially (`settings.training`); returns it and its checkpoint payload."""
     data = data.for_teacher(settings.samples_per_class, settings.split_seed)
     torch.manual_seed(settings.seed)
     model = build_model(settings.spec, data.input_shape, data.num_classes, "teacher").to(device)
     optim = OptimSettings("adam", functools.partial(torch.optim.Adam, lr=settings.lr,
                                                     weight_decay=settings.weight_decay), "cosine")
     log.info(f"training teacher {describe_architecture(settings.spec)} on {data.name} ({len(data.train)} training "
-             f"samples) for {settings.epochs} epochs")
+             f"samples) for {settings.epochs} epochs, {describe_training(settings.training)}")
     loop = LoopSettings(settings.epochs, settings.batch_size, settings.eval_batch_size,
                         num_workers=settings.num_workers)
     callbacks = [Divergence(prefix), TensorBoard(logger, prefix), *([ProgressBar(prefix)] if interactive() else [])]
     Trainer(loop, optim, device, callbacks=callbacks, prefix=prefix).fit(
-        Distiller(model, None, cross_entropy_objective), data, torch.Generator().manual_seed(settings.seed))
+        Distiller(model, None, teacher_objective(settings.training, Pixels.of(data), seed=settings.seed)), data,
+        torch.Generator().manual_seed(settings.seed))
     metrics = {f"{split}_accuracy": evaluate(model, None, getattr(data, split), settings.eval_batch_size,
                                              device)["accuracy"] for split in ("val", "test")}
     return model, make_checkpoint(model, "teacher", settings.spec, data, metrics)
+
+
+def describe_training(training: TeacherTraining) -> str:
+    """How a teacher is trained, in words: `with cross-entropy`, `adversarially (PGD linf eps 0.2, 10 steps
+    of 0.05 from a random start)`."""
+    if training.kind == "standard":
+        return "with cross-entropy"
+    attack = training.attack
+    start = ("x + 0.001 N(0, 1)" if training.kind == "trades" else "a random start" if attack.random_start
+             else "the clean input")
+    inner = f"PGD {attack.norm} eps {attack.eps:g}, {attack.steps} steps of {attack.step:g} from {start}"
+    if training.kind == "trades":
+        return f"with TRADES (beta {training.beta:g}; the KL maximised by {inner})"
+    return f"adversarially (cross-entropy on {inner}; Madry et al.)"
 
 
 def obtain_teacher(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,

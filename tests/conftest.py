@@ -83,6 +83,18 @@ def cli():
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: their tensors are tiny, and threads that wait on a busy CPU
+    make them slower. A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def float64_one_thread():
     """float64 everywhere in a module, so that comparisons can be tight; one thread, as its
     tensors are tiny and threads that wait on a busy CPU make them 10-100x slower.

@@ -23,12 +23,7 @@ from objectives import objective
 METHODS = ["top1", "target", "exact", "projected", "noise"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def jacobian_settings(name: str, **settings):

@@ -23,12 +23,7 @@ TINY = ["classes=[10]", "batch_size=4", "input_shape=[1,8,8]", "warmup=1", "repe
         "student.hidden=8", "teacher.channels=[6,6]", "teacher.hidden=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_full_comparison_times_every_strategy_and_both_naive_loops(tmp_path, capsys):

@@ -135,13 +135,18 @@ def dkd_warmup(epoch: int | None, warmup_epochs: int) -> float:
     return min(epoch / warmup_epochs, 1.0)
 
 
+def two_parts(first: tuple[str, Any], second: tuple[str, Any]) -> None:
+    """The weights (name, value) of a loss's two parts: each >= 0, not both 0 (loss=none is no distillation)."""
+    for name, value in (first, second):
+        number(name, value, low=0, allowed="it must be a number >= 0")
+    if float(first[1]) == 0 and float(second[1]) == 0:
+        raise SettingError(second[0], second[1], f"with loss.{first[0]}=0 it must be > 0 (loss=none for no "
+                           "distillation)")
+
+
 def check_dkd(tckd_weight: Any = 1.0, nckd_weight: Any = 8.0, warmup_epochs: Any = 20, **common: Any) -> None:
     check_common(**common)
-    number("tckd_weight", tckd_weight, low=0, allowed="it must be a number >= 0")
-    number("nckd_weight", nckd_weight, low=0, allowed="it must be a number >= 0")
-    if float(tckd_weight) == 0 and float(nckd_weight) == 0:
-        raise SettingError("nckd_weight", nckd_weight, "with loss.tckd_weight=0 it must be > 0 (loss=none for no "
-                           "distillation)")
+    two_parts(("tckd_weight", tckd_weight), ("nckd_weight", nckd_weight))
     whole("warmup_epochs", warmup_epochs, low=0, allowed="it must be an integer >= 0 (0: no warm-up)")
 
 
@@ -173,11 +178,7 @@ def pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 def check_dist(inter_weight: Any = 1.0, intra_weight: Any = 1.0, **common: Any) -> None:
     check_common(**common)
-    number("inter_weight", inter_weight, low=0, allowed="it must be a number >= 0")
-    number("intra_weight", intra_weight, low=0, allowed="it must be a number >= 0")
-    if float(inter_weight) == 0 and float(intra_weight) == 0:
-        raise SettingError("intra_weight", intra_weight, "with loss.inter_weight=0 it must be > 0 (loss=none for "
-                           "no distillation)")
+    two_parts(("inter_weight", inter_weight), ("intra_weight", intra_weight))
 
 
 @checked(check_dist)

@@ -118,3 +118,21 @@ def test_check_under_bf16_reports_each_methods_error_within_its_tolerance(tmp_pa
     assert report["passed"]
     for method in report["methods"]:
         assert method["precision"] == "bf16" and 0 < method["precision_error"] <= PRECISION_TOLERANCE["bf16"]
+
+
+def test_finite_differences_forgive_rounding_but_not_a_wrong_derivative():
+    """A derivative small against its term (a LayerNorm bias deep in a transformer) disagrees with central
+    differences by float64's rounding, relatively far above the tolerance; a wrong one by more."""
+    import torch
+
+    from jacdistill_cli.proofs.finite_differences import beyond_rounding, directional_check
+    from jacdistill_cli.proofs.verify import FD_RELATIVE_TOLERANCE
+
+    p = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    value = lambda: float(1e6 + 1e-3 * p.sum() + torch.sin(p).sum() * 1e-3)  # noqa: E731
+    right = [torch.full_like(p, 1e-3 * (1 + torch.cos(p.detach()).item()))]
+    analytic, numeric, error = directional_check(value, [p], right, torch.Generator().manual_seed(0), 1e6)
+    assert error > FD_RELATIVE_TOLERANCE and not beyond_rounding(analytic, numeric, 1e6)
+    wrong = [2 * right[0]]
+    analytic, numeric, error = directional_check(value, [p], wrong, torch.Generator().manual_seed(0), 1e6)
+    assert error > FD_RELATIVE_TOLERANCE and beyond_rounding(analytic, numeric, 1e6)

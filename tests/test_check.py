@@ -129,7 +129,7 @@ def test_finite_differences_forgive_rounding_but_not_a_wrong_derivative():
     from jacdistill_cli.proofs.verify import FD_RELATIVE_TOLERANCE
 
     p = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
-    value = lambda: float(1e6 + 1e-3 * p.sum() + torch.sin(p).sum() * 1e-3)  # noqa: E731
+    value = lambda: float(1e6 + 1e-3 * p.detach().sum() + torch.sin(p.detach()).sum() * 1e-3)  # noqa: E731
     right = [torch.full_like(p, 1e-3 * (1 + torch.cos(p.detach()).item()))]
     analytic, numeric, error = directional_check(value, [p], right, torch.Generator().manual_seed(0), 1e6)
     assert error > FD_RELATIVE_TOLERANCE and not beyond_rounding(analytic, numeric, 1e6)

@@ -23,7 +23,18 @@ class Where(nn.Module):
         return torch.where(x > 0, x, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("activation", [nn.ReLU(), nn.ReLU(inplace=True), Where(), nn.Hardtanh(), nn.LeakyReLU()])
+class Clamp(nn.Module):
+    def forward(self, x):
+        return x.clamp(min=0)
+
+
+class Maximum(nn.Module):
+    def forward(self, x):
+        return torch.maximum(x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.ReLU(inplace=True), Where(), nn.Hardtanh(), nn.LeakyReLU(),
+                                        nn.ReLU6(), Clamp(), Maximum()])
 def test_choices_change_exactly_where_an_activation_crosses_its_kink(activation):
     net = nn.Sequential(nn.Linear(2, 1, bias=False), activation).double()
     with torch.no_grad():

@@ -2,10 +2,11 @@
 
 A network with ReLUs and max pooling is piecewise smooth: its one-sided derivative along xi at x describes
 D(x + s xi) only for s up to the first kink on the segment, where a ReLU changes sign or a max-pooling window
-changes its winner. `choices` records, op by op, the choices one forward pass makes: the sign of each
-ReLU-like op's input, the winner of each max pooling, and every boolean or index tensor an op computes (the
-comparisons of a hand-written ReLU, argmax, top-k). Two inputs with equal records lie on one piece, up to a
-kink crossed and crossed back between them, which is not looked for.
+changes its winner. `choices` records, torch function by torch function (a TorchFunctionMode: F.relu,
+Tensor.clamp, the comparison operators, ...), the choices one forward pass makes: which side of its kinks each
+input of a ReLU-like function lies on, the winner of each max pooling, and every boolean or index tensor a
+function returns (the comparisons of a hand-written ReLU, argmax, top-k). Two inputs with equal records lie
+on one piece, up to a kink crossed and crossed back between them, which is not looked for.
 
 The forward pass runs with gradients enabled, so that fused inference paths (nn.TransformerEncoderLayer's
 fast path) that hide their activations in one op are not taken.
@@ -16,72 +17,93 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-
-aten = torch.ops.aten
+from torch.overrides import TorchFunctionMode
 
 
-def _positive(args: tuple, kwargs: dict) -> list[Tensor]:
-    return [args[0] > 0]
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
 
 
-def _threshold(args: tuple, kwargs: dict) -> list[Tensor]:
-    return [args[0] > args[1]]
-
-
-def _bounds(low: int | None, high: int | None) -> Callable[[tuple, dict], list[Tensor]]:
-    """clamp(x, min, max) and its kind: which entries lie above the lower bound and below the upper."""
+def _above(threshold: Any = 0.0, position: int | None = None, name: str = "") -> Callable[[tuple, dict], list]:
+    """Which entries of the input lie above a fixed threshold, or above the call's own (its argument)."""
     def chosen(args: tuple, kwargs: dict) -> list[Tensor]:
-        x, record = args[0], []
-        for position, name, above in ((low, "min", True), (high, "max", False)):
-            if position is None:
-                continue
-            bound = args[position] if len(args) > position else kwargs.get(name)
-            if bound is not None:
-                record.append(x > bound if above else x < bound)
-        return record
+        bound = threshold if position is None else _argument(args, kwargs, position, name, threshold)
+        return [args[0] > bound]
     return chosen
 
 
-def _larger(args: tuple, kwargs: dict) -> list[Tensor]:
-    return [args[0] > args[1]]
+def _between(low: tuple[int, str, Any], high: tuple[int, str, Any]) -> Callable[[tuple, dict], list]:
+    """clamp and its kind: which entries lie above the lower bound and which below the upper."""
+    def chosen(args: tuple, kwargs: dict) -> list[Tensor]:
+        x, record = args[0], []
+        lower, upper = _argument(args, kwargs, *low), _argument(args, kwargs, *high)
+        if lower is not None:
+            record.append(x > lower)
+        if upper is not None:
+            record.append(x < upper)
+        return record
+    return chosen
 
 
 def _sign(args: tuple, kwargs: dict) -> list[Tensor]:
     return [args[0] > 0, args[0] < 0]
 
 
-def _winners(with_indices: Any) -> Callable[[tuple, dict], list[Tensor]]:
-    """Max pooling without indices: its winners, from the same pooling with indices."""
+def _extreme(larger: bool) -> Callable[[tuple, dict], list]:
+    """max/min and maximum/minimum: which operand wins elementwise, or the whole tensor's winner."""
     def chosen(args: tuple, kwargs: dict) -> list[Tensor]:
-        return [with_indices(*args, **kwargs)[1]]
+        x, other = args[0], _argument(args, kwargs, 1, "other")
+        if isinstance(other, Tensor):
+            return [x > other if larger else x < other]
+        if other is None and "dim" not in kwargs:
+            return [x.flatten().argmax() if larger else x.flatten().argmin()]
+        return []                                      # max(x, dim): its indices are an output
     return chosen
 
 
-PIECEWISE: dict[Any, Callable[[tuple, dict], list[Tensor]]] = {
-    aten.relu: _positive, aten.relu_: _positive, aten.leaky_relu: _positive, aten.leaky_relu_: _positive,
-    aten.threshold: _threshold, aten.threshold_: _threshold,
-    aten.clamp: _bounds(1, 2), aten.clamp_: _bounds(1, 2), aten.hardtanh: _bounds(1, 2), aten.hardtanh_: _bounds(1, 2),
-    aten.clamp_min: _bounds(1, None), aten.clamp_min_: _bounds(1, None),
-    aten.clamp_max: _bounds(None, 1), aten.clamp_max_: _bounds(None, 1),
-    aten.maximum: _larger, aten.minimum: lambda args, kwargs: [args[0] < args[1]],
-    aten.abs: _sign, aten.abs_: _sign,
-    aten.max_pool2d: _winners(aten.max_pool2d_with_indices), aten.max_pool3d: _winners(aten.max_pool3d_with_indices),
+def _winners(with_indices: Callable) -> Callable[[tuple, dict], list]:
+    """Max pooling: its winners, from the same pooling with indices."""
+    def chosen(args: tuple, kwargs: dict) -> list[Tensor]:
+        kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        return [with_indices(*args[:6], **kwargs)[1]] if len(args) <= 6 else []
+    return chosen
+
+
+NO_BOUND = (99, "", None)   # an argument no call has: no bound on that side
+# By the torch function's name, which F.relu, torch.relu and Tensor.relu share.
+PIECEWISE: dict[str, Callable[[tuple, dict], list]] = {
+    **dict.fromkeys(["relu", "relu_", "leaky_relu", "leaky_relu_", "rrelu", "rrelu_"], _above()),
+    **dict.fromkeys(["threshold", "threshold_"], _above(0.0, 1, "threshold")),
+    **dict.fromkeys(["clamp", "clamp_", "clip", "clip_"], _between((1, "min", None), (2, "max", None))),
+    **dict.fromkeys(["clamp_min", "clamp_min_"], _between((1, "min", None), NO_BOUND)),
+    **dict.fromkeys(["clamp_max", "clamp_max_"], _between(NO_BOUND, (1, "max", None))),
+    **dict.fromkeys(["hardtanh", "hardtanh_"], _between((1, "min_val", -1.0), (2, "max_val", 1.0))),
+    "relu6": lambda args, kwargs: [args[0] > 0, args[0] < 6],
+    **dict.fromkeys(["abs", "abs_", "__abs__", "absolute"], _sign),
+    **dict.fromkeys(["max", "maximum", "fmax"], _extreme(True)),
+    **dict.fromkeys(["min", "minimum", "fmin"], _extreme(False)),
+    "max_pool1d": _winners(F.max_pool1d_with_indices), "max_pool2d": _winners(F.max_pool2d_with_indices),
+    "max_pool3d": _winners(F.max_pool3d_with_indices),
+    "adaptive_max_pool1d": _winners(F.adaptive_max_pool1d_with_indices),
+    "adaptive_max_pool2d": _winners(F.adaptive_max_pool2d_with_indices),
+    "adaptive_max_pool3d": _winners(F.adaptive_max_pool3d_with_indices),
 }
 
 
-class _Choices(TorchDispatchMode):
+class _Choices(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.record: list[Tensor] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        chosen = PIECEWISE.get(func.overloadpacket)
-        if chosen is not None:
+        chosen = PIECEWISE.get(getattr(func, "__name__", ""))
+        if chosen is not None and args and isinstance(args[0], Tensor):
             # Before the call: an in-place op (relu_) overwrites its input.
-            self.record.extend(t.detach().clone() for t in chosen(args, kwargs))
+            with torch.no_grad():
+                self.record.extend(t.detach().clone() for t in chosen(args, kwargs))
         out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex()):
@@ -90,7 +112,7 @@ class _Choices(TorchDispatchMode):
 
 
 def choices(model: nn.Module, inputs: Tensor) -> list[Tensor]:
-    """The choices of `model`'s forward pass on `inputs`, in the order its ops ran."""
+    """The choices of `model`'s forward pass on `inputs`, in the order its torch functions ran."""
     mode = _Choices()
     with torch.enable_grad(), mode:
         model(inputs)

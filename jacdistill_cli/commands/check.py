@@ -111,7 +111,8 @@ def format_report(reports, mistake: tuple[int, int]) -> str:
             without_effect.setdefault(without, []).append(r.method)
     for without, names in without_effect.items():
         out.append(f"without effect on the term of {', '.join(names)}: {', '.join(without)} (finite differences "
-                   "are 0 there; a ReLU network's input-gradients do not depend on such biases)")
+                   "are 0 there: input-gradients do not depend on a bias added after the last nonlinearity, nor a "
+                   "ReLU network's on its biases but through BatchNorm statistics)")
     for r in reports:
         out.extend(r.notes())
     for r in reports:

@@ -76,7 +76,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
         source = f"checkpoint {cfg.teacher.checkpoint}"
     else:
         teacher = build_model(architecture(cfg.teacher), data.input_shape, data.num_classes, "teacher")
-        source = f"freshly initialised (seed {cfg.seed})"
+        source = f"freshly initialised, seed {cfg.seed}, drawn after the student"
     return student, freeze(teacher.to(device)), source
 
 

@@ -67,7 +67,7 @@ def _winners(with_indices: Callable) -> Callable[[tuple, dict], list]:
     """Max pooling: its winners, from the same pooling with indices."""
     def chosen(args: tuple, kwargs: dict) -> list[Tensor]:
         kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-        return [with_indices(*args[:6], **kwargs)[1]] if len(args) <= 6 else []
+        return [with_indices(*args[:6], **kwargs)[1]]     # a 7th positional argument is return_indices
     return chosen
 
 

@@ -15,7 +15,8 @@ from jacdistill_cli.engine.features import FeatureMatching, feature_jacobian_ter
 from jacdistill_cli.config.registry import build, label
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.pairs import probe_calls
-from jacdistill_cli.proofs.finite_differences import FD_STEP, analytic_gradients, central_difference, random_directions
+from jacdistill_cli.proofs.finite_differences import (FD_ROUNDING, FD_STEP, analytic_gradients, central_difference,
+                                                      random_directions)
 
 @dataclass
 class FeatureGradientCheck:
@@ -55,10 +56,10 @@ class FeatureGradientCheck:
 
     @property
     def finite_differences_agree(self) -> bool:
-        # Central differences with a step of 1e-6 carry a rounding error of about 1e-16 * |term| / 1e-6.
+        # Central differences resolve a derivative to FD_ROUNDING * max(1, |term|) (float64 rounding).
         difference = abs(self.directional_derivative - self.finite_difference)
         scale = max(abs(self.directional_derivative), abs(self.finite_difference))
-        return difference <= self.tolerance * scale + 1e-9 * max(1.0, abs(self.term_value))
+        return difference <= self.tolerance * scale + FD_ROUNDING * max(1.0, abs(self.term_value))
 
     @property
     def passed(self) -> bool:

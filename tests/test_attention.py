@@ -9,16 +9,21 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from objectives import objective
 from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.engine.batchnorm import refuse_unconverted
-from jacdistill_cli.engine.layers import (JacobianMultiheadAttention, MathAttention, gate_of, make_jacobian_ready,
-                                          math_attention)
+from jacdistill_cli.engine.layers import (
+    JacobianMultiheadAttention,
+    MathAttention,
+    gate_of,
+    make_jacobian_ready,
+    math_attention,
+)
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.proofs.verify import PRECISION_TOLERANCE, check_method
 from jacdistill_cli.zoo.vit import vit
-from objectives import objective
 
 METHODS = ["top1", "target", "exact", "projected", "noise"]
 

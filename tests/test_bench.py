@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from jacdistill_cli.proofs import benchmark
 from jacdistill_cli.engine.jacobian import full_jacobian
+from jacdistill_cli.proofs import benchmark
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_inprocess import run_command  # noqa: E402

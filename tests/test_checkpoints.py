@@ -10,11 +10,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.storage import write_torch
-from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, make_checkpoint, matching_overrides,
-                                            model_from_checkpoint)
-from jacdistill_cli.zoo.data import build_data
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.storage import write_torch
+from jacdistill_cli.zoo.checkpoints import (
+    check_fits,
+    load_checkpoint,
+    make_checkpoint,
+    matching_overrides,
+    model_from_checkpoint,
+)
+from jacdistill_cli.zoo.data import build_data
 from jacdistill_cli.zoo.models import build_model
 
 CNN = {"name": "cnn", "channels": [4, 8], "hidden": 8, "batchnorm": True}

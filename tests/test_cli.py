@@ -106,9 +106,8 @@ def test_default_config_composes_with_both_terms():
 def test_ce_only_baseline_objective_is_cross_entropy():
     import torch
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
-
     from objectives import objective as Objective
+    from omegaconf import OmegaConf
 
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)

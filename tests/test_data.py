@@ -17,11 +17,19 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, TensorSplit, UInt8Split, batches,
-                                     build_data, per_class_indices)
-from jacdistill_cli.errors import UsageError
 from jacdistill_cli.commands.startup import teacher_settings
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.run.teacher import cache_path
+from jacdistill_cli.zoo.data import (
+    Augment,
+    DataBundle,
+    IndexedSplit,
+    TensorSplit,
+    UInt8Split,
+    batches,
+    build_data,
+    per_class_indices,
+)
 
 CPU = torch.device("cpu")
 

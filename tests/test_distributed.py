@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_step
 import pytest
 import torch
+from conftest import run_cli, stop_after_a_save
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-import ddp_step
-from conftest import run_cli, stop_after_a_save
 from jacdistill_cli.run import distributed
 
 

@@ -21,10 +21,10 @@ from torch import nn
 from jacdistill_cli.config import registry, settings
 from jacdistill_cli.engine import features
 from jacdistill_cli.engine import pairs as feature_pairs
-from jacdistill_cli.engine.objective import objective_from_settings
-from jacdistill_cli.proofs import feature_checks
-from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.jacobian import matching_distance
+from jacdistill_cli.engine.objective import objective_from_settings
+from jacdistill_cli.errors import UsageError
+from jacdistill_cli.proofs import feature_checks
 from jacdistill_cli.zoo.models import build_model
 
 SHAPE = (2, 8, 8)
@@ -187,11 +187,11 @@ def test_no_hook_handle_or_captured_tensor_survives_many_steps(monkeypatch):
 
 
 def test_hint_regressor_is_optimised_with_the_student_by_the_trainer(tmp_path):
-    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
     from jacdistill_cli.run.callbacks import TensorBoard
     from jacdistill_cli.run.distiller import Distiller
     from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.run.trainer import LoopSettings, Trainer
+    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     teacher, student = small_pair(dtype=torch.float32)
     cfg, objective, matching = objective_for(teacher, student, "features=hint")

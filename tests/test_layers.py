@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from objectives import objective
 from omegaconf import OmegaConf
 from torch import nn
 
-from jacdistill_cli.engine.layers import (JacobianBatchNorm2d, JacobianConv2d, JacobianReLU, gate_of,
-                                          make_jacobian_ready)
-from objectives import objective
+from jacdistill_cli.engine.layers import JacobianBatchNorm2d, JacobianConv2d, JacobianReLU, gate_of, make_jacobian_ready
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jacdistill_cli"
 METHODS = ["top1", "target", "loss", "exact", "projected", "noise"]

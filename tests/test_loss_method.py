@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from objectives import objective as Objective  # noqa: E402
 from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.engine.layers import make_jacobian_ready
 from jacdistill_cli.proofs.verify import check_method, checkable_methods
-from objectives import objective as Objective  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("float64_one_thread")
 

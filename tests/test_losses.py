@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
+from objectives import method
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -17,7 +18,6 @@ from jacdistill_cli.config import settings
 from jacdistill_cli.engine import losses
 from jacdistill_cli.engine.objective import cross_entropy_objective, distillation_objective
 from jacdistill_cli.run.runtime import register_resolvers
-from objectives import method
 
 register_resolvers()
 

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from objectives import objective as Objective  # noqa: E402
 from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.errors import UsageError
-from objectives import objective as Objective  # noqa: E402
 from jacdistill_cli.proofs.verify import retain_graph_mistake
 
 GRADIENT_METHODS = ["top1", "target", "exact", "projected"]

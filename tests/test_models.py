@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 import yaml
+from run_inprocess import run_command
 from torch import nn
 
-from jacdistill_cli.errors import UsageError
 from jacdistill_cli.config.registry import shipped_options
 from jacdistill_cli.engine.layers import gate_of
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.models import LEGACY_NAMES, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
-from run_inprocess import run_command
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 40, 48)]
 

@@ -15,8 +15,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from jacdistill_cli.config import settings
-from jacdistill_cli.zoo.models import architecture, build_model
 from jacdistill_cli.run.runtime import register_resolvers
+from jacdistill_cli.zoo.models import architecture, build_model
 
 register_resolvers()
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from run_inprocess import run_command
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.checkpoints import load_teacher_checkpoint, model_from_checkpoint
 from jacdistill_cli.zoo.models import build_model
 from jacdistill_cli.zoo.published import published_keys, published_name, to_published
-from run_inprocess import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 CARRIED = Path(__file__).resolve().parent / "data" / "published"   # in the repository

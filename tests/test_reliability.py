@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_inprocess import run_command
+from test_bad_input import Marker, write_crafted_cifar
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.files import read_cifar_batch
-from run_inprocess import run_command
-from test_bad_input import Marker, write_crafted_cifar
 
 FAST = ["trainer.epochs=1", "teacher.epochs=2"]
 
@@ -107,6 +107,7 @@ def test_cifar_batches_of_the_published_format_are_read(tmp_path, protocol):
 
 def test_a_crafted_cifar_folder_is_refused_whatever_verify_says(tmp_path):
     from test_data import dataset_cfg
+
     from jacdistill_cli.zoo.data import build_data
 
     root = write_crafted_cifar(tmp_path / "data", tmp_path / "marker")

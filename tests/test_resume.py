@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, stop_after_a_save
+from run_inprocess import run_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 
-from conftest import run_cli, stop_after_a_save
-from run_inprocess import run_command
 from jacdistill_cli.run import resume
 from jacdistill_cli.run.report import UNFINISHED, build_report
 

@@ -301,12 +301,12 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
     import json
 
     from hydra import compose, initialize_config_module
+    from run_inprocess import run_command
 
     from jacdistill_cli.storage import write_torch
     from jacdistill_cli.zoo.checkpoints import make_checkpoint
     from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.zoo.models import build_model
-    from run_inprocess import run_command
 
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
         data = build_data(compose(config_name="train", overrides=[]).dataset)

@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import FAST
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_bad_input import run_in_process
 
 STEP_TAGS = ("loss/distill", "loss/jacobian", "loss/total")

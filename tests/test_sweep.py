@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, run_cli
 from PIL import Image
+from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
-from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.context import RequestContext
 from tensorboard.plugins.base_plugin import TBContext
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -25,7 +26,6 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.backend_context import Context as HParamsContext
 
-from conftest import FAST, run_cli
 from jacdistill_cli.run.report import build_report
 from jacdistill_cli.run.runtime import MAX_DIRNAME, job_dirname
 from jacdistill_cli.run.saliency import CAPTION_HEIGHT, LABEL_WIDTH, TILE, saliency_grid, saliency_image
@@ -342,12 +342,12 @@ def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients()
 
 def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path, monkeypatch):
 
-    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
-    from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.engine.objective import cross_entropy_objective
     from jacdistill_cli.run.callbacks import ProgressBar, TensorBoard
     from jacdistill_cli.run.distiller import Distiller
+    from jacdistill_cli.run.logger import RunLogger
     from jacdistill_cli.run.trainer import LoopSettings, Trainer
+    from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
     data = DataBundle("toy", split, split, split, 2, (1, 4, 4))

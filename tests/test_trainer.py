@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
+from run_inprocess import run_command
 from tensorboard.plugins.hparams.api_pb2 import Status
+from test_resume import session_status
 
 from jacdistill_cli.run.distiller import Distiller
 from jacdistill_cli.zoo import models
-from run_inprocess import run_command
-from test_resume import session_status
 
 FAST = ["trainer.epochs=2", "teacher.epochs=1", "trainer.threads=1"]
 

@@ -175,10 +175,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import torch
 
-    from jacdistill_cli.zoo.models import architecture
     from jacdistill_cli.commands.startup import save_resolved_config
     from jacdistill_cli.run.runtime import keep_freed_memory, run_directory
     from jacdistill_cli.storage import write_json
+    from jacdistill_cli.zoo.models import architecture
 
     log = logging.getLogger("jacdistill")
     device = choose_device(options)

@@ -11,8 +11,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jacdistill_cli.config.registry import label
 from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.config.registry import label
 from jacdistill_cli.errors import setting_error
 from jacdistill_cli.run.runtime import register_resolvers
 
@@ -62,9 +62,9 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     """(student in train mode, frozen teacher, where the teacher comes from)."""
     import torch
 
+    from jacdistill_cli.run.teacher import freeze
     from jacdistill_cli.zoo.checkpoints import check_fits, load_teacher_checkpoint, model_from_checkpoint
     from jacdistill_cli.zoo.models import architecture, build_model
-    from jacdistill_cli.run.teacher import freeze
 
     torch.manual_seed(cfg.seed)
     student = build_model(architecture(cfg.student), data.input_shape, data.num_classes, "student").to(device)
@@ -132,12 +132,13 @@ def run(cfg: DictConfig) -> int:
 
     import torch
 
-    from jacdistill_cli.commands.startup import data as dataset, start
+    from jacdistill_cli.commands.startup import data as dataset
+    from jacdistill_cli.commands.startup import start
     from jacdistill_cli.config.settings import precision as precision_setting
+    from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
+    from jacdistill_cli.storage import write_json
     from jacdistill_cli.zoo.data import batches
     from jacdistill_cli.zoo.models import architecture, describe_architecture
-    from jacdistill_cli.storage import write_json
-    from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
 
     log = logging.getLogger("jacdistill")
     startup = start(cfg, device_key="device")

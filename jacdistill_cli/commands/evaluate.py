@@ -179,13 +179,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import logging
 
-    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
-    from jacdistill_cli.zoo.data import build_data
     from jacdistill_cli.commands.startup import save_resolved_config
     from jacdistill_cli.run.runtime import run_directory, seed_everything, select_device
-    from jacdistill_cli.storage import write_json
     from jacdistill_cli.run.teacher import freeze
     from jacdistill_cli.run.trainer import evaluate
+    from jacdistill_cli.storage import write_json
+    from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
+    from jacdistill_cli.zoo.data import build_data
 
     log = logging.getLogger("jacdistill")
     device = select_device(cfg.trainer.device)

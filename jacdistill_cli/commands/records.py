@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.registry import label
 
-
 NOT_HPARAMS = {"cache_dir"}
 
 

@@ -29,8 +29,8 @@ def run(cfg: DictConfig) -> float:
     from jacdistill_cli.commands.startup import check_models, data, start, teacher_settings
     from jacdistill_cli.run.callbacks import Diverged
     from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.storage import write_json, write_torch
     from jacdistill_cli.run.teacher import train_teacher
+    from jacdistill_cli.storage import write_json, write_torch
     from jacdistill_cli.zoo.checkpoints import matching_overrides
 
     log = logging.getLogger("jacdistill")

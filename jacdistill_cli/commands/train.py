@@ -79,8 +79,8 @@ def claimed(cfg: DictConfig, run_dir: Path):
     when this configuration finished there, cleared when started over."""
     import logging
 
-    from jacdistill_cli.run import resume
     from jacdistill_cli.commands.startup import save_hydra_files, save_resolved_config
+    from jacdistill_cli.run import resume
 
     log = logging.getLogger("jacdistill")
     claim = resume.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
@@ -441,8 +441,15 @@ def make_checkpointer(session: Session, distiller: Any) -> Any:
 def fitted(session: Session, distiller: Any, checkpointer: Any, teacher_accuracy: float) -> dict[str, Any]:
     """The Trainer with this run's callbacks, fitted: the last validation metrics and the loop's counts."""
     from jacdistill_cli.commands.startup import loop_settings
-    from jacdistill_cli.run.callbacks import (Checkpointing, Divergence, ProgressBar, Saliency, TeacherLevel,
-                                              TensorBoard, interactive)
+    from jacdistill_cli.run.callbacks import (
+        Checkpointing,
+        Divergence,
+        ProgressBar,
+        Saliency,
+        TeacherLevel,
+        TensorBoard,
+        interactive,
+    )
     from jacdistill_cli.run.saliency import fixed_inputs
     from jacdistill_cli.run.trainer import Trainer
 

@@ -30,12 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.config.checks import boolean, number
-from jacdistill_cli.errors import UsageError
-from jacdistill_cli.engine.batchnorm import (batchnorm_buffers_kept, has_training_batchnorm, per_sample_batchnorm,
-                                             recorded_batchnorm_statistics)
+from jacdistill_cli.engine.batchnorm import (
+    batchnorm_buffers_kept,
+    has_training_batchnorm,
+    per_sample_batchnorm,
+    recorded_batchnorm_statistics,
+)
 from jacdistill_cli.engine.jacobian import matching_distance
 from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.engine.pairs import FeaturePair, parse_pairs, resolve_pairs
+from jacdistill_cli.errors import UsageError
 
 FEATURE_METHODS = ("none", "attention", "hint")
 INTERPOLATION = ("", "linear", "bilinear", "trilinear")   # by the number of spatial dimensions

@@ -29,8 +29,14 @@ from torch import Tensor
 
 from jacdistill_cli.config.checks import boolean, number, one_of, whole
 from jacdistill_cli.engine.batchnorm import BATCHNORM_MODES
-from jacdistill_cli.engine.jacobian import (EXACT_STRATEGIES, basis_vectors, func_jacobian, matching_distance,
-                                            one_hot_vectors, vector_jacobian_products)
+from jacdistill_cli.engine.jacobian import (
+    EXACT_STRATEGIES,
+    basis_vectors,
+    func_jacobian,
+    matching_distance,
+    one_hot_vectors,
+    vector_jacobian_products,
+)
 
 
 @dataclass

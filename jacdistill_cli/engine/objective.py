@@ -17,14 +17,25 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.errors import UsageError
-from jacdistill_cli.engine.batchnorm import (can_gate_batchnorm, has_training_batchnorm, per_sample_batchnorm,
-                                             recorded_batchnorm_statistics, running_batchnorm_statistics)
+from jacdistill_cli.engine.batchnorm import (
+    can_gate_batchnorm,
+    has_training_batchnorm,
+    per_sample_batchnorm,
+    recorded_batchnorm_statistics,
+    running_batchnorm_statistics,
+)
 from jacdistill_cli.engine.jacobian import resolve_strategy
 from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
 from jacdistill_cli.engine.methods import JacobianMethod, Matched, NoJacobian, Passes, teacher_along
-from jacdistill_cli.engine.terms import (Distillation, FeatureJacobianTerm, FeatureTerm, HardLabels, JacobianMatching,
-                                         Term)
+from jacdistill_cli.engine.terms import (
+    Distillation,
+    FeatureJacobianTerm,
+    FeatureTerm,
+    HardLabels,
+    JacobianMatching,
+    Term,
+)
+from jacdistill_cli.errors import UsageError
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from jacdistill_cli.config.checks import SettingError
 from jacdistill_cli.errors import UsageError
 
+
 def parse_pairs(raw: Any, key: str = "pairs") -> list[tuple[str, str]] | None:
     """`null` (the architecture pair's defaults) or a non-empty list of [teacher path, student path].
 

@@ -10,13 +10,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from jacdistill_cli.config.registry import build, label
 from jacdistill_cli.engine import features as F
 from jacdistill_cli.engine.features import FeatureMatching, feature_jacobian_term, split_features
-from jacdistill_cli.config.registry import build, label
-from jacdistill_cli.errors import UsageError
 from jacdistill_cli.engine.pairs import probe_calls
-from jacdistill_cli.proofs.finite_differences import (FD_ROUNDING, FD_STEP, analytic_gradients, central_difference,
-                                                      random_directions)
+from jacdistill_cli.errors import UsageError
+from jacdistill_cli.proofs.finite_differences import (
+    FD_ROUNDING,
+    FD_STEP,
+    analytic_gradients,
+    central_difference,
+    random_directions,
+)
+
 
 @dataclass
 class FeatureGradientCheck:

@@ -134,14 +134,14 @@ def sweep_experiment(sweep_dir: Path) -> Any:
     hyperparameters (the tab would otherwise hide the runs of another sweep in the same log directory
     whose values are not in it); and the directory of the first of those runs by name. (None, None) when
     no run under it has hyperparameters."""
+    import logging
+
     from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     from tensorboard.context import RequestContext
     from tensorboard.plugins.base_plugin import TBContext
     from tensorboard.plugins.hparams.backend_context import Context
     from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG
-
-    import logging
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # no per-file chatter in the sweep's log
     sweep_dir = str(sweep_dir)
@@ -172,9 +172,9 @@ def write_sweep_experiment(sweep_dir: Path) -> Path | None:
     TensorBoard uses it instead of building its own, so the tab leads with LEADING_METRICS. In a run's
     directory it adds no run to TensorBoard's lists (an event file directly in the sweep directory would
     be a run named `.`). Returns the file, or None when there is nothing to summarise."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.plugins.hparams.metadata import EXPERIMENT_TAG, create_summary_metadata
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-    from tensorboard.compat.proto.summary_pb2 import Summary
     from torch.utils.tensorboard.writer import FileWriter
 
     sweep_dir = Path(sweep_dir)

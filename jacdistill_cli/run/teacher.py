@@ -19,13 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from jacdistill_cli.storage import write_torch
-from jacdistill_cli.zoo.checkpoints import (check_fits, load_checkpoint, load_teacher_checkpoint, make_checkpoint,
-                                            model_from_checkpoint)
-from jacdistill_cli.zoo.data import DataBundle
-from jacdistill_cli.errors import UsageError, WriteError
-from jacdistill_cli.zoo.models import build_model, describe_architecture
 from jacdistill_cli.config.settings import OptimSettings
+from jacdistill_cli.errors import UsageError, WriteError
 from jacdistill_cli.robustness.pixels import Pixels
 from jacdistill_cli.robustness.settings import TeacherTraining
 from jacdistill_cli.robustness.training import teacher_objective
@@ -34,6 +29,16 @@ from jacdistill_cli.run.distiller import Distiller
 from jacdistill_cli.run.distributed import World, broadcast
 from jacdistill_cli.run.logger import RunLogger
 from jacdistill_cli.run.trainer import LoopSettings, Trainer, evaluate
+from jacdistill_cli.storage import write_torch
+from jacdistill_cli.zoo.checkpoints import (
+    check_fits,
+    load_checkpoint,
+    load_teacher_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+)
+from jacdistill_cli.zoo.data import DataBundle
+from jacdistill_cli.zoo.models import build_model, describe_architecture
 
 log = logging.getLogger("jacdistill")
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacdistill_cli.zoo.data import DataBundle, batches
 from jacdistill_cli.engine.jacobian import class_gradients
 from jacdistill_cli.engine.objective import TeacherOutputs
 from jacdistill_cli.run.callbacks import Callback
@@ -21,6 +20,7 @@ from jacdistill_cli.run.distiller import Distiller
 from jacdistill_cli.run.distributed import SINGLE, World, reduce_sums, shard
 from jacdistill_cli.run.precision import Precision
 from jacdistill_cli.run.resume import Progress
+from jacdistill_cli.zoo.data import DataBundle, batches
 
 log = logging.getLogger("jacdistill")
 

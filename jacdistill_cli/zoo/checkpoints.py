@@ -124,8 +124,9 @@ def _rounded(values) -> list[float]:
 def matching_overrides(spec: dict[str, Any], group: str) -> str:
     """The command-line overrides that select `spec` in config group `group` (teacher/student): the
     shipped option with the same model and the fewest differing settings, plus those settings."""
-    import yaml
     from importlib import resources
+
+    import yaml
 
     best: tuple[int, str, list[str]] | None = None
     folder = resources.files("jacdistill_cli.conf") / group

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jacdistill_cli.errors import UsageError, setting_error
 
+
 def dataset_builder(builder: Callable[[DictConfig], "DataBundle"]) -> Callable[..., "DataBundle"]:
     """A shipped dataset's builder, called (as every dataset `_target_` is) with the node's settings as
     keywords; it reads them as a node."""

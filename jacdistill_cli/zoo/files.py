@@ -20,9 +20,20 @@ from torch.utils.data import Dataset
 
 from jacdistill_cli.config.checks import boolean
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli.zoo.data import (Augment, DataBundle, IndexedSplit, UInt8Images, UInt8Split,
-                                     data_root, dataset_builder, derived_seed, fractions_of, split_seed,
-                                     stratified_split, training_augment)
+from jacdistill_cli.zoo.data import (
+    Augment,
+    DataBundle,
+    IndexedSplit,
+    UInt8Images,
+    UInt8Split,
+    data_root,
+    dataset_builder,
+    derived_seed,
+    fractions_of,
+    split_seed,
+    stratified_split,
+    training_augment,
+)
 
 log = logging.getLogger("jacdistill")
 

@@ -105,8 +105,9 @@ def mismatch(model: nn.Module, family: str, state: dict[str, torch.Tensor]) -> s
 def fitting_options(state: dict[str, torch.Tensor], group: str, input_shape: tuple[int, ...],
                     num_classes: int) -> list[str]:
     """The shipped options of config group `group` whose network the published state_dict fits."""
-    import yaml
     from importlib import resources
+
+    import yaml
 
     from jacdistill_cli.zoo.models import build_model
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from jacdistill_cli.run.runtime import keep_freed_memory
+    from jacdistill_cli.loop.device import keep_freed_memory
 
     keep_freed_memory()
     module = importlib.import_module(COMMANDS[command][0])

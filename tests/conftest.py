@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jacdistill_cli.run.resume import LAST
+from jacdistill_cli.records.directory import LAST
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for end-to-end runs of the console script on digits.

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_module
 from jacdistill_cli.config import settings
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import objective_from_settings
-from jacdistill_cli.run import distributed
-from jacdistill_cli.run.distiller import Distiller
-from jacdistill_cli.run.trainer import LoopSettings, Trainer
+from jacdistill_cli.loop import distributed
+from jacdistill_cli.loop.distiller import Distiller
+from jacdistill_cli.loop.trainer import LoopSettings, Trainer
 from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 from jacdistill_cli.zoo.models import build_model
 

@@ -203,7 +203,7 @@ def fused(ops: set[str]) -> bool:
 
 
 def test_teacher_evaluation_and_plain_kd_use_the_fused_kernel_and_the_jacobian_step_does_not():
-    from jacdistill_cli.run.trainer import evaluate
+    from jacdistill_cli.loop.trainer import evaluate
     from jacdistill_cli.zoo.data import TensorSplit
 
     inputs, labels = batch()

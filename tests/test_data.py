@@ -19,7 +19,7 @@ from PIL import Image
 
 from jacdistill_cli.commands.startup import teacher_settings
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.run.teacher import cache_path
+from jacdistill_cli.loop.teacher import cache_path
 from jacdistill_cli.zoo.data import (
     Augment,
     DataBundle,

@@ -19,7 +19,7 @@ from conftest import run_cli, stop_after_a_save
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from jacdistill_cli.run import distributed
+from jacdistill_cli.loop import distributed
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from run_inprocess import run_command
 
 from jacdistill_cli.commands.evaluate import noise_accuracy
-from jacdistill_cli.run.trainer import evaluate
+from jacdistill_cli.loop.trainer import evaluate
 from jacdistill_cli.storage import write_torch
 from jacdistill_cli.zoo.checkpoints import make_checkpoint
 from jacdistill_cli.zoo.data import build_data

@@ -187,10 +187,10 @@ def test_no_hook_handle_or_captured_tensor_survives_many_steps(monkeypatch):
 
 
 def test_hint_regressor_is_optimised_with_the_student_by_the_trainer(tmp_path):
-    from jacdistill_cli.run.callbacks import TensorBoard
-    from jacdistill_cli.run.distiller import Distiller
-    from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.run.trainer import LoopSettings, Trainer
+    from jacdistill_cli.loop.callbacks import TensorBoard
+    from jacdistill_cli.loop.distiller import Distiller
+    from jacdistill_cli.loop.logger import RunLogger
+    from jacdistill_cli.loop.trainer import LoopSettings, Trainer
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     teacher, student = small_pair(dtype=torch.float32)
@@ -508,7 +508,7 @@ def test_short_feature_runs_on_digits_log_loss_features(cli, tmp_path):
     result = cli("train", "-m", "features=attention,hint", "jacobian.of=logits,features", "trainer.epochs=1",
                  "teacher.epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    from jacdistill_cli.run.report import build_report
+    from jacdistill_cli.analysis.report import build_report
 
     report = build_report(sweep)  # the report groups runs by their feature settings
     assert report.varying == ["features", "jacobian.of"] and len(report.groups) == 4

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from jacdistill_cli.config import settings
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.engine import losses
 from jacdistill_cli.engine.objective import cross_entropy_objective, distillation_objective
-from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 

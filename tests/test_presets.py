@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from jacdistill_cli.config import settings
-from jacdistill_cli.run.runtime import register_resolvers
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.zoo.models import architecture, build_model
 
 register_resolvers()
@@ -182,7 +182,7 @@ def test_crd_cifar100_is_the_five_published_pairs_by_eight_recipes_and_three_see
 
 def test_the_multistep_schedule_is_the_benchmarks_and_bad_milestones_are_one_line():
     from jacdistill_cli.errors import UsageError
-    from jacdistill_cli.run.trainer import make_optimizer
+    from jacdistill_cli.loop.trainer import make_optimizer
 
     cfg = compose_job(["optim=sgd", "optim.schedule=multistep", "optim.milestones=[150,180,210]"])
     optim = settings.validate_optim(cfg)

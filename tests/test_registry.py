@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from jacdistill_cli.config import registry, settings
 from jacdistill_cli.engine.terms import Term
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.run.trainer import make_optimizer
+from jacdistill_cli.loop.trainer import make_optimizer
 
 GROUPS = ("dataset", "teacher", "student", "loss", "jacobian", "features", "optim")
 

@@ -139,7 +139,7 @@ def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_gi
 def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path):
     from test_bad_input import hydra_run
 
-    from jacdistill_cli.run.report import write_report
+    from jacdistill_cli.analysis.report import write_report
 
     for name, alpha, accuracy in (("a", "0.1", "NaN"), ("b", "0.3", "0.5")):
         run = hydra_run(tmp_path / name)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
+from jacdistill_cli.analysis.report import build_report, markdown, plot_lines, write_report, x_axis
 from jacdistill_cli.commands.report import translate_argv
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.run.report import build_report, markdown, plot_lines, write_report, x_axis
 
 # test accuracy of each (samples_per_class, recipe) over seeds 0, 1, 2
 ACCURACY = {

@@ -19,8 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 
-from jacdistill_cli.run import resume
-from jacdistill_cli.run.report import UNFINISHED, build_report
+from jacdistill_cli.analysis.report import UNFINISHED, build_report
+from jacdistill_cli.loop import checkpointing
+from jacdistill_cli.records import directory, resume, signals
 
 # 10 epochs of 17 steps (about 1 s of steps after the first save, here); last.pt after every step, so a
 # stop anywhere has something to resume.
@@ -116,8 +117,8 @@ def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(refer
     first, second = (start([str(SCRIPT), "train", *ARGS], tmp_path, teacher_cache) for _ in range(2))
     first_dir, second_dir = directory_of(first), directory_of(second)
     assert first_dir != second_dir and first_dir.parent.parent == tmp_path / "outputs" / "train"
-    for directory in (first_dir, second_dir):   # outputs/train/DATE/TIME-<six hex digits>
-        time_part, suffix = directory.name.rsplit("-", 1)
+    for run_dir in (first_dir, second_dir):   # outputs/train/DATE/TIME-<six hex digits>
+        time_part, suffix = run_dir.name.rsplit("-", 1)
         assert len(time_part) == len("12-00-00") and len(suffix) == 6 and int(suffix, 16) >= 0
     sigint, sigterm = stop_after_a_save([(first, first_dir, signal.SIGINT), (second, second_dir, signal.SIGTERM)],
                                         new=True)
@@ -138,17 +139,17 @@ def test_sigint_sigterm_and_kill9_then_resume_end_as_the_uninterrupted_run(refer
     finished_as(second_dir, reference)
 
     # Another configuration in that directory: refused before Hydra's or the run's files are touched.
-    before = {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != resume.LOCK}
+    before = {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != directory.LOCK}
     refused = run_cli("train", *ARGS, "alpha=0.3", f"hydra.run.dir={first_dir}", cwd=tmp_path,
                       env={"JACDISTILL_CACHE": str(teacher_cache)})
     assert refused.returncode == 2 and refused.stderr.splitlines() == [
         f"jacdistill train: error: hydra.run.dir='{first_dir}' is not allowed: it holds the results of another "
         "configuration (alpha: 0.5 there, 0.3 here); give this run a directory of its own"]
-    assert {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != resume.LOCK} == before
+    assert {p: p.read_bytes() for p in first_dir.rglob("*") if p.is_file() and p.name != directory.LOCK} == before
 
 
 def test_a_finished_run_is_kept_and_another_config_is_refused(reference, capsys):
-    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != resume.LOCK}
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != directory.LOCK}
     assert run_command("train", ARGS, reference) == results(reference)["val_accuracy"]   # finished: nothing to do
     with pytest.raises(SystemExit) as stop:
         run_command("train", [*ARGS, "alpha=0.3"], reference)
@@ -156,10 +157,10 @@ def test_a_finished_run_is_kept_and_another_config_is_refused(reference, capsys)
     assert capsys.readouterr().err.splitlines() == [
         f"jacdistill train: error: hydra.run.dir='{reference}' is not allowed: it holds the results of another "
         "configuration (alpha: 0.5 there, 0.3 here); give this run a directory of its own"]
-    with resume.DirectoryLock(reference), pytest.raises(SystemExit):   # a live run holds it
+    with directory.DirectoryLock(reference), pytest.raises(SystemExit):   # a live run holds it
         run_command("train", ARGS, reference)
     assert f"another jacdistill run (process {os.getpid()}) is running in it" in capsys.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != resume.LOCK} == before
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != directory.LOCK} == before
 
 
 def test_select_best_tests_the_best_validation_weights(tmp_path, one_thread):
@@ -203,14 +204,14 @@ def test_save_every_epochs_saves_every_nth_epoch_the_last_and_on_a_signal(tmp_pa
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
     def saved_at() -> tuple[int, int] | None:
-        if not (tmp_path / resume.LAST).exists():
+        if not (tmp_path / directory.LAST).exists():
             return None
-        progress = torch.load(tmp_path / resume.LAST, weights_only=True)["progress"]
+        progress = torch.load(tmp_path / directory.LAST, weights_only=True)["progress"]
         return progress["epoch"], progress["step"]
 
-    def train(every_steps: int | None, signals: resume.Signals, stop_at: int | None = None) -> list:
-        (tmp_path / resume.LAST).unlink(missing_ok=True)
-        checkpoint = resume.Checkpointer(tmp_path, resume.SavePolicy(every_steps, every_epochs=3, epochs=7), signals,
+    def train(every_steps: int | None, signals: signals.Signals, stop_at: int | None = None) -> list:
+        (tmp_path / directory.LAST).unlink(missing_ok=True)
+        checkpoint = checkpointing.Checkpointer(tmp_path, checkpointing.SavePolicy(every_steps, every_epochs=3, epochs=7), signals,
                                          generators={}, best_payload=lambda val: {})
         saves = []
         with signals, signals.deferring(raise_pending=False):
@@ -226,12 +227,12 @@ def test_save_every_epochs_saves_every_nth_epoch_the_last_and_on_a_signal(tmp_pa
                 saves.append(saved_at())
         return saves
 
-    by_epochs = train(None, resume.Signals())
+    by_epochs = train(None, signals.Signals())
     assert sorted({s for s in by_epochs if s is not None}) == [(4, 6), (7, 12), (8, 14)]
     assert by_epochs[8] == (4, 6) and by_epochs[7] is None   # written after epoch 3 ends, not before
-    by_steps = train(2, resume.Signals())
+    by_steps = train(2, signals.Signals())
     assert sorted({s for s in by_steps if s is not None}) == [(1, 2), (2, 4), (4, 6), (4, 8), (5, 10),
                                                              (7, 12), (8, 14)]
-    with pytest.raises(resume.Interrupted) as stopped:
-        train(None, resume.Signals(), stop_at=5)   # step 5: epoch 3's first step, which does not save
+    with pytest.raises(signals.Interrupted) as stopped:
+        train(None, signals.Signals(), stop_at=5)   # step 5: epoch 3's first step, which does not save
     assert stopped.value.signum == signal.SIGTERM and saved_at() == (3, 5)

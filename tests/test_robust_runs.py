@@ -79,7 +79,7 @@ def test_a_run_logs_robust_scalars_with_the_teachers_as_a_level_line(robust_run)
         assert series[f"teacher/robust_accuracy/{key}"] == [(0, pytest.approx(value)), (steps, pytest.approx(value))]
     assert "teacher/robust_accuracy/transfer_pgd_linf_0.2" not in series
     # HPARAMS lists the test metrics first, the teacher's robust level right after its clean accuracy.
-    from jacdistill_cli.run.logger import metric_order
+    from jacdistill_cli.loop.logger import metric_order
 
     tags = sorted(series, key=metric_order)
     assert tags[:3] == ["test/accuracy", "test/agreement", "test/jacobian_cosine"]
@@ -91,8 +91,8 @@ def test_the_teachers_robust_accuracy_is_remembered_for_the_next_run_with_that_t
     import dataclasses
     import os
 
+    from jacdistill_cli.loop.robust import remembered_path
     from jacdistill_cli.robustness.settings import robustness_settings
-    from jacdistill_cli.run.robust import remembered_path
 
     first = json.loads((robust_run / "metrics.json").read_text())
     entry = Path(first["teacher_checkpoint"])
@@ -132,7 +132,7 @@ def test_a_single_runs_summary_lists_each_attack_for_student_and_teacher(robust_
 
 
 def test_the_report_has_the_robust_columns_and_says_how_many_samples_were_attacked(robust_run, tmp_path):
-    from jacdistill_cli.run.report import build_report, markdown, robust_panel, write_csv
+    from jacdistill_cli.analysis.report import build_report, markdown, robust_panel, write_csv
 
     report = build_report(robust_run)
     text = markdown(report)
@@ -158,8 +158,8 @@ def test_an_adversarial_teacher_has_its_own_cache_key_and_is_trained_on_attacks(
     from hydra import compose, initialize_config_module
 
     from jacdistill_cli.commands.startup import teacher_settings
-    from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.run.teacher import cache_path, teacher_identity, train_teacher
+    from jacdistill_cli.loop.logger import RunLogger
+    from jacdistill_cli.loop.teacher import cache_path, teacher_identity, train_teacher
 
     def settings(*overrides):
         with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
@@ -197,7 +197,7 @@ def test_robustness_none_records_none_of_it(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert not {"robust_accuracy", "teacher_robust_accuracy", "robust_samples", "robust_seconds"} & set(metrics)
     assert not [tag for tag in scalars(run_dir) if "robust" in tag]
-    from jacdistill_cli.run.report import build_report, markdown
+    from jacdistill_cli.analysis.report import build_report, markdown
 
     text = markdown(build_report(run_dir))   # the report's text (drawing its plot would start fc-list: slow)
     assert "robust_accuracy" not in text and "Robust accuracy" not in text

@@ -184,7 +184,7 @@ def test_a_gpu_torch_does_not_see_is_refused_in_one_line():
     import torch
 
     from jacdistill_cli.errors import UsageError
-    from jacdistill_cli.run.runtime import select_device
+    from jacdistill_cli.loop.device import select_device
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     seen = "torch sees no CUDA GPU" if count == 0 else f"torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"

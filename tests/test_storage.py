@@ -27,7 +27,7 @@ from conftest import stop_after_a_save
 from jacdistill_cli import storage
 from jacdistill_cli.config.entry import one_line_errors
 from jacdistill_cli.errors import ReadError, WriteError
-from jacdistill_cli.run.resume import LAST, remove_stale_temporaries
+from jacdistill_cli.records.directory import LAST, remove_stale_temporaries
 
 LIMIT = 64 * 1024
 # (writer, a small content, a content larger than LIMIT, how to read the file back)

@@ -26,9 +26,9 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.backend_context import Context as HParamsContext
 
-from jacdistill_cli.run.report import build_report
-from jacdistill_cli.run.runtime import MAX_DIRNAME, job_dirname
-from jacdistill_cli.run.saliency import CAPTION_HEIGHT, LABEL_WIDTH, TILE, saliency_grid, saliency_image
+from jacdistill_cli.analysis.report import build_report
+from jacdistill_cli.config.resolvers import MAX_DIRNAME, job_dirname
+from jacdistill_cli.loop.saliency import CAPTION_HEIGHT, LABEL_WIDTH, TILE, saliency_grid, saliency_image
 
 ALPHAS, SEEDS = ("0.2", "0.8"), ("0", "1")
 # Named by what the sweep varies, keys sorted; the constant overrides (trainer.epochs=1, ...) left out.
@@ -333,7 +333,7 @@ def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients()
     cosines = torch.nn.functional.cosine_similarity(teacher.flatten(1), student.flatten(1), dim=1)
     assert cosines[0] == pytest.approx(1) and cosines[1] == pytest.approx(-1)
     grid = saliency_grid(inputs, teacher, student)
-    from jacdistill_cli.run.saliency import _labelled
+    from jacdistill_cli.loop.saliency import _labelled
 
     plain = saliency_grid(inputs, teacher, student, labels=False)
     assert torch.equal(grid, _labelled(plain, TILE, cosines.tolist()))
@@ -343,10 +343,10 @@ def test_saliency_grid_labels_each_column_with_the_cosine_of_the_two_gradients()
 def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path, monkeypatch):
 
     from jacdistill_cli.engine.objective import cross_entropy_objective
-    from jacdistill_cli.run.callbacks import ProgressBar, TensorBoard
-    from jacdistill_cli.run.distiller import Distiller
-    from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.run.trainer import LoopSettings, Trainer
+    from jacdistill_cli.loop.callbacks import ProgressBar, TensorBoard
+    from jacdistill_cli.loop.distiller import Distiller
+    from jacdistill_cli.loop.logger import RunLogger
+    from jacdistill_cli.loop.trainer import LoopSettings, Trainer
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
@@ -379,7 +379,7 @@ def test_progress_bar_fits_80_columns(tmp_path):
 
     from tqdm import tqdm
 
-    from jacdistill_cli.run.callbacks import BAR_FORMAT, progress_postfix, progress_room
+    from jacdistill_cli.loop.callbacks import BAR_FORMAT, progress_postfix, progress_room
 
     def shown(desc: str, terms: dict[str, float], columns: int) -> list[str]:
         master, slave = pty.openpty()

@@ -13,7 +13,7 @@ from run_inprocess import run_command
 from tensorboard.plugins.hparams.api_pb2 import Status
 from test_resume import session_status
 
-from jacdistill_cli.run.distiller import Distiller
+from jacdistill_cli.loop.distiller import Distiller
 from jacdistill_cli.zoo import models
 
 FAST = ["trainer.epochs=2", "teacher.epochs=1", "trainer.threads=1"]

@@ -13,8 +13,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.errors import setting_error
-from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -95,7 +95,7 @@ def choose_device(options: dict[str, Any]) -> Any:
     """The torch device asked for, with the thread count set; a CUDA device torch does not see is refused."""
     import torch
 
-    from jacdistill_cli.run.runtime import select_device
+    from jacdistill_cli.loop.device import select_device
 
     device = select_device(options["device"], key="device")   # one line for a GPU torch does not see
     if options["threads"] is not None:
@@ -126,9 +126,9 @@ def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device
     and checks against the targets."""
     import torch
 
+    from jacdistill_cli.loop.precision import Precision
+    from jacdistill_cli.loop.teacher import freeze
     from jacdistill_cli.proofs import benchmark
-    from jacdistill_cli.run.precision import Precision
-    from jacdistill_cli.run.teacher import freeze
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
 
     shape = tuple(options["input_shape"])
@@ -176,7 +176,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from jacdistill_cli.commands.startup import save_resolved_config
-    from jacdistill_cli.run.runtime import keep_freed_memory, run_directory
+    from jacdistill_cli.loop.device import keep_freed_memory
+    from jacdistill_cli.records.directory import run_directory
     from jacdistill_cli.storage import write_json
     from jacdistill_cli.zoo.models import architecture
 

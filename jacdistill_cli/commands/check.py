@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.entry import one_line_errors
 from jacdistill_cli.config.registry import label
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.errors import setting_error
-from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -62,7 +62,7 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     """(student in train mode, frozen teacher, where the teacher comes from)."""
     import torch
 
-    from jacdistill_cli.run.teacher import freeze
+    from jacdistill_cli.loop.teacher import freeze
     from jacdistill_cli.zoo.checkpoints import check_fits, load_teacher_checkpoint, model_from_checkpoint
     from jacdistill_cli.zoo.models import architecture, build_model
 

@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli.run.runtime import register_resolvers
 
 register_resolvers()
 
@@ -180,9 +180,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import logging
 
     from jacdistill_cli.commands.startup import save_resolved_config
-    from jacdistill_cli.run.runtime import run_directory, seed_everything, select_device
-    from jacdistill_cli.run.teacher import freeze
-    from jacdistill_cli.run.trainer import evaluate
+    from jacdistill_cli.loop.device import seed_everything, select_device
+    from jacdistill_cli.loop.teacher import freeze
+    from jacdistill_cli.loop.trainer import evaluate
+    from jacdistill_cli.records.directory import run_directory
     from jacdistill_cli.storage import write_json
     from jacdistill_cli.zoo.checkpoints import check_fits, load_checkpoint, model_from_checkpoint
     from jacdistill_cli.zoo.data import build_data

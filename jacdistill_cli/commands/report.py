@@ -29,8 +29,8 @@ def translate_argv(args: list[str]) -> list[str]:
 
 @one_line_errors("report")
 def run(cfg: DictConfig) -> None:
+    from jacdistill_cli.analysis.report import write_report
     from jacdistill_cli.errors import UsageError
-    from jacdistill_cli.run.report import write_report
 
     if cfg.dir is None or str(cfg.dir).strip() == "":
         raise UsageError("dir=null is not allowed: give the run or sweep directory, as in "

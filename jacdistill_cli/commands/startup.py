@@ -24,7 +24,8 @@ def start(cfg: DictConfig, device_key: str = "trainer.device", write_config: boo
     """The device of `device_key` (one line for a GPU torch does not see; under torch.distributed the rank's
     `local_rank` GPU), the run directory (Hydra's, unless given; its resolved config.yaml written unless the
     command writes it later), every random stream seeded."""
-    from jacdistill_cli.run.runtime import run_directory, seed_everything, select_device
+    from jacdistill_cli.loop.device import seed_everything, select_device
+    from jacdistill_cli.records.directory import run_directory
 
     device = select_device(OmegaConf.select(cfg, device_key), local_rank, key=device_key)
     run_dir = run_dir or run_directory()
@@ -71,7 +72,7 @@ def data(node: DictConfig, device: Any):
 
 def loop_settings(cfg: DictConfig):
     """The trainer group's loop settings (run/trainer.py LoopSettings)."""
-    from jacdistill_cli.run.trainer import LoopSettings
+    from jacdistill_cli.loop.trainer import LoopSettings
 
     trainer = cfg.trainer
     return LoopSettings(trainer.epochs, trainer.batch_size, trainer.eval_batch_size, trainer.eval_every,
@@ -81,8 +82,8 @@ def loop_settings(cfg: DictConfig):
 def teacher_settings(cfg: DictConfig):
     """The teacher group, typed (run/teacher.py TeacherSettings); teacher.samples_per_class, teacher.training
     and teacher.adversarial checked here."""
+    from jacdistill_cli.loop.teacher import TeacherSettings
     from jacdistill_cli.robustness.settings import teacher_training
-    from jacdistill_cli.run.teacher import TeacherSettings
     from jacdistill_cli.zoo.data import split_seed
     from jacdistill_cli.zoo.models import architecture
 

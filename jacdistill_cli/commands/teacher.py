@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from jacdistill_cli.config.entry import one_line_errors
-from jacdistill_cli.run.runtime import register_resolvers
+from jacdistill_cli.config.resolvers import register_resolvers
 
 register_resolvers()
 
@@ -27,9 +27,9 @@ def run(cfg: DictConfig) -> float:
     import sys
 
     from jacdistill_cli.commands.startup import check_models, data, start, teacher_settings
-    from jacdistill_cli.run.callbacks import Diverged
-    from jacdistill_cli.run.logger import RunLogger
-    from jacdistill_cli.run.teacher import train_teacher
+    from jacdistill_cli.loop.callbacks import Diverged
+    from jacdistill_cli.loop.logger import RunLogger
+    from jacdistill_cli.loop.teacher import train_teacher
     from jacdistill_cli.storage import write_json, write_torch
     from jacdistill_cli.zoo.checkpoints import matching_overrides
 

@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.commands.records import hparams_of, single_run, summary_table
 from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.errors import UsageError, setting_error
-from jacdistill_cli.run.runtime import register_resolvers
 from jacdistill_cli.storage import write_json
 
 register_resolvers()
@@ -25,16 +25,18 @@ def run(cfg: DictConfig) -> float:
     `trainer.devices=N > 1` (and no torchrun/srun around it) it starts N workers and waits for them."""
     import contextlib
 
-    from jacdistill_cli.run import distributed, resume
-    from jacdistill_cli.run.callbacks import Diverged
-    from jacdistill_cli.run.runtime import run_directory
+    from jacdistill_cli.loop import distributed
+    from jacdistill_cli.loop.callbacks import Diverged
+    from jacdistill_cli.records import directory, resume
+    from jacdistill_cli.records.directory import run_directory
+    from jacdistill_cli.records.signals import Interrupted, Signals
 
     validated = validate(cfg)  # before any work: nothing is written for a bad value
     run_dir = run_directory()
     world = distributed.world_from_environment()
     command = resume.resume_command(run_dir)
-    lock = resume.DirectoryLock(run_dir) if world.main else contextlib.nullcontext()
-    with lock, resume.Signals() as signals:
+    lock = directory.DirectoryLock(run_dir) if world.main else contextlib.nullcontext()
+    with lock, Signals() as signals:
         try:
             claim = claimed(cfg, run_dir) if world.main else None   # another config's results: refused here
             if claim is not None and claim.finished is not None and not world.distributed:
@@ -43,7 +45,7 @@ def run(cfg: DictConfig) -> float:
             if cfg.trainer.devices > 1 and not world.distributed:
                 return launched(cfg, run_dir, claim, command)
             return train(cfg, run_dir, world, signals, claim, validated)
-        except resume.Interrupted as stop:
+        except Interrupted as stop:
             stopped(cfg, run_dir, stop, command)
         except Diverged as err:
             return diverged(err)
@@ -75,21 +77,22 @@ def distributed_rank() -> int:
 
 
 def claimed(cfg: DictConfig, run_dir: Path):
-    """The run directory claimed for this configuration (resume.Claim), its records written: skipped
+    """The run directory claimed for this configuration (directory.Claim), its records written: skipped
     when this configuration finished there, cleared when started over."""
     import logging
 
     from jacdistill_cli.commands.startup import save_hydra_files, save_resolved_config
-    from jacdistill_cli.run import resume
+    from jacdistill_cli.loop import checkpointing
+    from jacdistill_cli.records import directory
 
     log = logging.getLogger("jacdistill")
-    claim = resume.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    claim = directory.claim_directory(OmegaConf.to_container(cfg, resolve=True), run_dir)
     if claim.finished is not None:
         log.info(f"this configuration finished in {run_dir} already (trainer.resume=auto): nothing to do")
         return claim
-    resume.remove_stale_temporaries(run_dir)
+    directory.remove_stale_temporaries(run_dir)
     if claim.restart:
-        for name in (resume.LAST, resume.BEST, "metrics.json"):
+        for name in (directory.LAST, checkpointing.BEST, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
     save_hydra_files(cfg, run_dir)
     save_resolved_config(cfg, run_dir)
@@ -106,7 +109,9 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from jacdistill_cli.run import distributed, resume
+    from jacdistill_cli.loop import distributed
+    from jacdistill_cli.records import status
+    from jacdistill_cli.records.signals import Interrupted
 
     # Hydra's own config (the groups chosen, the run mode) goes along: the workers' HPARAMS name the recipe
     # and preset as a one-process run's do, and rank 0 ends a single run with its summary table.
@@ -117,7 +122,7 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
         """Whether rank 0 recorded an interruption of this launch (and said how to resume)."""
         metrics = run_dir / "metrics.json"
         return (metrics.is_file() and metrics.stat().st_mtime_ns >= started
-                and json.loads(metrics.read_text()).get("status") == resume.INTERRUPTED)
+                and json.loads(metrics.read_text()).get("status") == status.INTERRUPTED)
 
     try:
         # SIGINT and SIGTERM reach the workers through torch's agent, SIGUSR1 (SLURM's warning before a time
@@ -126,7 +131,7 @@ def launched(cfg: DictConfig, run_dir: Path, claim: Any, command: str) -> float:
                                              hydra_cfg), cfg.trainer.devices, forward=FORWARDED)
     except SignalException as err:   # the agent stopped the workers with the signal this process got
         if not interrupted_now():   # stopped before training began: this process says so
-            stopped(cfg, run_dir, resume.Interrupted(int(err.sigval)), command)
+            stopped(cfg, run_dir, Interrupted(int(err.sigval)), command)
         raise SystemExit(128 + int(err.sigval)) from None
     except ChildFailedError as err:
         if interrupted_now():
@@ -171,17 +176,18 @@ def worker(cfg_yaml: str, run_dir: str, claim: Any, command: str,
     if hydra_cfg is not None:
         HydraConfig.instance().set_config(hydra_cfg)
     from jacdistill_cli.errors import UsageError as Usage
-    from jacdistill_cli.run import distributed, resume
-    from jacdistill_cli.run.callbacks import Diverged
+    from jacdistill_cli.loop import distributed
+    from jacdistill_cli.loop.callbacks import Diverged
+    from jacdistill_cli.records.signals import Interrupted, Signals
 
     world = distributed.world_from_environment()
     logging.basicConfig(level=logging.INFO if world.main else logging.WARNING,
                         format=f"[%(asctime)s][rank {world.rank}][%(levelname)s] - %(message)s")
     cfg = OmegaConf.create(cfg_yaml)
-    with resume.Signals() as signals:
+    with Signals() as signals:
         try:
             return train(cfg, Path(run_dir), world, signals, claim)
-        except resume.Interrupted as stop:
+        except Interrupted as stop:
             if world.main:
                 with contextlib.suppress(SystemExit):   # the launching process exits with the status
                     stopped(cfg, Path(run_dir), stop, command)
@@ -228,17 +234,17 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
     """Every setting of a train run (robustness and teacher.training too), checked before any work: (objective
     settings, optimiser settings)."""
     from jacdistill_cli.config import settings
+    from jacdistill_cli.loop.saliency import SALIENCY_MODES
+    from jacdistill_cli.records import directory
     from jacdistill_cli.robustness.settings import teacher_training
-    from jacdistill_cli.run import resume
-    from jacdistill_cli.run.runtime import SALIENCY_MODES
 
     if OmegaConf.select(cfg, "trainer.saliency", default="abs") not in SALIENCY_MODES:
         raise setting_error("trainer.saliency", cfg.trainer.saliency, f"it must be one of {', '.join(SALIENCY_MODES)}")
     validated = settings.validate_train(cfg)
     robustness(cfg)
     teacher_training(cfg.teacher)
-    settings.choice(cfg, "trainer.resume", resume.RESUME_MODES)
-    settings.choice(cfg, "trainer.select", resume.SELECT_MODES)
+    settings.choice(cfg, "trainer.resume", directory.RESUME_MODES)
+    settings.choice(cfg, "trainer.select", directory.SELECT_MODES)
     if OmegaConf.select(cfg, "trainer.save_every_steps", default=None) is not None:
         settings.integer(cfg, "trainer.save_every_steps", allowed="it must be null (every epoch only) or an integer >= 1")
     if "save_every_epochs" in cfg.trainer:   # a trainer config of one's own without it saves every epoch
@@ -262,7 +268,7 @@ def train(cfg: DictConfig, run_dir: Path, world: Any, signals: Any, claim: Any,
     import torch
 
     from jacdistill_cli.commands.startup import start
-    from jacdistill_cli.run import distributed
+    from jacdistill_cli.loop import distributed
 
     # (objective, optimiser) settings: checked by run() in this process, or here in a worker of trainer.devices=N
     objective, optim = validated or validate(cfg)
@@ -281,15 +287,16 @@ def train_in_group(session: Session, claim: Any) -> float:
     """train() in its process group (if any): prepare, obtain the teacher, fit, test, write."""
     import logging
 
-    from jacdistill_cli.run import resume
-    from jacdistill_cli.run.callbacks import Diverged
+    from jacdistill_cli.loop.callbacks import Diverged
+    from jacdistill_cli.records.signals import Interrupted
+    from jacdistill_cli.records.state import load_state
 
     log = logging.getLogger("jacdistill")
     claim = shared_claim(session, claim)
     if claim.finished is not None:
         return float(claim.finished.get("val_accuracy", float("nan")))
     prepare(session)
-    session.state = resume.load_state(claim.resume) if claim.resume is not None else None
+    session.state = load_state(claim.resume) if claim.resume is not None else None
     session.logger = open_logger(session, claim)
     checkpointer = None
     try:
@@ -297,7 +304,7 @@ def train_in_group(session: Session, claim: Any) -> float:
         checkpointer = make_checkpointer(session, distiller)
         history = fitted(session, distiller, checkpointer, teacher_info["teacher_test_accuracy"])
         metrics = tested(session, distiller, teacher_info, history, checkpointer)
-    except resume.Interrupted as stop:
+    except Interrupted as stop:
         close_logger(session, False)
         if stop.progress is None and checkpointer is not None:
             stop.progress = checkpointer.progress
@@ -324,7 +331,7 @@ def shared_claim(session: Session, claim: Any) -> Any:
     """Rank 0's claim of the run directory, on every rank (which must all have the same directory)."""
     import logging
 
-    from jacdistill_cli.run import distributed
+    from jacdistill_cli.loop import distributed
 
     world, run_dir = session.world, session.run_dir
     if world.distributed and len(set(distributed.all_gather(str(run_dir), world))) > 1:
@@ -340,8 +347,8 @@ def prepare(session: Session) -> None:
     """Seed, precision, data; every model setting and teacher.reuse_outputs decided before any training."""
     from jacdistill_cli.commands.startup import check_models, data
     from jacdistill_cli.config.settings import precision
-    from jacdistill_cli.run.precision import Precision
-    from jacdistill_cli.run.runtime import seed_everything
+    from jacdistill_cli.loop.device import seed_everything
+    from jacdistill_cli.loop.precision import Precision
 
     cfg = session.cfg
     seed_everything(cfg.seed)
@@ -354,8 +361,8 @@ def prepare(session: Session) -> None:
 def open_logger(session: Session, claim: Any) -> Any:
     """Rank 0's TensorBoard writer in the run directory (the others log nothing). Continued: earlier files'
     events after the saved step are dropped; started over: all of them."""
-    from jacdistill_cli.run import resume
-    from jacdistill_cli.run.logger import NullLogger, RunLogger
+    from jacdistill_cli.loop.logger import NullLogger, RunLogger
+    from jacdistill_cli.records import resume
 
     if not session.world.main:
         return NullLogger()
@@ -384,10 +391,10 @@ def build_distiller(session: Session) -> tuple[Any, dict[str, Any]]:
 
     from jacdistill_cli.commands.startup import teacher_settings
     from jacdistill_cli.engine.objective import objective_from_settings
-    from jacdistill_cli.run.distiller import Distiller
-    from jacdistill_cli.run.runtime import seed_everything
-    from jacdistill_cli.run.teacher import obtain_teacher
-    from jacdistill_cli.run.trainer import reused_teacher_outputs
+    from jacdistill_cli.loop.device import seed_everything
+    from jacdistill_cli.loop.distiller import Distiller
+    from jacdistill_cli.loop.teacher import obtain_teacher
+    from jacdistill_cli.loop.trainer import reused_teacher_outputs
     from jacdistill_cli.zoo.models import architecture, build_model, count_parameters, describe_architecture
 
     log = logging.getLogger("jacdistill")
@@ -425,14 +432,14 @@ def student_payload(session: Session, distiller: Any, metrics: dict[str, Any]) -
 def make_checkpointer(session: Session, distiller: Any) -> Any:
     import torch
 
-    from jacdistill_cli.run import resume
+    from jacdistill_cli.loop import checkpointing
 
     trainer = session.cfg.trainer
-    policy = resume.SavePolicy(OmegaConf.select(trainer, "save_every_steps", default=None),
+    policy = checkpointing.SavePolicy(OmegaConf.select(trainer, "save_every_steps", default=None),
                                OmegaConf.select(trainer, "save_every_epochs", default=1), trainer.epochs)
     session.batches = torch.Generator().manual_seed(session.cfg.seed)
     generators = {"batches": session.batches, "objective": distiller.objective.generator}
-    return resume.Checkpointer(
+    return checkpointing.Checkpointer(
         session.run_dir, policy, session.signals, generators=generators, state=session.state,
         best_payload=lambda val: student_payload(session, distiller, {f"val_{k}": v for k, v in val.items()}),
         world=session.world, device=session.device)
@@ -441,7 +448,7 @@ def make_checkpointer(session: Session, distiller: Any) -> Any:
 def fitted(session: Session, distiller: Any, checkpointer: Any, teacher_accuracy: float) -> dict[str, Any]:
     """The Trainer with this run's callbacks, fitted: the last validation metrics and the loop's counts."""
     from jacdistill_cli.commands.startup import loop_settings
-    from jacdistill_cli.run.callbacks import (
+    from jacdistill_cli.loop.callbacks import (
         Checkpointing,
         Divergence,
         ProgressBar,
@@ -450,8 +457,8 @@ def fitted(session: Session, distiller: Any, checkpointer: Any, teacher_accuracy
         TensorBoard,
         interactive,
     )
-    from jacdistill_cli.run.saliency import fixed_inputs
-    from jacdistill_cli.run.trainer import Trainer
+    from jacdistill_cli.loop.saliency import fixed_inputs
+    from jacdistill_cli.loop.trainer import Trainer
 
     logger = session.logger
     callbacks = [Divergence(), TensorBoard(logger, layout=True),
@@ -470,10 +477,12 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
     """The test metrics of the selected weights (last, or best.pt's), then metrics.json's content."""
     import torch
 
-    from jacdistill_cli.run import distributed, resume
-    from jacdistill_cli.run.robust import robust_metrics
-    from jacdistill_cli.run.runtime import describe_device
-    from jacdistill_cli.run.trainer import evaluate
+    from jacdistill_cli.loop import checkpointing, distributed
+    from jacdistill_cli.loop.device import describe_device
+    from jacdistill_cli.loop.robust import robust_metrics
+    from jacdistill_cli.loop.trainer import evaluate
+    from jacdistill_cli.records import status
+    from jacdistill_cli.records.state import load_best
     from jacdistill_cli.zoo.models import count_parameters
 
     cfg, world = session.cfg, session.world
@@ -481,7 +490,7 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
     val = {k: history[k] for k in ("accuracy", "agreement", "jacobian_cosine")}
     if cfg.trainer.select == "best":
         distributed.barrier(world)   # best.pt is written by rank 0
-        payload = resume.load_best(session.run_dir / resume.BEST, distiller)
+        payload = load_best(session.run_dir / checkpointing.BEST, distiller)
         val = {k: payload["metrics"][f"val_{k}"] for k in val}
     test = evaluate(distiller.student, distiller.teacher, session.data.test, cfg.trainer.eval_batch_size,
                     session.device, world)
@@ -490,7 +499,7 @@ def tested(session: Session, distiller: Any, teacher_info: dict[str, Any], histo
                             history["train_seconds"] / max(history["epochs"], 1),
                             cached if cached is not None and cached.parent != session.run_dir else None)
     return {
-        "status": resume.FINISHED, "selected": cfg.trainer.select, "best_epoch": best["epoch"],
+        "status": status.FINISHED, "selected": cfg.trainer.select, "best_epoch": best["epoch"],
         "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
         "test_accuracy": test["accuracy"], "agreement": test["agreement"],
         "jacobian_cosine": test["jacobian_cosine"], "val_accuracy": val["accuracy"],
@@ -509,8 +518,7 @@ def finished(session: Session, distiller: Any, metrics: dict[str, Any]) -> float
     """The results written whole, whatever signal arrives meanwhile; the summary of a single run."""
     import logging
 
-    from jacdistill_cli.run import resume
-    from jacdistill_cli.run.robust import robust_scalars
+    from jacdistill_cli.loop.robust import robust_scalars
     from jacdistill_cli.storage import write_torch
 
     log = logging.getLogger("jacdistill")
@@ -532,7 +540,8 @@ def finished(session: Session, distiller: Any, metrics: dict[str, Any]) -> float
     if single_run() and session.world.main:
         print(summary_table(metrics, session.run_dir))
     if session.signals.pending is not None:
-        raise resume.Interrupted(session.signals.pending, None, finished=True)
+        from jacdistill_cli.records.signals import Interrupted
+        raise Interrupted(session.signals.pending, None, finished=True)
     return metrics["val_accuracy"]
 
 
@@ -570,24 +579,25 @@ def stopped(cfg: DictConfig, run_dir, stop, command: str) -> None:
     import logging
     import sys
 
-    from jacdistill_cli.run import resume
+    from jacdistill_cli.records import directory, resume, status
+    from jacdistill_cli.records.signals import SIGNALS
 
     log = logging.getLogger("jacdistill")
-    name = resume.SIGNALS.get(stop.signum, str(stop.signum))
+    name = SIGNALS.get(stop.signum, str(stop.signum))
     if stop.finished:
         line = f"stopped by {name} after the run finished; its results are in {run_dir}"
     else:
         at = stop.progress
         where = f"at epoch {at.epoch}, step {at.step}" if at is not None else "before training began"
-        saved = (run_dir / resume.LAST).is_file()
+        saved = (run_dir / directory.LAST).is_file()
         if (run_dir / "config.yaml").is_file():  # else stopped before the directory was claimed: no record
             write_json(run_dir / "metrics.json", {
-                "status": resume.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
-                "step": at.step if at else None, "last_checkpoint": str(run_dir / resume.LAST) if saved else None,
+                "status": status.INTERRUPTED, "signal": name, "epoch": at.epoch if at else None,
+                "step": at.step if at else None, "last_checkpoint": str(run_dir / directory.LAST) if saved else None,
                 "resume": command})
         line = f"interrupted by {name} {where}{' (last.pt saved)' if saved else ''}; resume with: {command}"
     log.warning(line)
-    warning = resume.requeue_under_slurm() if stop.signum == resume.signal.SIGUSR1 else None
+    warning = resume.requeue_under_slurm() if stop.signum == signal.SIGUSR1 else None
     print(f"jacdistill train: {line}", file=sys.stderr)
     if warning:
         print(f"jacdistill train: warning: {warning}", file=sys.stderr)

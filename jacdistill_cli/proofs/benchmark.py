@@ -34,7 +34,7 @@ from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.engine.losses import kl
 from jacdistill_cli.engine.methods import Exact, NoJacobian
 from jacdistill_cli.engine.objective import distillation_objective
-from jacdistill_cli.run.precision import Precision
+from jacdistill_cli.loop.precision import Precision
 
 
 def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:

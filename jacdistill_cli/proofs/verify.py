@@ -338,7 +338,7 @@ def precision_error(method: JacobianMethod, student: nn.Module, teacher: nn.Modu
     """The method's input-gradients as training computes them under `precision` (float32 copies of the
     networks, autocast; float16 with the loss scale's recipe) against the float64 reference: the worse
     relative l2 error of student and teacher. None for a method without input-gradients."""
-    from jacdistill_cli.run.precision import Precision
+    from jacdistill_cli.loop.precision import Precision
 
     if not method.uses_gradients:
         return None

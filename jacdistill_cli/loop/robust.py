@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from jacdistill_cli.loop.distributed import World, broadcast, reduce_sums
 from jacdistill_cli.robustness.measure import robust_accuracy
 from jacdistill_cli.robustness.pixels import Pixels
 from jacdistill_cli.robustness.settings import RobustnessSettings
-from jacdistill_cli.run.distributed import World, broadcast, reduce_sums
 from jacdistill_cli.storage import write_json
 
 log = logging.getLogger("jacdistill")

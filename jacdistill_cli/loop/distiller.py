@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from jacdistill_cli.engine.objective import TeacherOutputs
-from jacdistill_cli.run.distributed import SINGLE, World, average_gradients, broadcast_parameters
+from jacdistill_cli.loop.distributed import SINGLE, World, average_gradients, broadcast_parameters
 
 
 class Distiller(nn.Module):

@@ -42,8 +42,8 @@ class SweepReport(Callback):
         prefix = f"jacdistill {command}:"
         diverged = 0
         if self.report:
+            from jacdistill_cli.analysis.report import write_report
             from jacdistill_cli.errors import UsageError
-            from jacdistill_cli.run.report import write_report
 
             try:
                 report, text, written = write_report(self.sweep_dir)
@@ -52,7 +52,7 @@ class SweepReport(Callback):
             except UsageError as err:  # no run of the sweep got as far as its directory
                 print(f"{prefix} no report: {err}", file=sys.stderr, flush=True)
         try:
-            from jacdistill_cli.run.logger import write_sweep_experiment
+            from jacdistill_cli.loop.logger import write_sweep_experiment
 
             write_sweep_experiment(self.sweep_dir)
         except Exception as err:  # noqa: BLE001 - TensorBoard then builds the experiment from the runs

@@ -1,4 +1,5 @@
-"""What every command needs from its surroundings: Hydra's run directory, the device, seeding."""
+"""Hydra's resolvers of jacdistill: unique default run directories and sweep job directories named by what
+the sweep varies."""
 
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from jacdistill_cli.config.settings import check_device_name
-from jacdistill_cli.errors import UsageError
-
 MAX_DIRNAME = 120
-SALIENCY_MODES = ("abs", "signed")  # how run/saliency.py draws the input-gradients (trainer.saliency)
+
 # Hydra's own sweeper runs each combination of values once, so its jobs' overrides are unique.
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
 
 def _parse(lines: list[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides([str(line) for line in lines])
-
 
 def _values(override) -> int:
     """How many values an override gives its key: 1 for a plain value, the count of a choice or range
@@ -34,7 +30,6 @@ def _values(override) -> int:
         return len(list(override.sweep_string_iterator()))
     except Exception:  # noqa: BLE001 - interval and other drawn sweeps: several values
         return 2
-
 
 @functools.lru_cache(maxsize=32)
 def swept_keys(sweep_dir: str) -> frozenset[str] | None:
@@ -55,7 +50,6 @@ def swept_keys(sweep_dir: str) -> frozenset[str] | None:
         return None
     return frozenset(key for key, count in counts.items() if count > 1)
 
-
 def varying_dirname(task: list[str], swept: frozenset[str] | None, exclude: list[str] = (),
                     item_sep: str = ",", kv_sep: str = "=") -> str:
     """Hydra's override_dirname of a job's overrides `task`, keeping only the keys the sweep varies
@@ -63,7 +57,6 @@ def varying_dirname(task: list[str], swept: frozenset[str] | None, exclude: list
     lines = sorted(o.input_line for o in _parse(task)
                    if o.key_or_group not in exclude and (swept is None or o.key_or_group in swept))
     return re.sub("=", kv_sep, item_sep.join(lines))
-
 
 def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
     """A sweep job's directory name: the overrides the sweep varies (`alpha=0.3,jacobian=exact`; a
@@ -95,9 +88,7 @@ def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
         name = f"{int(job_num):03d},{name}"
     return name
 
-
 _UNIQUE: list[str] = []
-
 
 def unique_suffix() -> str:
     """A short random name part, the same for the whole process: default run directories
@@ -110,85 +101,9 @@ def unique_suffix() -> str:
         _UNIQUE.append(secrets.token_hex(3))
     return _UNIQUE[0]
 
-
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("jd_job_dir"):
         OmegaConf.register_new_resolver("jd_job_dir", job_dirname)
     if not OmegaConf.has_resolver("jd_unique"):
         # Cached in the config like Hydra's `now`, so a sweep's jobs (copies of its config) share it.
         OmegaConf.register_new_resolver("jd_unique", unique_suffix, use_cache=True)
-
-
-def run_directory() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir).resolve()
-
-
-def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):
-    """The torch device of a setting: `auto` (the first GPU when torch sees one, else the CPU), `cpu`,
-    `cuda` or `cuda:N`; a GPU that torch does not see is refused in one line. Under torch.distributed
-    (`local_rank` given) each rank takes GPU `local_rank` (CPU ranks share the CPU)."""
-    import torch
-
-    check_device_name(name, key)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"{key}={name!r} is not allowed: torch sees no CUDA GPU on this machine; "
-                             f"use {key}=auto or {key}=cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= count:
-            raise UsageError(f"{key}={name!r} is not allowed: torch sees {count} CUDA GPU(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-    if name == "cuda" and local_rank is not None:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def describe_device(device) -> str:
-    """The device in words for metrics.json: `cpu`, or the GPU's name (`cuda:0 (NVIDIA H200)`)."""
-    import torch
-
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def keep_freed_memory() -> bool:
-    """On Linux with glibc, keep freed memory in the process for the next step's tensors; whether that
-    took effect (asking again sets it again: glibc has no call that reads the setting back).
-
-    By default glibc returns large freed blocks to the system and maps fresh pages for the next
-    allocation of that size, so every training step pays page faults for its large tensors; a step
-    with a Jacobian term allocates more of them (about 10% of its time on a CPU). Elsewhere nothing.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        # The process's own symbols, libc's among them: ctypes.util.find_library would run ldconfig.
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, ctypes.c_int(32 * 2**20))   # glibc's largest: blocks below come
-                and mallopt(m_trim_threshold, ctypes.c_int(2**30)))   # from the heap, which keeps up to 1 GiB
-    # it no longer uses.

@@ -19,8 +19,8 @@ from typing import Iterable
 
 from omegaconf import OmegaConf
 
+from jacdistill_cli.config.resolvers import job_dirname, swept_keys, varying_dirname
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.run.runtime import job_dirname, swept_keys, varying_dirname
 from jacdistill_cli.storage import write_bytes, write_text
 
 SEED_KEY = "seed"

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacdistill_cli.engine.jacobian import class_gradients
-from jacdistill_cli.run.runtime import SALIENCY_MODES
+
+SALIENCY_MODES = ("abs", "signed")  # how the input-gradients are drawn (trainer.saliency)
 
 TILE = 48  # pixels per image side in the grid: 8x8 digits are scaled up to be seen
 

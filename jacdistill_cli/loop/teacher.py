@@ -21,14 +21,14 @@ from torch import nn
 
 from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.errors import UsageError, WriteError
+from jacdistill_cli.loop.callbacks import Divergence, ProgressBar, TensorBoard, interactive
+from jacdistill_cli.loop.distiller import Distiller
+from jacdistill_cli.loop.distributed import World, broadcast
+from jacdistill_cli.loop.logger import RunLogger
+from jacdistill_cli.loop.trainer import LoopSettings, Trainer, evaluate
 from jacdistill_cli.robustness.pixels import Pixels
 from jacdistill_cli.robustness.settings import TeacherTraining
 from jacdistill_cli.robustness.training import teacher_objective
-from jacdistill_cli.run.callbacks import Divergence, ProgressBar, TensorBoard, interactive
-from jacdistill_cli.run.distiller import Distiller
-from jacdistill_cli.run.distributed import World, broadcast
-from jacdistill_cli.run.logger import RunLogger
-from jacdistill_cli.run.trainer import LoopSettings, Trainer, evaluate
 from jacdistill_cli.storage import write_torch
 from jacdistill_cli.zoo.checkpoints import (
     check_fits,

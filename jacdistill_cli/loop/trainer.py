@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from jacdistill_cli.engine.jacobian import class_gradients
 from jacdistill_cli.engine.objective import TeacherOutputs
-from jacdistill_cli.run.callbacks import Callback
-from jacdistill_cli.run.distiller import Distiller
-from jacdistill_cli.run.distributed import SINGLE, World, reduce_sums, shard
-from jacdistill_cli.run.precision import Precision
-from jacdistill_cli.run.resume import Progress
+from jacdistill_cli.loop.callbacks import Callback
+from jacdistill_cli.loop.checkpointing import Progress
+from jacdistill_cli.loop.distiller import Distiller
+from jacdistill_cli.loop.distributed import SINGLE, World, reduce_sums, shard
+from jacdistill_cli.loop.precision import Precision
 from jacdistill_cli.zoo.data import DataBundle, batches
 
 log = logging.getLogger("jacdistill")

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from torch import Tensor
 
-from jacdistill_cli.run.logger import RunLogger
-from jacdistill_cli.run.resume import Checkpointer
+from jacdistill_cli.loop.checkpointing import Checkpointer
+from jacdistill_cli.loop.logger import RunLogger
 
 if TYPE_CHECKING:
-    from jacdistill_cli.run.trainer import Trainer
+    from jacdistill_cli.loop.trainer import Trainer
 
 log = logging.getLogger("jacdistill")
 
@@ -133,7 +133,7 @@ class Saliency(Callback):
         self.logger, self.inputs, self.mode = logger, inputs, mode
 
     def on_evaluation_end(self, trainer: "Trainer", val: dict[str, float]) -> None:
-        from jacdistill_cli.run.saliency import saliency_image
+        from jacdistill_cli.loop.saliency import saliency_image
 
         distiller = trainer.distiller
         if trainer.world.main and distiller.teacher is not None:

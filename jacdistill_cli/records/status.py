@@ -1,0 +1,5 @@
+"""The status a run records in metrics.json, one name each: what `report` and resuming read back."""
+
+from __future__ import annotations
+
+FINISHED, INTERRUPTED, DIVERGED = "finished", "interrupted", "diverged"

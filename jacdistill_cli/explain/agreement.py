@@ -43,20 +43,25 @@ def _descending(maps: Tensor) -> tuple[Tensor, Tensor]:
     return (-maps.flatten(1)).sort(dim=1, stable=True)
 
 
-def _ranks(negated_sorted: Tensor, maps: Tensor) -> Tensor:
-    """Average ranks (1-based, ties averaged) of -maps, [b, n], from their sorted values: a value's rank
-    is the mean of the first and last positions of its tied group (searchsorted left and right)."""
-    values = -maps.flatten(1)
-    below = torch.searchsorted(negated_sorted, values, right=False).float()
-    through = torch.searchsorted(negated_sorted, values, right=True).float()
-    return (below + through + 1) / 2
+def _ranks(negated_sorted: Tensor, order: Tensor) -> Tensor:
+    """Average ranks (1-based, ties averaged) of -maps, [b, n] in pixel order, from their sort: the values
+    at sorted positions first..last of one tied group all take the rank (first + last) / 2 + 1 (a cumulative
+    max and min find each group's ends: linear, no search)."""
+    rows, n = negated_sorted.shape
+    places = torch.arange(n, device=order.device).expand(rows, n)
+    change = negated_sorted[:, 1:] != negated_sorted[:, :-1]    # a new group starts at j + 1
+    edge = change.new_ones(rows, 1)
+    first = torch.where(torch.cat([edge, change], 1), places, 0).cummax(1).values
+    last = torch.where(torch.cat([change, edge], 1), places, n - 1).flip(1).cummin(1).values.flip(1)
+    average = (first + last).float() / 2 + 1
+    return torch.empty_like(average).scatter_(1, order, average)
 
 
 def average_ranks(maps: Tensor) -> Tensor:
     """[b, *spatial] -> [b, n]: each pixel's rank within its map, 1 for the lowest value, ties taking
     their average rank (scipy.stats.rankdata's `average`)."""
-    negated, _ = _descending(maps)
-    return maps.flatten(1).shape[1] + 1 - _ranks(negated, maps)
+    negated, order = _descending(maps)
+    return maps.flatten(1).shape[1] + 1 - _ranks(negated, order)
 
 
 def _correlation(ranks_a: Tensor, ranks_b: Tensor, constant_a: Tensor, constant_b: Tensor) -> Tensor:
@@ -87,15 +92,17 @@ def top_count(pixels: int, percent: int = TOP_PERCENT) -> int:
 
 
 def _agreement(student_maps: Tensor, teacher_maps: Tensor, percent: int) -> tuple[Tensor, Tensor]:
-    """(rank correlation [b], top-percent overlap [b]) of two batches of maps: one sort per map serves both
-    (the ranks of -map give the same correlation as those of map: both rankings are reversed)."""
-    student_sorted, student_order = _descending(student_maps)
-    teacher_sorted, teacher_order = _descending(teacher_maps)
-    rho = _correlation(_ranks(student_sorted, student_maps), _ranks(teacher_sorted, teacher_maps),
-                       _constant(student_sorted), _constant(teacher_sorted))
-    k = top_count(student_order.shape[1], percent)
-    student_top, teacher_top = _top_masks(student_order, k), _top_masks(teacher_order, k)
-    shared = (student_top & teacher_top).sum(1).float()
+    """(rank correlation [b], top-percent overlap [b]) of two batches of maps: one sort of both batches
+    together serves both measures (the ranks of -map give the same correlation as those of map: both
+    rankings are reversed)."""
+    both = torch.cat([student_maps.flatten(1), teacher_maps.flatten(1)])
+    rows = len(student_maps)
+    negated_sorted, order = _descending(both)
+    ranks, constant = _ranks(negated_sorted, order), _constant(negated_sorted)
+    rho = _correlation(ranks[:rows], ranks[rows:], constant[:rows], constant[rows:])
+    k = top_count(order.shape[1], percent)
+    top = _top_masks(order, k)
+    shared = (top[:rows] & top[rows:]).sum(1).float()
     return rho, shared / (2 * k - shared)
 
 

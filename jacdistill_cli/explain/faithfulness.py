@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.explain.saliency import pixel_saliency
@@ -55,8 +56,6 @@ def reference_images(clean: Tensor, kind: str, pixels: Pixels, blur_sigma: float
         return torch.zeros_like(clean)
     if kind == "mean":
         return pixels.to_pixels(torch.zeros_like(clean))
-    from torchvision.transforms.v2.functional import gaussian_blur
-
     width = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * min(clean.shape[-2:]) - 1)
     return gaussian_blur(clean, [width, width], [blur_sigma, blur_sigma])
 

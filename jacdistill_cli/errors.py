@@ -21,6 +21,16 @@ class UsageError(Exception):
     """Bad input from the user: a setting, a path or a file. Printed as one line, exit status 2."""
 
 
+class Diverged(Exception):
+    """The total loss became non-finite: training cannot go on from these weights. One line, exit status 1;
+    a job of a sweep ends alone."""
+
+    def __init__(self, value: float, step: int, epoch: int, prefix: str = ""):
+        self.value, self.step, self.epoch, self.prefix = value, step, epoch, prefix
+        super().__init__(f"{prefix}loss/total is {value} at step {step} (epoch {epoch}): training diverged; "
+                         "lower optim.lr, or the weights of the terms (alpha, hard_weight)")
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, file too large, quota, read-only, permission): one line
     naming the file and the cause, exit status 1. The file's previous content is whole."""

@@ -21,7 +21,7 @@ README = ROOT.parent / "README.md"
 # and of the parts before it, never of a part after it. errors.py is the leaf every part imports; storage.py
 # (the one atomic write and the one safe load) imports only errors.py; cli.py is the entry, importing the
 # commands (lazily, so that `jacdistill --help` answers at once); __main__.py runs cli.py.
-ORDER = ("errors.py", "storage.py", "config/", "engine/", "zoo/", "robustness/", "explain/", "records/", "loop/",
+ORDER = ("errors.py", "storage.py", "config/", "engine/", "zoo/", "robustness/", "explain/", "spec/", "records/", "loop/",
          "analysis/", "proofs/", "commands/", "cli.py")
 PART_OF_MODULE = {f"{PACKAGE}": "errors.py", f"{PACKAGE}.__main__": "cli.py"}
 

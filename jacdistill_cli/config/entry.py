@@ -22,6 +22,17 @@ def composition_done() -> None:
         hydra_full_error_for_composition = False
 
 
+def hydra_choices() -> dict[str, Any]:
+    """The option chosen for each config group of this job (`teacher: cnn`, `recipe: kd`, ...); {} outside
+    Hydra. A user's model is named by its option, HPARAMS name the recipe and preset."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {group: option for group, option in HydraConfig.get().runtime.choices.items()
+            if not group.startswith("hydra/")}
+
+
 def one_line_errors(command: str) -> Callable:
     """Turn a UsageError raised by a command into one line on stderr and exit status 2, and a file the
     command cannot write (errors.WriteError, or an OSError of a full, read-only or forbidden place) into

@@ -93,8 +93,8 @@ class Objective:
         self.method = method if method is not None else NoJacobian()
         self.matching = matching
         self.generator = generator
-        self.needs = frozenset().union(*(t.needs for t in self.terms))
-        self.reads_teacher = any(t.reads_teacher for t in self.terms)
+        self.needs = needs(self.terms)
+        self.reads_teacher = reads_teacher(self.terms)
         self.weights = {t.name: float(t.weight) for t in self.terms}
         # Input-gradients are taken when a term needs them, and kept in the graph when such a term is weighted.
         self.gradients = "gradients" in self.needs and self.method.uses_gradients
@@ -114,7 +114,7 @@ class Objective:
         """Whether the teacher's side of a step depends on the sample alone, so that `teacher_outputs`
         computed once can stand in for it: no feature term (hooks on the teacher), a method whose teacher
         side is deterministic and small (none, top1, target)."""
-        return self.matching is None and "statistics" not in self.needs and self.method.reusable_teacher
+        return teacher_reusable(self.terms, self.method, self.matching)
 
     def teacher_outputs(self, teacher: nn.Module, inputs: Tensor, labels: Tensor) -> TeacherOutputs:
         """The teacher's side of a step on this batch, computed as `step` computes it."""
@@ -258,15 +258,26 @@ class Objective:
         return strategy
 
 
-def distillation_objective(loss: Callable[[Tensor, Tensor], Tensor], alpha: float, hard_weight: float,
-                           method: JacobianMethod, matching: Any = None, generator: torch.Generator | None = None,
-                           extra_terms: Iterable[Term] = ()) -> Objective:
-    """The objective of `jacdistill train`:
+def needs(terms: Iterable[Term]) -> frozenset[str]:
+    """What the terms need from a step, together."""
+    return frozenset().union(*(t.needs for t in terms))
 
-        (1 - alpha) * distill + alpha * jacobian [+ hard_weight * hard] [+ features.weight * features] [+ extra]
 
-    `jacobian` is the method's term, or with `method.of == "features"` the feature Jacobian of
-    `matching`'s pairs; `hard` is registered when hard_weight > 0, `features` with a matching."""
+def reads_teacher(terms: Iterable[Term]) -> bool:
+    """Whether any term reads the teacher's logits (none does: the teacher's pass is skipped)."""
+    return any(t.reads_teacher for t in terms)
+
+
+def teacher_reusable(terms: Iterable[Term], method: JacobianMethod, matching: Any) -> bool:
+    """Whether the teacher's side of a step depends on the sample alone, so that `teacher_outputs` computed
+    once can stand in for it: no feature term (hooks on the teacher), a method whose teacher side is
+    deterministic and small (none, top1, target)."""
+    return matching is None and "statistics" not in needs(terms) and method.reusable_teacher
+
+
+def distillation_terms(loss: Callable[[Tensor, Tensor], Tensor], alpha: float, hard_weight: float,
+                       method: JacobianMethod, matching: Any = None, extra_terms: Iterable[Term] = ()) -> list[Term]:
+    """The terms of `jacdistill train`'s objective (see `distillation_objective`)."""
     terms: list[Term] = [Distillation("distill", 1 - alpha, loss=loss)]
     if matching is not None and method.of == "features":
         terms.append(FeatureJacobianTerm("jacobian", alpha, matching=matching, method=method))
@@ -276,14 +287,27 @@ def distillation_objective(loss: Callable[[Tensor, Tensor], Tensor], alpha: floa
         terms.append(HardLabels("hard", hard_weight))
     if matching is not None:
         terms.append(FeatureTerm("features", matching.weight, matching=matching))
-    return Objective([*terms, *extra_terms], method, matching, generator)
+    return [*terms, *extra_terms]
+
+
+def distillation_objective(loss: Callable[[Tensor, Tensor], Tensor], alpha: float, hard_weight: float,
+                           method: JacobianMethod, matching: Any = None, generator: torch.Generator | None = None,
+                           extra_terms: Iterable[Term] = ()) -> Objective:
+    """The objective of `jacdistill train`:
+
+        (1 - alpha) * distill + alpha * jacobian [+ hard_weight * hard] [+ features.weight * features] [+ extra]
+
+    `jacobian` is the method's term, or with `method.of == "features"` the feature Jacobian of
+    `matching`'s pairs; `hard` is registered when hard_weight > 0, `features` with a matching."""
+    return Objective(distillation_terms(loss, alpha, hard_weight, method, matching, extra_terms), method, matching,
+                     generator)
 
 
 def objective_from_settings(settings: Any, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
                             device: torch.device | str = "cpu",
                             generator: torch.Generator | None = None) -> tuple[Objective, Any]:
-    """(the objective, its feature matching or None) of typed settings (config/settings.py
-    `ObjectiveSettings`); the matching's parameters (hint regressors) are optimised with the student."""
+    """(the objective, its feature matching or None) of typed settings (spec/run.py `ObjectiveSpec`); the
+    matching's parameters (hint regressors) are optimised with the student."""
     matching = None
     if settings.features.name != "none":
         matching = settings.features.matching(teacher, student, input_shape, device)

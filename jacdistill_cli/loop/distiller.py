@@ -15,8 +15,39 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.engine.objective import TeacherOutputs
+from jacdistill_cli.engine.objective import TeacherOutputs, distillation_terms, reads_teacher, teacher_reusable
+from jacdistill_cli.errors import UsageError
 from jacdistill_cli.loop.distributed import SINGLE, World, average_gradients, broadcast_parameters
+from jacdistill_cli.loop.precision import Precision
+from jacdistill_cli.spec.run import ObjectiveSpec
+from jacdistill_cli.zoo.data import DataBundle, in_memory
+
+
+def reuse_decision(objective: ObjectiveSpec, setting: Any, data: DataBundle, precision: Precision
+                   ) -> tuple[bool, list[str]]:
+    """teacher.reuse_outputs (auto, True, False): whether the teacher's outputs are computed once per training
+    sample and reused every epoch, and the reasons they cannot be (true is refused in one line when there is
+    one). Reuse needs the teacher's side of a step to be a function of the sample alone and small, the training
+    split held in memory without augmentation, and float32."""
+    terms = distillation_terms(objective.loss, objective.alpha, objective.hard_weight, objective.method, None,
+                               objective.terms)
+    if not reads_teacher(terms):
+        return False, []   # no term reads the teacher: no step runs it, nothing to keep
+    reasons = []
+    features = objective.features.name
+    if features != "none" or not teacher_reusable(terms, objective.method, None):
+        reasons.append(f"the teacher's side of jacobian={objective.method.name} with features={features} is not a "
+                       "function of the sample alone (or is too large to keep)")
+    if getattr(data.train, "augment", None) is not None:
+        reasons.append("the training split is augmented (dataset.augment=true)")
+    if not in_memory(data.train):
+        reasons.append("the training split is not held in memory (dataset.max_memory_mb)")
+    if precision.name != "32":
+        reasons.append(f"trainer.precision={precision.name}")
+    if setting is True and reasons:
+        raise UsageError(f"teacher.reuse_outputs=true is not allowed: {reasons[0]}; use teacher.reuse_outputs=auto "
+                         "or false")
+    return setting is True or (setting == "auto" and not reasons), reasons
 
 
 class Distiller(nn.Module):
@@ -57,6 +88,11 @@ class Distiller(nn.Module):
     def reads_indices(self) -> bool:
         """Whether a step needs the batch's sample indices (to take reused teacher outputs)."""
         return self.reused is not None
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The random generators the objective draws from (projections, noise), by name, for last.pt."""
+        generator = getattr(self.objective, "generator", None)
+        return {} if generator is None else {"objective": generator}
 
     def objective_parameters(self) -> list[nn.Parameter]:
         return [] if self.matching is None else list(self.matching.parameters())

@@ -83,6 +83,23 @@ def reduce_sums(values: list[float], world: World, device: torch.device) -> list
     return tensor.tolist()
 
 
+def sum_over_ranks(tensor: Tensor, world: World) -> Tensor:
+    """The element-wise sum of `tensor` over all ranks (this rank's own without torch.distributed)."""
+    if world.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(row: Tensor, world: World) -> Tensor:
+    """Every rank's 1-d tensor `row` (of the same length), stacked in rank order: [ranks, n]."""
+    if not world.distributed:
+        return row.unsqueeze(0)
+    rows = torch.empty((world.size, *row.shape), dtype=row.dtype, device=row.device)
+    dist.all_gather_into_tensor(rows, row.contiguous())
+    return rows
+
+
 def reduce_max(value: int, world: World, device: torch.device) -> int:
     """The largest value over all ranks (a tensor on the training device: NCCL reduces CUDA tensors only)."""
     if not world.distributed:

@@ -7,11 +7,14 @@ layout, and the run's hyperparameters for the HPARAMS tab.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+
+from jacdistill_cli.records.resume import drop_session_end
 
 HParamValue = int | float | str | bool | None
 
@@ -112,6 +115,32 @@ class NullLogger:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def run_logger(run_dir: Path, main: bool, hparams: Mapping[str, HParamValue], continued_step: int | None = None,
+               restart: bool = False) -> Iterator[RunLogger | NullLogger]:
+    """Rank 0's TensorBoard writer in the run directory for the block (the other ranks log nothing), its
+    hparams session ended as succeeded when the block ends normally, failed otherwise. Continued from
+    `continued_step`: earlier files' events after it are dropped; started over (`restart`): all of them."""
+    if not main:
+        yield NullLogger()
+        return
+    if continued_step is not None or restart:
+        drop_session_end(run_dir)  # the interrupted session's end; this one ends it again
+    logger = RunLogger(run_dir, purge_step=continued_step + 1 if continued_step is not None else 0 if restart
+                       else None)
+    if continued_step is None:
+        logger.hparams_start(hparams)  # its metrics: the final test/..., val/... scalars
+    else:
+        logger.hparams_continue()
+    succeeded = False
+    try:
+        yield logger
+        succeeded = True
+    finally:
+        logger.hparams_end(succeeded)
+        logger.close()
 
 
 def _session_end(succeeded: bool) -> Any:

@@ -12,23 +12,25 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.errors import UsageError, WriteError
-from jacdistill_cli.loop.callbacks import Divergence, ProgressBar, TensorBoard, interactive
+from jacdistill_cli.loop.callbacks import ProgressBar, TensorBoard, interactive
 from jacdistill_cli.loop.distiller import Distiller
 from jacdistill_cli.loop.distributed import World, broadcast
+from jacdistill_cli.loop.evaluation import evaluate
 from jacdistill_cli.loop.logger import RunLogger
-from jacdistill_cli.loop.trainer import LoopSettings, Trainer, evaluate
+from jacdistill_cli.loop.trainer import Trainer
+from jacdistill_cli.records.signals import Interrupted
 from jacdistill_cli.robustness.pixels import Pixels
 from jacdistill_cli.robustness.settings import TeacherTraining
 from jacdistill_cli.robustness.training import teacher_objective
+from jacdistill_cli.spec.run import DataSpec, LoopSpec, OptimSpec, TeacherSpec
 from jacdistill_cli.storage import write_torch
 from jacdistill_cli.zoo.checkpoints import (
     check_fits,
@@ -48,27 +50,23 @@ NOT_TEACHER_DATA = ("samples_per_class", "download", "max_memory_mb")
 
 
 @dataclass(frozen=True)
-class TeacherSettings:
-    """How the teacher is obtained (the `teacher` group, typed): `checkpoint` (a file), or the architecture
-    `spec` trained by these settings (`training`: cross-entropy, or adversarially) and cached under
-    `cache_dir`."""
+class TeacherJob:
+    """A teacher to obtain: how (`teacher`), on which data (`data`: its node is part of the cache key), from
+    which seed, evaluated `eval_batch_size` at a time, read by `num_workers` DataLoader workers."""
 
-    name: str
-    spec: dict[str, Any]                 # the architecture (zoo/models.py `architecture`)
-    checkpoint: str | None
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    samples_per_class: int | None        # the teacher's own subset (None: the full training split)
+    teacher: TeacherSpec
+    data: DataSpec
     seed: int
-    split_seed: int
-    dataset: dict[str, Any]              # the dataset node, resolved: part of the cache key
-    cache_dir: Path | None               # None: a command that caches no teacher (`jacdistill teacher`)
     eval_batch_size: int = 512
     num_workers: int = 0
-    options: dict[str, Any] = field(default_factory=dict)   # other teacher keys that determine it (cache key)
-    training: TeacherTraining = field(default_factory=TeacherTraining)   # standard, adversarial or trades
+
+
+def try_teacher(teacher: TeacherSpec, data: DataBundle) -> None:
+    """The teacher to train built on the `meta` device before any epoch: a bad setting of its is refused in one
+    line (no memory, no random numbers drawn)."""
+    shapes = {k: v for k, v in teacher.model.architecture.items() if k != "weights"}   # no file read
+    with torch.device("meta"):
+        build_model(shapes, data.input_shape, data.num_classes, "teacher")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -78,47 +76,50 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def teacher_identity(settings: TeacherSettings) -> dict[str, Any]:
+def teacher_identity(job: TeacherJob) -> dict[str, Any]:
     """Everything that determines a trained teacher."""
-    training = {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
-                "weight_decay": settings.weight_decay, **settings.options,
-                **settings.training.identity()}   # {} for standard training: the keys cached before stay
-    if settings.samples_per_class is not None:
-        training["samples_per_class"] = settings.samples_per_class
+    plan = job.teacher.training
+    training = {"epochs": plan.epochs, "batch_size": plan.batch_size, "lr": plan.lr, "weight_decay": plan.weight_decay,
+                **plan.training.identity()}   # {} for standard training: the keys cached before stay
+    if plan.samples_per_class is not None:
+        training["samples_per_class"] = plan.samples_per_class
     return {
-        "dataset": {k: v for k, v in settings.dataset.items() if k not in NOT_TEACHER_DATA},
-        "architecture": settings.spec,
+        "dataset": {k: v for k, v in job.data.node.items() if k not in NOT_TEACHER_DATA},
+        "architecture": job.teacher.model.architecture,
         "training": training,
-        "seed": settings.seed,
+        "seed": job.seed,
         "format": 1,
     }
 
 
-def cache_path(settings: TeacherSettings) -> Path:
-    digest = hashlib.sha256(json.dumps(teacher_identity(settings), sort_keys=True).encode()).hexdigest()[:16]
-    return settings.cache_dir / "teachers" / f"{settings.name}-{settings.dataset.get('name')}-{digest}.pt"
+def cache_path(job: TeacherJob) -> Path:
+    digest = hashlib.sha256(json.dumps(teacher_identity(job), sort_keys=True).encode()).hexdigest()[:16]
+    return job.teacher.cache_dir / "teachers" / f"{job.teacher.name}-{job.data.node.get('name')}-{digest}.pt"
 
 
-def train_teacher(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,
+def train_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
                   prefix: str = "teacher/") -> tuple[nn.Module, dict[str, Any]]:
     """Train the configured teacher on the full training split (or on `samples_per_class` per class) with
-    cross-entropy, or adversarially (`settings.training`); returns it and its checkpoint payload."""
-    data = data.for_teacher(settings.samples_per_class, settings.split_seed)
-    torch.manual_seed(settings.seed)
-    model = build_model(settings.spec, data.input_shape, data.num_classes, "teacher").to(device)
-    optim = OptimSettings("adam", functools.partial(torch.optim.Adam, lr=settings.lr,
-                                                    weight_decay=settings.weight_decay), "cosine")
-    log.info(f"training teacher {describe_architecture(settings.spec)} on {data.name} ({len(data.train)} training "
-             f"samples) for {settings.epochs} epochs, {describe_training(settings.training)}")
-    loop = LoopSettings(settings.epochs, settings.batch_size, settings.eval_batch_size,
-                        num_workers=settings.num_workers)
-    callbacks = [Divergence(prefix), TensorBoard(logger, prefix), *([ProgressBar(prefix)] if interactive() else [])]
-    Trainer(loop, optim, device, callbacks=callbacks, prefix=prefix).fit(
-        Distiller(model, None, teacher_objective(settings.training, Pixels.of(data), seed=settings.seed)), data,
-        torch.Generator().manual_seed(settings.seed))
-    metrics = {f"{split}_accuracy": evaluate(model, None, getattr(data, split), settings.eval_batch_size,
+    cross-entropy, or adversarially (`training.training`); returns it and its checkpoint payload."""
+    plan, spec = job.teacher.training, job.teacher.model.architecture
+    data = data.for_teacher(plan.samples_per_class, job.data.split_seed)
+    torch.manual_seed(job.seed)
+    model = build_model(spec, data.input_shape, data.num_classes, "teacher").to(device)
+    optim = OptimSpec("adam", functools.partial(torch.optim.Adam, lr=plan.lr, weight_decay=plan.weight_decay),
+                      "cosine")
+    log.info(f"training teacher {describe_architecture(spec)} on {data.name} ({len(data.train)} training samples) "
+             f"for {plan.epochs} epochs, {describe_training(plan.training)}")
+    loop = LoopSpec(plan.epochs, plan.batch_size, job.eval_batch_size, num_workers=job.num_workers)
+    callbacks = [TensorBoard(logger, prefix), *([ProgressBar(prefix)] if interactive() else [])]
+    trainer = Trainer(loop, optim, device, callbacks=callbacks, prefix=prefix, seed=job.seed)
+    try:
+        trainer.fit(Distiller(model, None, teacher_objective(plan.training, Pixels.of(data), seed=job.seed)), data)
+    except Interrupted as stop:
+        stop.teacher = True
+        raise
+    metrics = {f"{split}_accuracy": evaluate(model, None, getattr(data, split), job.eval_batch_size,
                                              device)["accuracy"] for split in ("val", "test")}
-    return model, make_checkpoint(model, "teacher", settings.spec, data, metrics)
+    return model, make_checkpoint(model, "teacher", spec, data, metrics)
 
 
 def describe_training(training: TeacherTraining) -> str:
@@ -135,39 +136,38 @@ def describe_training(training: TeacherTraining) -> str:
     return f"adversarially (cross-entropy on {inner}; Madry et al.)"
 
 
-def obtain_teacher(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,
+def obtain_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
                    world: World, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen teacher and facts about it: source (weights|checkpoint|cache|trained), path, metrics. Under
     torch.distributed rank 0 obtains it (trains it at most once) and shares it with the other ranks. The
     model is built once in each process: the one trained or loaded here, or on other ranks from rank 0's."""
-    model, shared = teacher_model(settings, data, device, logger, run_dir) if world.main else (None, None)
+    model, shared = teacher_model(job, data, device, logger, run_dir) if world.main else (None, None)
     payload, source, path = broadcast(shared, world)
     if model is None:
         model = model_from_checkpoint(payload, "teacher.checkpoint")
     model = freeze(model.to(device))
     metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
-    test = evaluate(model, None, data.test, settings.eval_batch_size, device, world)["accuracy"]
+    test = evaluate(model, None, data.test, job.eval_batch_size, device, world)["accuracy"]
     metrics["teacher_test_accuracy"] = test
     log.info(f"teacher ({source}: {path}) test accuracy {test:.4f}")
     return model, {"source": source, "path": str(path), **metrics}
 
 
-def teacher_model(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,
+def teacher_model(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
                   run_dir: Path) -> tuple[nn.Module, tuple[dict[str, Any], str, Path]]:
     """(the teacher, (its checkpoint payload, its source, its path)): loaded, cached, or trained and cached."""
-    spec = settings.spec
-    if settings.checkpoint is None and spec.get("weights") is not None:
+    spec, checkpoint = job.teacher.model.architecture, job.teacher.checkpoint
+    if checkpoint is None and spec.get("weights") is not None:
         # Published weights (torchvision's ImageNet teachers): used as they are, never trained or cached.
         model = build_model(spec, data.input_shape, data.num_classes, "teacher")
         log.info(f"teacher {spec['arch']} with weights {spec['weights']}")
         return model, (make_checkpoint(model, "teacher", spec, data, {}), "weights", spec["weights"])
-    if settings.checkpoint is not None:
+    if checkpoint is not None:
         key = "teacher.checkpoint"
-        payload = load_teacher_checkpoint(settings.checkpoint, key, spec, data)
+        payload = load_teacher_checkpoint(checkpoint, key, spec, data)
         check_fits(payload, key, data, spec, group="teacher")
-        return (model_from_checkpoint(payload, key),
-                (payload, "checkpoint", Path(str(settings.checkpoint)).expanduser().resolve()))
-    model, payload, source, path = cached_teacher(settings, data, device, logger, run_dir)
+        return model_from_checkpoint(payload, key), (payload, "checkpoint", Path(checkpoint).expanduser().resolve())
+    model, payload, source, path = cached_teacher(job, data, device, logger, run_dir)
     return model, (payload, source, path)
 
 
@@ -193,7 +193,7 @@ def load_cached(path: Path, data: DataBundle, spec: dict[str, Any]) -> tuple[nn.
         return None
 
 
-def cached_teacher(settings: TeacherSettings, data: DataBundle, device: torch.device, logger: RunLogger,
+def cached_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
                    run_dir: Path) -> tuple[nn.Module, dict[str, Any], str, Path]:
     """The teacher from the cache, or trained and cached: (model, payload, source, path).
 
@@ -205,7 +205,7 @@ def cached_teacher(settings: TeacherSettings, data: DataBundle, device: torch.de
     """
     from filelock import FileLock, Timeout
 
-    path = cache_path(settings)
+    path = cache_path(job)
     lock = None
     unwritable = None
     try:
@@ -219,13 +219,13 @@ def cached_teacher(settings: TeacherSettings, data: DataBundle, device: torch.de
     except OSError as err:
         lock, unwritable = None, reason(err)
     try:
-        found = load_cached(path, data, settings.spec)
+        found = load_cached(path, data, job.teacher.model.architecture)
         if found is not None:
             return found[0], found[1], "cache", path
         if unwritable is not None:
             log.warning(f"the teacher cache {path.parent} cannot be written ({unwritable}); the teacher is "
                         "trained in this run and kept in its run directory as teacher.pt")
-        model, payload = train_teacher(settings, data, device, logger)
+        model, payload = train_teacher(job, data, device, logger)
         if unwritable is None:
             try:
                 write_torch(path, payload)

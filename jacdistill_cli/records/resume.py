@@ -16,13 +16,14 @@ from jacdistill_cli import storage
 
 log = logging.getLogger("jacdistill")
 
-def resume_command(run_dir: Path) -> str:
-    """The command line that continues this run: the same overrides plus its directory."""
+
+def resume_command(run_dir: Path, multirun: bool) -> str:
+    """The command line that continues this run: the same overrides plus its directory (a sweep's job: the
+    whole sweep again, in its sweep directory)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    if multirun:
         # The whole sweep again, in the same sweep directory: finished jobs are skipped.
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "hydra.run.dir="))]
         sweep_dir = Path(str(hydra_cfg.sweep.dir)).resolve()
@@ -31,6 +32,7 @@ def resume_command(run_dir: Path) -> str:
     overrides = [o for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
                  if not o.startswith(("hydra.run.dir=", "hydra.mode="))]
     return shlex.join(["jacdistill", "train", *overrides, f"hydra.run.dir={run_dir}"])
+
 
 def requeue_under_slurm() -> str | None:
     """`scontrol requeue $SLURM_JOB_ID` when SLURM_JOB_ID is set; a warning when that fails."""
@@ -45,6 +47,7 @@ def requeue_under_slurm() -> str | None:
         return f"scontrol requeue {job} failed: {reason[-1] if reason else f'exit status {result.returncode}'}"
     log.info(f"SLURM job {job} requeued")
     return None
+
 
 def drop_session_end(run_dir: Path) -> None:
     """Remove an earlier hparams session end (an interrupted run's) from the run's event files.

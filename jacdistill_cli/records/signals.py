@@ -8,14 +8,17 @@ from typing import Any, Iterator
 
 SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
 
+
 class Interrupted(BaseException):
     """A signal stopped the run (a BaseException, like KeyboardInterrupt: no `except Exception` takes it)."""
 
-    def __init__(self, signum: int, progress: Any = None, finished: bool = False):
+    def __init__(self, signum: int, epoch: int | None = None, step: int | None = None, finished: bool = False):
         super().__init__(SIGNALS.get(signum, str(signum)))
         self.signum = signum
-        self.progress = progress
+        self.epoch, self.step = epoch, step   # where the student's training stopped (None: before it began)
         self.finished = finished   # the signal came while the finished run's results were written
+        self.teacher = False       # the signal came while the teacher trained
+
 
 class Signals:
     """SIGINT, SIGTERM and SIGUSR1 while a run is in progress. Outside training steps a signal stops
@@ -46,6 +49,10 @@ class Signals:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def hold(self) -> None:
+        """From now on a signal is noted, never raised: what is being written is written whole."""
+        self.deferred = True
 
     @contextlib.contextmanager
     def deferring(self, raise_pending: bool = True) -> Iterator[None]:

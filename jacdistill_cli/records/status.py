@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-FINISHED, INTERRUPTED, DIVERGED = "finished", "interrupted", "diverged"
+FINISHED, INTERRUPTED, DIVERGED, REFUSED = "finished", "interrupted", "diverged", "refused"

@@ -6,9 +6,10 @@ picked from what it returns (`output`).
     OutputPicker(choice)                                     the forward hook that `output` installs
 
 The probe changes nothing of the run: it works on a copy of the model on the `meta` device (no memory,
-no numbers), or, where the model cannot run there, on a copy on the CPU; it runs without gradients and
-inside `torch.random.fork_rng`, so that no random generator moves, and the model given keeps its weights,
-buffers, modes and hooks as they were.
+no numbers), or, where the model cannot run there (a value read on the host, an op without a meta kernel),
+on a copy on the CPU (or the device given) with the model's weights, zeros where they were on `meta`; it
+runs without gradients and inside `torch.random.fork_rng`, so that no random generator moves, and the model
+given keeps its weights, buffers, lazy layers, modes and hooks as they were.
 """
 
 from __future__ import annotations

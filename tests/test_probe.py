@@ -305,8 +305,10 @@ def test_lazy_layers_take_their_shapes_when_built_drawing_what_eager_layers_draw
     optimiser.step()
 
 
-def test_lazy_layers_pass_the_meta_check_and_the_probe():
+def test_lazy_layers_pass_the_meta_check_and_the_probe_drawing_nothing():
+    rng = torch.get_rng_state()
     probe(built_on_meta({"_target_": f"{HERE}.lazy"}), DIGITS, 10, "student", "student=mine")
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_a_lazy_layer_reached_in_train_mode_only_is_refused_in_one_line():

@@ -6,7 +6,7 @@
                               width: 8
 
 The options of a group are its config files (shipped in conf/, or a user's found through
-`--config-dir`/`hydra.searchpath`); the target is located with Hydra's own locator and called with
+`--config-dir`/`hydra.searchpath`); the target is located as Hydra's locator finds it (saying why not) and called with
 the node's keys as keywords, plus what the caller supplies (a model's input shape and class count,
 an optimiser's parameters). The target checks its own settings: a `config.checks.SettingError`
 becomes one line naming `<group>.<key>`. A key the target does not take is refused in one line
@@ -18,6 +18,7 @@ never silently Adam).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import sys
@@ -38,20 +39,48 @@ def locate(group: str, node: Any) -> Callable:
     if not isinstance(target, str) or not target:
         raise UsageError(f"{group} has no _target_: each option of the {group} group names what builds it with "
                          f"`_target_: package.module.name`")
-    from hydra.utils import get_object
-
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())   # a user's own module next to where the command runs, as with `python -m`
     try:
-        found = get_object(target)
-    except Exception as err:   # Hydra wraps import failures in its own errors
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise setting_error(f"{group}._target_", target, f"it cannot be imported ({cause}); "
+        found = import_target(target)
+    except Exception as err:   # noqa: BLE001 - importing a user's module runs its code: any error is the reason
+        raise setting_error(f"{group}._target_", target, f"it cannot be imported ({import_failure(err)}); "
                             "it must name a function or class, e.g. mypackage.module.name, importable from "
                             "the current directory or PYTHONPATH") from None
     if not callable(found):
         raise setting_error(f"{group}._target_", target, "it must name a function or class")
     return found
+
+
+def import_target(path: str) -> Any:
+    """The object at a dotted path, as Hydra's locator finds it (the longest importable module, then
+    attributes), but failing with the underlying reason: `No module named 'mymodels'`, `module 'mymodels'
+    has no attribute 'tinyy'`, or the error the module raised while it was imported."""
+    parts = path.split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ValueError(f"{path!r} is not a dotted path of names")
+    found = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=1):
+        if hasattr(found, part):
+            found = getattr(found, part)
+            continue
+        prefix = ".".join(parts[:i + 1])
+        try:
+            found = importlib.import_module(prefix)
+        except ModuleNotFoundError as err:
+            if err.name != prefix:   # the module exists but imports something missing: that is the reason
+                raise
+            owner = f"module {'.'.join(parts[:i])!r}" if inspect.ismodule(found) else repr(".".join(parts[:i]))
+            raise AttributeError(f"{owner} has no attribute {part!r}") from None
+    return found
+
+
+def import_failure(err: BaseException) -> str:
+    """An import's failure in one line: the message of an ImportError or AttributeError, else `Type: message`."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, (ImportError, AttributeError, ValueError)) and lines:
+        return lines[0]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def settings_of(node: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:

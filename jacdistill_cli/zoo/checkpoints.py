@@ -23,7 +23,7 @@ from torch import nn
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.storage import read_torch
 from jacdistill_cli.zoo.data import DataBundle
-from jacdistill_cli.zoo.models import build_model, describe_architecture, with_target
+from jacdistill_cli.zoo.models import build_model, describe_architecture, override_value, with_target
 
 log = logging.getLogger("jacdistill")
 
@@ -136,8 +136,8 @@ def matching_overrides(spec: dict[str, Any], group: str) -> str:
         option = yaml.safe_load(entry.read_text()) or {}
         if option.get("name") != spec.get("name"):
             continue
-        differing = [f"{group}.{k}={_hydra_value(v)}" for k, v in spec.items()
-                     if k not in ("name", "_target_") and option.get(k) != v]
+        differing = [f"{'' if k in option else '++'}{group}.{k}={override_value(v)}" for k, v in spec.items()
+                     if k not in ("name", "_target_") and option.get(k) != v]   # ++: a key the file lacks (output)
         differing += [f"~{group}.{k}" for k in option
                       if k not in spec and k not in ("name", "_target_") and option[k] is not None]
         if best is None or len(differing) < best[0]:
@@ -147,14 +147,20 @@ def matching_overrides(spec: dict[str, Any], group: str) -> str:
     return " ".join([f"{group}={best[1]}", *best[2]])
 
 
-def _hydra_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+def trusted_targets(value: Any, key: str = "trust") -> tuple[str, ...]:
+    """The `trust` setting checked: a list of the `_target_`s of the user's own models that a checkpoint may
+    name (`trust=[mymodels.tiny]`), as `model_from_checkpoint` takes them."""
+    from omegaconf import ListConfig, OmegaConf
+
+    items = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+        return ()
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+        from jacdistill_cli.errors import setting_error
+
+        raise setting_error(key, value, "it must be a list of the _target_s of your own models that a checkpoint "
+                            "may name, e.g. [mymodels.tiny]")
+    return tuple(items)
 
 
 def model_from_checkpoint(payload: dict[str, Any], key: str, trusted: tuple[str, ...] = ()) -> nn.Module:

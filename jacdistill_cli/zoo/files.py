@@ -254,12 +254,29 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     (python pickle batches), or the .tar.gz archive in ROOT (unpacked first). The batches are read by
     CifarUnpickler (no code runs, whatever `dataset.verify` says); with verify=true (the default) each
     file must also match the md5 checksum of the published file."""
-    import numpy as np
     import torchvision
-    from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
     published = getattr(torchvision.datasets, loader_name)
     memory_limit(cfg)  # checked before any file is read
+    folder = cifar_folder(cfg, name, published)
+    parts = read_cifar_folder(name, folder, published, num_classes)
+    mean, std = list(cfg.mean), list(cfg.std)
+    augment = training_augment(cfg, pad=4, flip=True, mean=mean, std=std)
+    to_images = lambda data: torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous()  # noqa: E731
+    train_labels = torch.tensor(parts["train"][1], dtype=torch.long)
+    test_labels = torch.tensor(parts["test"][1], dtype=torch.long)
+    bundle = holdout_bundle(cfg, name, UInt8Images(to_images(parts["train"][0]), train_labels, mean, std),
+                            train_labels, UInt8Images(to_images(parts["test"][0]), test_labels, mean, std),
+                            test_labels, num_classes, (3, 32, 32), mean, std, augment)
+    return in_memory_or_loader(cfg, bundle, parts["train"][0].size + parts["test"][0].size)
+
+
+def cifar_folder(cfg: DictConfig, name: str, published: Any) -> Path:
+    """The folder of the published CIFAR batch files (`published`: torchvision's CIFAR10/CIFAR100 class, for
+    its file names and checksums) in ROOT: unpacked from the archive there, or downloaded with
+    dataset.download=true, and checked against the published md5 sums unless dataset.verify=false."""
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
+
     root = data_root(cfg)
     folder = root / published.base_folder
     checked = published.train_list + published.test_list + [[published.meta["filename"], published.meta["md5"]]]
@@ -284,6 +301,14 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
         raise UsageError(f"dataset {name}: the files in {folder} do not match the md5 checksums of the "
                          "published CIFAR files (corrupted or modified); replace them, or set "
                          "dataset.verify=false to use them as they are (they are still read as data only)")
+    return folder
+
+
+def read_cifar_folder(name: str, folder: Path, published: Any, num_classes: int) -> dict[str, tuple[Any, list[int]]]:
+    """{"train": (images [n, 3072] uint8, labels), "test": (...)} of the batch files in `folder`, each file
+    (and the meta file) refused in one line unless it holds the published format, labels in [0, classes)."""
+    import numpy as np
+
     label_key = "labels" if num_classes == 10 else "fine_labels"
     parts: dict[str, tuple[Any, list[int]]] = {}
     for split, listed in (("train", published.train_list), ("test", published.test_list)):
@@ -304,15 +329,7 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     for split, (_, labels) in parts.items():
         if labels and not 0 <= min(labels) <= max(labels) < num_classes:
             raise UsageError(f"dataset {name}: the {split} labels in {folder} are not all in [0, {num_classes})")
-    mean, std = list(cfg.mean), list(cfg.std)
-    augment = training_augment(cfg, pad=4, flip=True, mean=mean, std=std)
-    to_images = lambda data: torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous()  # noqa: E731
-    train_labels = torch.tensor(parts["train"][1], dtype=torch.long)
-    test_labels = torch.tensor(parts["test"][1], dtype=torch.long)
-    bundle = holdout_bundle(cfg, name, UInt8Images(to_images(parts["train"][0]), train_labels, mean, std),
-                            train_labels, UInt8Images(to_images(parts["test"][0]), test_labels, mean, std),
-                            test_labels, num_classes, (3, 32, 32), mean, std, augment)
-    return in_memory_or_loader(cfg, bundle, parts["train"][0].size + parts["test"][0].size)
+    return parts
 
 
 @dataset_builder
@@ -344,9 +361,34 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
     converted to `channels` (1: grayscale, 3: RGB). Normalisation is `mean`/`std`, or, when null,
     estimated from up to 1000 training images.
     """
-    import torchvision
     from torchvision import transforms
 
+    root, channels, size = imagefolder_settings(cfg)
+    convert = transforms.Grayscale(1) if channels == 1 else transforms.Lambda(_rgb)
+    base_transform = [convert, transforms.Resize(size), transforms.ToTensor()]
+    seed = split_seed(cfg)
+    folders = class_folders(cfg, root, base_transform, seed)
+    # Decoded once into memory when every split's uint8 images fit; else decoded item by item, every epoch.
+    nbytes = channels * size[0] * size[1] * sum(len(f) for f in folders.present)
+    in_memory = nbytes <= memory_limit(cfg)
+    decoded = ({id(f): decode_images(f, [convert, transforms.Resize(size)]) for f in folders.present}
+               if in_memory else {})
+    mean, std = folder_normalisation(cfg, folders, decoded, channels, seed)
+    transform = transforms.Compose(base_transform + [transforms.Normalize(mean, std)])
+    augment = training_augment(cfg, pad=max(1, size[0] // 8), flip=True, mean=mean, std=std)
+    train, val, test = folder_splits(folders, decoded, transform, mean, std, augment)
+    bundle = DataBundle("imagefolder", train, val, test, num_classes=len(folders.pool.classes),
+                        input_shape=(channels, size[0], size[1]), mean=mean, std=std)
+    if in_memory:
+        return held_in_memory(bundle, nbytes)
+    logging.getLogger("jacdistill").info(
+        f"dataset imagefolder: {nbytes / 2**20:.1f} MB of uint8 images exceed dataset.max_memory_mb="
+        f"{cfg.get('max_memory_mb', DEFAULT_MAX_MEMORY_MB)}: decoded item by item through a DataLoader")
+    return bundle
+
+
+def imagefolder_settings(cfg: DictConfig) -> tuple[Path, int, list[int]]:
+    """(the root directory, the channel count, [height, width]) of the imagefolder node, checked."""
     if cfg.get("root") is None:
         raise UsageError("dataset.root=null is not allowed: imagefolder needs the directory of your class "
                          "folders, e.g. dataset.root=~/images (ROOT/<class>/<image>)")
@@ -361,20 +403,43 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
     size = [size, size] if isinstance(size, int) else list(size)
     if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
         raise setting_error("dataset.image_size", cfg.image_size, "it must be an integer or [height, width], >= 1")
-    convert = transforms.Grayscale(1) if channels == 1 else transforms.Lambda(_rgb)
-    base_transform = [convert, transforms.Resize(size), transforms.ToTensor()]
+    return root, channels, size
 
-    def folder(path: Path, transform: list) -> torchvision.datasets.ImageFolder:
-        try:
-            return torchvision.datasets.ImageFolder(str(path), transform=transforms.Compose(transform),
-                                                    loader=read_image)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise UsageError(f"dataset.root={str(root)!r} is not allowed: {str(err).splitlines()[0]}; imagefolder "
-                             f"expects class folders holding images ({', '.join(IMAGE_SUFFIXES)})") from None
 
-    seed = split_seed(cfg)
+def class_folder(root: Path, path: Path, transform: list):
+    """torchvision's ImageFolder of `path` (under the dataset's `root`), or one line saying why not."""
+    import torchvision
+    from torchvision import transforms
+
+    try:
+        return torchvision.datasets.ImageFolder(str(path), transform=transforms.Compose(transform), loader=read_image)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UsageError(f"dataset.root={str(root)!r} is not allowed: {str(err).splitlines()[0]}; imagefolder "
+                         f"expects class folders holding images ({', '.join(IMAGE_SUFFIXES)})") from None
+
+
+@dataclasses.dataclass
+class ClassFolders:
+    """The folders of an imagefolder dataset: `pool` (ROOT/train, or ROOT), and `val`/`test` (ROOT/val,
+    ROOT/test) where those splits are whole folders; else their indices into the pool, as for training."""
+
+    pool: Any                       # torchvision.datasets.ImageFolder
+    val: Any
+    test: Any
+    labels: Tensor                  # the pool's labels [n]
+    train_index: Tensor
+    val_index: Tensor | None
+    test_index: Tensor | None
+
+    @property
+    def present(self) -> list:
+        return [f for f in (self.pool, self.val, self.test) if f is not None]
+
+
+def class_folders(cfg: DictConfig, root: Path, transform: list, seed: int) -> ClassFolders:
+    """The pool and the whole-folder splits, with the stratified, seeded indices of the others."""
     separate = (root / "train").is_dir() and (root / "test").is_dir()
-    pool = folder(root / "train" if separate else root, base_transform)
+    pool = class_folder(root, root / "train" if separate else root, transform)
     classes = pool.classes
     if len(classes) < 2:
         raise UsageError(f"dataset.root={str(root)!r} is not allowed: it holds {len(classes)} class folder"
@@ -389,59 +454,58 @@ def imagefolder(cfg: DictConfig) -> DataBundle:
         (val_fraction,) = fractions_of(cfg, "val_fraction")
         val_index, train_index = stratified_split(labels, (val_fraction,), seed)
 
-    def whole(path: Path) -> torchvision.datasets.ImageFolder:
-        data = folder(path, base_transform)
+    def whole(path: Path):
+        data = class_folder(root, path, transform)
         if data.classes != classes:
             raise UsageError(f"dataset.root={str(root)!r} is not allowed: the class folders of {path} "
                              f"({', '.join(data.classes)}) differ from those of {root / 'train'}")
         return data
 
-    val_folder = whole(root / "val") if val_index is None else None
-    test_folder = whole(root / "test") if test_index is None else None
-    folders = [f for f in (pool, val_folder, test_folder) if f is not None]
-    # Decoded once into memory when every split's uint8 images fit; else decoded item by item, every epoch.
-    nbytes = channels * size[0] * size[1] * sum(len(f) for f in folders)
-    in_memory = nbytes <= memory_limit(cfg)
-    decoded = {id(f): decode_images(f, [convert, transforms.Resize(size)]) for f in folders} if in_memory else {}
+    return ClassFolders(pool, whole(root / "val") if val_index is None else None,
+                        whole(root / "test") if test_index is None else None, labels, train_index, val_index,
+                        test_index)
 
+
+def folder_normalisation(cfg: DictConfig, folders: ClassFolders, decoded: dict[int, Tensor], channels: int,
+                         seed: int) -> tuple[list[float], list[float]]:
+    """`dataset.mean`/`dataset.std`, or, when null, estimated from up to 1000 training images; checked."""
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
         # the same values as ToTensor's: uint8 / 255 (minus 0, over 1)
-        source = UInt8Images(decoded[id(pool)], labels, [0.0] * channels, [1.0] * channels) if in_memory else pool
-        mean, std = estimate_normalisation(source, train_index, seed)
+        source = (UInt8Images(decoded[id(folders.pool)], folders.labels, [0.0] * channels, [1.0] * channels)
+                  if decoded else folders.pool)
+        mean, std = estimate_normalisation(source, folders.train_index, seed)
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise UsageError(f"dataset.mean={mean} and dataset.std={std} are not allowed: each must hold "
                          f"{channels} values (one per channel), std > 0")
-    transform = transforms.Compose(base_transform + [transforms.Normalize(mean, std)])
-    augment = training_augment(cfg, pad=max(1, size[0] // 8), flip=True, mean=mean, std=std)
+    return mean, std
 
-    def base(data: torchvision.datasets.ImageFolder) -> tuple[Dataset, Tensor]:
-        """The folder's items normalised (from memory when decoded) and its labels."""
-        targets = torch.tensor(data.targets, dtype=torch.long)
-        if in_memory:
-            return UInt8Images(decoded[id(data)], targets, mean, std), targets
-        data.transform = transform  # the folder is scanned once; from here on its items are normalised
-        return data, targets
 
-    pool_base, _ = base(pool)
-    part = lambda index, aug=None: IndexedSplit(pool_base, index, labels[index], aug)  # noqa: E731
+def folder_items(data, decoded: dict[int, Tensor], transform, mean: list[float],
+                 std: list[float]) -> tuple[Dataset, Tensor]:
+    """A folder's items normalised (from memory when decoded) and its labels."""
+    targets = torch.tensor(data.targets, dtype=torch.long)
+    if decoded:
+        return UInt8Images(decoded[id(data)], targets, mean, std), targets
+    data.transform = transform  # the folder is scanned once; from here on its items are normalised
+    return data, targets
 
-    def whole_split(data: torchvision.datasets.ImageFolder) -> IndexedSplit:
-        items, targets = base(data)
+
+def folder_splits(folders: ClassFolders, decoded: dict[int, Tensor], transform, mean: list[float], std: list[float],
+                  augment: Augment | None) -> tuple[IndexedSplit, IndexedSplit, IndexedSplit]:
+    """(train, val, test): parts of the pool at their indices, or whole folders."""
+    pool_items, _ = folder_items(folders.pool, decoded, transform, mean, std)
+    labels = folders.labels
+
+    def split(index: Tensor | None, folder, aug: Augment | None = None) -> IndexedSplit:
+        if index is not None:
+            return IndexedSplit(pool_items, index, labels[index], aug)
+        items, targets = folder_items(folder, decoded, transform, mean, std)
         return IndexedSplit(items, torch.arange(len(targets)), targets)
 
-    train = part(train_index, augment)
-    val = part(val_index) if val_index is not None else whole_split(val_folder)
-    test = part(test_index) if test_index is not None else whole_split(test_folder)
-    bundle = DataBundle("imagefolder", train, val, test, num_classes=len(classes),
-                        input_shape=(channels, size[0], size[1]), mean=mean, std=std)
-    if in_memory:
-        return held_in_memory(bundle, nbytes)
-    logging.getLogger("jacdistill").info(
-        f"dataset imagefolder: {nbytes / 2**20:.1f} MB of uint8 images exceed dataset.max_memory_mb="
-        f"{cfg.get('max_memory_mb', DEFAULT_MAX_MEMORY_MB)}: decoded item by item through a DataLoader")
-    return bundle
+    return (split(folders.train_index, None, augment), split(folders.val_index, folders.val),
+            split(folders.test_index, folders.test))
 
 
 def decode_images(data, transform: list) -> Tensor:

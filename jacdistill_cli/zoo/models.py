@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from jacdistill_cli.config.checks import SettingError, boolean, whole
-from jacdistill_cli.errors import ReadError, UsageError
+from jacdistill_cli.errors import ReadError, UsageError, setting_error
 
 # Keys of a teacher/student node that are not architecture settings.
 NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "reuse_outputs",
@@ -31,10 +31,62 @@ LEGACY_NAMES = {"mlp": "mlp", "cnn": "cnn", "lenet5": "lenet5", "vgg": "vgg", "r
 ModelSettingError = SettingError   # a model setting out of range, named under its role by build_model
 
 
-def architecture(node: DictConfig) -> dict[str, Any]:
-    """The architecture of a teacher/student node as a plain dict: {"_target_": ..., "name": ..., settings...}."""
+def architecture(node: DictConfig, option: str | None = None) -> dict[str, Any]:
+    """The architecture of a teacher/student node as a plain dict: {"_target_": ..., "name": ..., settings...}.
+    `output` (which element of what the model returns holds the logits) is part of it when set, and absent
+    when null, so that the spec of a model that returns its logits (and a teacher's cache key) is as it
+    was. `option`: the group's option the node came from (Hydra's choice, the file's name): a node without
+    `name` (a user's own `_target_` file) takes it as its name, for the teacher cache's file name and logs."""
     spec = OmegaConf.to_container(node, resolve=True)
-    return {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
+    spec = {k: v for k, v in spec.items() if k not in NOT_ARCHITECTURE}
+    if spec.get("output") is None:
+        spec.pop("output", None)
+    if spec.get("name") is None and option is not None:
+        name = str(option).rsplit("/", 1)[-1]
+        if not _names_another_option(name, spec.get("_target_")):
+            spec["name"] = name
+        else:
+            spec.pop("name", None)   # labelled by its target (registry.label)
+    return spec
+
+
+def _names_another_option(name: str, target: Any) -> bool:
+    """Whether `name` is a shipped teacher/student option that builds another target: as a name it would be
+    refused (registry.check_name)."""
+    from jacdistill_cli.config.registry import shipped_options
+
+    return any(options.get(name, target) != target for options in (shipped_options("teacher"),
+                                                                    shipped_options("student")))
+
+
+def selection(group: str, option: str | None, spec: dict[str, Any]) -> str:
+    """The model as the user selected it, for messages: `student=timm student.arch=vit_tiny_patch16_224`
+    (the option and the settings that differ from its shipped file), `student=tiny` (a user's own option),
+    or `student._target_=mymodels.tiny` when the option is not known."""
+    from jacdistill_cli.config.registry import shipped_node, shipped_options
+
+    if option is None:
+        return f"{group}._target_={spec.get('_target_')}"
+    if option not in shipped_options(group):
+        return f"{group}={option}"
+    shipped = {k: v for k, v in OmegaConf.to_container(shipped_node(group, option), resolve=True).items()
+               if k not in NOT_ARCHITECTURE}
+    differing = [f"{group}.{k}={override_value(v)}" for k, v in spec.items()
+                 if k != "name" and shipped.get(k) != v and not (k == "output" and v is None)]
+    return " ".join([f"{group}={option}", *differing])
+
+
+def override_value(value: Any) -> str:
+    """A value as a Hydra command-line override writes it: [1,2], null, true."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def describe_architecture(spec: dict[str, Any]) -> str:
@@ -55,24 +107,46 @@ def with_target(spec: dict[str, Any]) -> dict[str, Any]:
 
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, role: str = "model",
                 trusted: tuple[str, ...] | None = None) -> nn.Module:
-    """The model of `spec` (its `_target_` called as (input_shape, num_classes, **settings)), made
-    Jacobian-ready (engine/layers.py). `role` names the config group (teacher/student) in error
-    messages. A spec read from a checkpoint passes `trusted`, the targets the user's configuration
-    names: a target outside this package is then imported only if it is one of them."""
+    """The model of `spec` (its `_target_` called as (input_shape, num_classes, **settings)), its lazy
+    layers given their shapes by one eval-mode pass of the input shape (zoo/probe.py
+    initialise_lazy_layers), made Jacobian-ready (engine/layers.py), returning the logits at
+    `spec["output"]` of what it returns when that is set (a forward hook: state_dict keys unchanged).
+    `role` names the config group (teacher/student) in error messages. A spec read from a checkpoint
+    passes `trusted`, the targets the user trusts (`trust=[...]` of `jacdistill evaluate`, the run's
+    own teacher target): a target outside this package is then imported only if it is one of them."""
     from jacdistill_cli.config import registry
     from jacdistill_cli.engine.layers import make_jacobian_ready
+    from jacdistill_cli.zoo.probe import check_output_choice, initialise_lazy_layers, pick_output
 
     spec = with_target(dict(spec))
     target = str(spec.get("_target_", ""))
     if trusted is not None and not target.startswith(PACKAGE_TARGETS) and target not in trusted:
         raise UsageError(f"{role}: the checkpoint's model is built by {spec.get('_target_')!r}, which is not part of "
-                         f"jacdistill; give the same {role}._target_ in your configuration to trust it")
+                         f"jacdistill, and a checkpoint imports no code on its own: add trust=[{target}] to "
+                         "trust it (the _target_s of your own models that a checkpoint may name)")
+    try:
+        output = check_output_choice(spec.pop("output", None))
+    except SettingError as err:
+        raise setting_error(f"{role}.output", err.value, err.allowed) from None
     model = registry.build(role, spec, exclude=NOT_ARCHITECTURE, input_shape=tuple(input_shape),
                            num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{role}._target_={spec.get('_target_')!r} is not allowed: it must return an nn.Module, "
                          f"it returned {type(model).__name__}")
-    return make_jacobian_ready(model)
+    initialise_lazy_layers(model, tuple(input_shape), f"{role} {describe_architecture(spec)}")
+    return pick_output(make_jacobian_ready(model), output)
+
+
+def did_you_mean(name: Any, known: Sequence[str]) -> str:
+    """`; did you mean resnet18 or resnet18d?` for a misspelt name among `known`, else ''."""
+    import difflib
+
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    if not close:
+        return ""
+    return f"; did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -519,7 +593,8 @@ def torchvision_model(input_shape: tuple[int, ...], num_classes: int, arch: str 
     if not isinstance(arch, str) or arch not in available:
         raise ModelSettingError("arch", arch, "it must name a classification model of torchvision.models, e.g. "
                                 "resnet18, mobilenet_v3_small, shufflenet_v2_x0_5, vgg11_bn, efficientnet_b0, "
-                                "convnext_tiny, vit_b_16 (torchvision.models.list_models() lists them all)")
+                                "convnext_tiny, vit_b_16 (torchvision.models.list_models() lists them all)"
+                                + did_you_mean(arch, available))
     options: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         options.update(aux_logits=False, init_weights=True)

@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from jacdistill_cli.config.checks import SettingError, number
+from jacdistill_cli.zoo.models import did_you_mean, twice_differentiable
 
 log = logging.getLogger("jacdistill")
 
@@ -37,11 +38,10 @@ def timm_model(input_shape: tuple[int, ...], num_classes: int, arch: str = "resn
     model's); `options`: any other keyword argument of the model. In-place activations are switched off."""
     import timm
 
-    from jacdistill_cli.zoo.models import twice_differentiable
-
     if not isinstance(arch, str) or not timm.is_model(arch):
-        raise SettingError("arch", arch, "it must name a model of timm, e.g. vit_tiny_patch16_224, deit_tiny_patch16_224, "
-                           "convnext_atto, resnet18 (timm.list_models() lists them all)")
+        raise SettingError("arch", arch, "it must name a model of timm, e.g. vit_tiny_patch16_224, "
+                           "deit_tiny_patch16_224, convnext_atto, resnet18 (timm.list_models() lists them all)"
+                           + did_you_mean(arch, timm.list_models()))
     settings: dict[str, Any] = {"in_chans": input_shape[0], "num_classes": num_classes,
                                 "drop_path_rate": number("drop_path_rate", drop_path_rate, 0.0, 1.0,
                                                          allowed="it must be a number in [0, 1]"),

@@ -39,7 +39,7 @@ from jacdistill_cli.loop.precision import Precision
 from jacdistill_cli.loop.robust import robust_metrics, robust_scalars
 from jacdistill_cli.loop.saliency import fixed_inputs
 from jacdistill_cli.loop.summary import summary_table
-from jacdistill_cli.loop.teacher import TeacherJob, obtain_teacher
+from jacdistill_cli.loop.teacher import TeacherJob, obtain_teacher, try_teacher
 from jacdistill_cli.loop.trainer import Trainer
 from jacdistill_cli.records.directory import BEST, Claim, RunPlace
 from jacdistill_cli.records.signals import Interrupted, Signals
@@ -50,6 +50,7 @@ from jacdistill_cli.storage import write_json, write_torch
 from jacdistill_cli.zoo.checkpoints import make_checkpoint
 from jacdistill_cli.zoo.data import DataBundle, build_data
 from jacdistill_cli.zoo.models import build_model, count_parameters, describe_architecture
+from jacdistill_cli.zoo.probe import probe
 
 log = logging.getLogger("jacdistill")
 
@@ -72,12 +73,12 @@ def try_models(spec: TrainSpec, data: DataBundle) -> None:
     meta = torch.device("meta")
     with meta:
         student = build_model(spec.student.architecture, data.input_shape, data.num_classes, "student")
-        if spec.objective.method.uses_gradients:
-            refuse_unconverted(student, None, spec.objective.method.batchnorm)
-        if spec.teacher.checkpoint is not None and not matching:
-            return   # the checkpoint's own architecture is checked when it is read
-        shapes = {k: v for k, v in spec.teacher.model.architecture.items() if k != "weights"}   # no file read
-        teacher = build_model(shapes, data.input_shape, data.num_classes, "teacher")
+    probe(student, data.input_shape, data.num_classes, "student", spec.student.selection)
+    if spec.objective.method.uses_gradients:
+        refuse_unconverted(student, None, spec.objective.method.batchnorm)
+    if spec.teacher.checkpoint is not None and not matching:
+        return   # the checkpoint's own architecture is checked when it is read
+    teacher = try_teacher(spec.teacher, data)
     if matching:
         features.matching(teacher, student, data.input_shape, meta)
 

@@ -41,6 +41,7 @@ from jacdistill_cli.zoo.checkpoints import (
 )
 from jacdistill_cli.zoo.data import DataBundle
 from jacdistill_cli.zoo.models import build_model, describe_architecture
+from jacdistill_cli.zoo.probe import probe
 
 log = logging.getLogger("jacdistill")
 
@@ -61,12 +62,15 @@ class TeacherJob:
     num_workers: int = 0
 
 
-def try_teacher(teacher: TeacherSpec, data: DataBundle) -> None:
-    """The teacher to train built on the `meta` device before any epoch: a bad setting of its is refused in one
-    line (no memory, no random numbers drawn)."""
-    shapes = {k: v for k, v in teacher.model.architecture.items() if k != "weights"}   # no file read
+def try_teacher(teacher: TeacherSpec, data: DataBundle) -> nn.Module:
+    """The teacher's network built on the `meta` device and tried on two samples of the data (zoo/probe.py)
+    before any epoch: a setting that does not fit is refused in one line (no memory, no random numbers
+    drawn, no weights file read). Returns the meta network (feature matching's paths are resolved on it)."""
+    shapes = {k: v for k, v in teacher.model.architecture.items() if k != "weights"}
     with torch.device("meta"):
-        build_model(shapes, data.input_shape, data.num_classes, "teacher")
+        model = build_model(shapes, data.input_shape, data.num_classes, "teacher")
+    probe(model, data.input_shape, data.num_classes, "teacher", teacher.model.selection)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -85,7 +89,8 @@ def teacher_identity(job: TeacherJob) -> dict[str, Any]:
         training["samples_per_class"] = plan.samples_per_class
     return {
         "dataset": {k: v for k, v in job.data.node.items() if k not in NOT_TEACHER_DATA},
-        "architecture": job.teacher.model.architecture,
+        # which output holds the logits is how the network is read, not what it learns
+        "architecture": {k: v for k, v in job.teacher.model.architecture.items() if k != "output"},
         "training": training,
         "seed": job.seed,
         "format": 1,
@@ -144,7 +149,7 @@ def obtain_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logg
     model, shared = teacher_model(job, data, device, logger, run_dir) if world.main else (None, None)
     payload, source, path = broadcast(shared, world)
     if model is None:
-        model = model_from_checkpoint(payload, "teacher.checkpoint")
+        model = model_from_checkpoint(payload, "teacher.checkpoint", own_target(job.teacher))
     model = freeze(model.to(device))
     metrics = {f"teacher_{k}": v for k, v in payload.get("metrics", {}).items()}
     test = evaluate(model, None, data.test, job.eval_batch_size, device, world)["accuracy"]
@@ -166,9 +171,15 @@ def teacher_model(job: TeacherJob, data: DataBundle, device: torch.device, logge
         key = "teacher.checkpoint"
         payload = load_teacher_checkpoint(checkpoint, key, spec, data)
         check_fits(payload, key, data, spec, group="teacher")
-        return model_from_checkpoint(payload, key), (payload, "checkpoint", Path(checkpoint).expanduser().resolve())
+        return (model_from_checkpoint(payload, key, own_target(job.teacher)),
+                (payload, "checkpoint", Path(checkpoint).expanduser().resolve()))
     model, payload, source, path = cached_teacher(job, data, device, logger, run_dir)
     return model, (payload, source, path)
+
+
+def own_target(teacher: TeacherSpec) -> tuple[str, ...]:
+    """The teacher's `_target_` as the user's configuration names it: a checkpoint of it may be imported."""
+    return (str(teacher.model.architecture.get("_target_")),)
 
 
 def reason(err: OSError) -> str:
@@ -187,7 +198,7 @@ def load_cached(path: Path, data: DataBundle, spec: dict[str, Any]) -> tuple[nn.
     try:
         payload = load_checkpoint(path, "cached teacher")
         check_fits(payload, "cached teacher", data, spec)
-        return model_from_checkpoint(payload, "cached teacher"), payload
+        return model_from_checkpoint(payload, "cached teacher", (str(spec.get("_target_")),)), payload
     except (UsageError, OSError) as err:
         log.warning(f"the cached teacher {path} cannot be used ({err}); training it anew")
         return None

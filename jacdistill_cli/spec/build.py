@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config import registry
+from jacdistill_cli.config.checks import SettingError
 from jacdistill_cli.engine.methods import NoJacobian
 from jacdistill_cli.errors import UsageError, setting_error
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
@@ -38,8 +39,9 @@ from jacdistill_cli.spec.run import (
     TeacherSpec,
     TeacherTrainingSpec,
     TrainSpec,
-    architecture,
 )
+from jacdistill_cli.zoo.models import architecture
+from jacdistill_cli.zoo.probe import check_output_choice
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 # The feature Jacobian is one input-gradient per sample and pair: the analogue of top1 (jacobian.of=features).
@@ -79,12 +81,12 @@ def model_spec(read: Reader, role: str, choices: Mapping[str, Any]) -> ModelSpec
     if node is None:
         raise UsageError(f"{role}=null is not allowed: choose a model, e.g. {role}=cnn")
     registry.locate(role, node)
-    output = read.plain(f"{role}.output", None)
-    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
-        raise setting_error(f"{role}.output", output, "it must be null (the model returns logits), an index of the "
-                            "tuple the model returns (e.g. 0) or a key of the dict it returns (e.g. logits)")
-    option = choices.get(role)
-    return ModelSpec(role, architecture(node, option if isinstance(option, str) else None), option, output)
+    try:
+        check_output_choice(read.plain(f"{role}.output", None))
+    except SettingError as err:
+        raise setting_error(f"{role}.output", err.value, err.allowed) from None
+    option = choices.get(role) if isinstance(choices.get(role), str) else None
+    return ModelSpec(role, architecture(node, option), option)
 
 
 def data_spec(read: Reader) -> DataSpec:

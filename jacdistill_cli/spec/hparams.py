@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from jacdistill_cli.config.registry import label
 from jacdistill_cli.engine.pairs import parse_pairs
 from jacdistill_cli.spec.reader import Reader
-from jacdistill_cli.spec.run import architecture
+from jacdistill_cli.zoo.models import architecture
 
 NOT_HPARAMS = {"cache_dir"}
 SCALARS = (int, float, str, bool)

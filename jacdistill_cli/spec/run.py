@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-from omegaconf import OmegaConf
+from typing import Any, Callable
 
 PRECISIONS = ("32", "bf16", "16")   # trainer.precision; loop/precision.py runs them
 SCHEDULES = ("cosine", "constant", "multistep")
@@ -23,23 +21,6 @@ RESUME_MODES = ("auto", "never")
 SELECT_MODES = ("last", "best")
 SALIENCY_MODES = ("abs", "signed")  # how the saliency images draw the input-gradients (trainer.saliency)
 REUSE_MODES = ("auto", True, False)
-# Keys of a teacher/student node that are not architecture settings (how a teacher is obtained, which output).
-NOT_ARCHITECTURE = {"checkpoint", "epochs", "batch_size", "lr", "weight_decay", "samples_per_class", "reuse_outputs",
-                    "training", "adversarial", "output"}
-
-
-def architecture(node: Mapping[str, Any], option: str | None = None) -> dict[str, Any]:
-    """A teacher/student node's architecture as checkpoints store it: {_target_, name, settings}. A node of
-    the user's without `name` is named by the option it was chosen as (its file's name)."""
-    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    spec = {k: v for k, v in plain.items() if k not in NOT_ARCHITECTURE}
-    if "name" not in spec and option:
-        spec["name"] = option
-    return spec
-
-
-
-
 @dataclass(frozen=True)
 class DataSpec:
     """The dataset: its node resolved (what builds it, the teacher cache's key, what checkpoints record)."""
@@ -67,9 +48,9 @@ class ModelSpec:
     @property
     def selection(self) -> str:
         """How the user selected it, for messages: `student=timm student.arch=vit_tiny_patch16_224`."""
-        chosen = f"{self.role}={self.option}" if self.option else f"{self.role}._target_={self.architecture.get('_target_')}"
-        arch = self.architecture.get("arch")
-        return f"{chosen} {self.role}.arch={arch}" if arch is not None else chosen
+        from jacdistill_cli.zoo.models import selection
+
+        return selection(self.role, self.option, self.architecture)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     # Hydra reads sys.argv itself; it sees only this command's overrides.
     # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
-    overrides = getattr(module, "translate_argv", list)(args[1:])
+    from jacdistill_cli.config.keys import home_paths
+
+    overrides = home_paths(getattr(module, "translate_argv", list)(args[1:]))
     sys.argv = [f"jacdistill {command}", *overrides]
     # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
     # several lines; asked for full errors, it raises it instead, and it is said here in one line. The
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         from hydra.errors import CompactHydraException
 
+        from jacdistill_cli.errors import UsageError
+
+        if isinstance(err, UsageError) and not user_asked:   # a sweep refused before its first job
+            print(f"jacdistill {command}: error: {err}", file=sys.stderr)
+            return 2
         if user_asked or not isinstance(err, CompactHydraException):
             raise
         from jacdistill_cli.config.keys import composition_message

@@ -13,14 +13,16 @@ import io
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
-from jacdistill_cli.config.resolvers import job_dirname, swept_keys, varying_dirname
+from jacdistill_cli.config.resolvers import BASIC_SWEEPERS, job_dirname, swept_keys, varying_dirname
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.spec.sweep import expanded
 from jacdistill_cli.storage import write_bytes, write_text
 
 SEED_KEY = "seed"
@@ -33,6 +35,7 @@ ROBUST = ("robust_accuracy", "teacher_robust_accuracy")
 PREFERRED_X = ("dataset.samples_per_class", "alpha")
 FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
 DIVERGED = "diverged"        # its loss became non-finite: metrics.json says at which step
+REFUSED = "refused"          # a setting was refused after its directory was claimed: metrics.json says why
 UNREADABLE = "unreadable"   # its .hydra files cannot be read: settings unknown
 
 
@@ -45,6 +48,7 @@ class Run:
     metrics: dict | None           # metrics.json, or None
     status: str = FINISHED         # FINISHED | FAILED | DIVERGED | UNFINISHED | NOT_STARTED
     detail: str = ""               # the error line of a failed run
+    settings: dict[str, Any] = field(default_factory=dict)   # its config.yaml, flat: what an override left as is
 
 
 @dataclass
@@ -124,6 +128,36 @@ def read_overrides(run_dir: Path) -> dict[str, str]:
     return dict(parse_override(o) for o in listed)
 
 
+def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        found: dict[str, Any] = {}
+        for key, value in node.items():
+            found.update(flat(value, f"{prefix}{key}."))
+        return found
+    return {prefix[:-1]: node}
+
+
+def read_settings(run_dir: Path) -> dict[str, Any]:
+    """A run's resolved config.yaml, flat (`trainer.epochs: 20`), and each group's option by its node's name
+    (`jacobian: top1`); {} when it has none or it cannot be read."""
+    try:
+        config = OmegaConf.to_container(read_yaml(run_dir / "config.yaml"), resolve=False)
+    except Unreadable:
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    names = {key: node["name"] for key, node in config.items() if isinstance(node, dict) and "name" in node}
+    return {**flat(config), **names}
+
+
+def setting(run: Run, key: str) -> str:
+    """A run's value of an override key: as given, else as its config says (unknown: "")."""
+    if key in run.overrides:
+        return run.overrides[key]
+    value = run.settings.get(key)
+    return "" if value is None and key not in run.settings else str(value).replace("None", "null")
+
+
 def job_name(run_dir: Path) -> str | None:
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
@@ -151,12 +185,15 @@ def read_run(run_dir: Path, root: Path) -> Run:
         if not isinstance(metrics, dict):
             return Run(name, overrides, None, UNFINISHED,
                        f"metrics.json holds a {type(metrics).__name__}, not an object of metrics")
+        settings = read_settings(run_dir)
         if metrics.get("status") == "interrupted":
-            return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} at epoch "
-                       f"{metrics.get('epoch')}, step {metrics.get('step')}; resume: {metrics.get('resume')}")
-        if metrics.get("status") == DIVERGED:
-            return Run(name, overrides, None, DIVERGED, str(metrics.get("error", "")))
-        return Run(name, overrides, flattened(metrics))
+            where = (f"at epoch {metrics.get('epoch')}, step {metrics.get('step')}" if metrics.get("step") is not None
+                     else "before the student's first epoch")
+            return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} {where}; resume: "
+                       f"{metrics.get('resume')}", settings)
+        if metrics.get("status") in (DIVERGED, REFUSED):
+            return Run(name, overrides, None, metrics["status"], str(metrics.get("error", "")), settings)
+        return Run(name, overrides, flattened(metrics), settings=settings)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:
         return Run(name, overrides, None, FAILED, error)
@@ -213,17 +250,11 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     if not multirun.is_file():
         return None
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         cfg = OmegaConf.load(multirun)
-        if OmegaConf.select(cfg, "hydra.sweeper._target_", default="") != f"{BasicSweeper.__module__}.BasicSweeper":
+        if OmegaConf.select(cfg, "hydra.sweeper._target_", default="") not in BASIC_SWEEPERS:
             return None
         params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
-        arguments = [f"{k}={v}" for k, v in params.items()]
-        arguments += list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
-        overrides = OverridesParser.create().parse_overrides(arguments)
-        return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        return expanded(dict(params), list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []))
     except Exception:  # noqa: BLE001 - an unreadable grid only loses the "not started" rows
         return None
 
@@ -267,12 +298,12 @@ def build_report(directory: Path) -> Report:
         raise UsageError(f"dir={str(directory)!r} is not allowed: no run under it can be read: {runs[0].name}: "
                          f"{runs[0].detail}")
     keys = sorted({k for r in runs for k in r.overrides if k != SEED_KEY})
-    values = {k: {r.overrides.get(k, "") for r in runs} for k in keys}
+    values = {k: {setting(r, k) for r in runs} for k in keys}
     varying = [k for k in keys if len(values[k]) > 1]
     constant = {k: next(iter(values[k])) for k in keys if len(values[k]) == 1}
     groups: dict[tuple, Group] = {}
     for run in runs:
-        key = tuple((k, run.overrides.get(k, "")) for k in varying)
+        key = tuple((k, setting(run, k)) for k in varying)
         groups.setdefault(key, Group(key)).runs.append(run)
     ordered = sorted(groups.values(), key=lambda g: [natural(v) for _, v in g.key])
     metrics = metric_names(r.metrics for r in runs if r.metrics)
@@ -409,7 +440,9 @@ def draw(report: Report, path: Path, metric: str = "test_accuracy", x: str = "au
     for axes, drawn in zip(panels[0], metrics):
         panel(axes, report, drawn, key)
     figure.suptitle("/".join(report.directory.resolve().parts[-3:]), fontsize=9)
-    figure.tight_layout()
+    with warnings.catch_warnings():   # matplotlib's notice when long labels do not fit: the figure is drawn all the same
+        warnings.simplefilter("ignore")
+        figure.tight_layout()
     image = io.BytesIO()
     figure.savefig(image, dpi=120, format="png")
     write_bytes(path, image.getbuffer())

@@ -1,5 +1,6 @@
-"""What a multirun does around its jobs: says where its sweep directory is when it starts and when it
-ends, and leaves the sweep's report and its TensorBoard experiment summary there.
+"""What a multirun does around its jobs: says where its sweep directory is when it ends, and leaves the
+sweep's report and its TensorBoard experiment summary there (jacdistill's sweeper, which checks every job
+first, says where it is when it starts).
 
 A Hydra callback (conf/train.yaml, `hydra.callbacks.sweep`), called in the process that launches the
 jobs, whichever launcher runs them. When a job fails (Hydra then stops the sweep with an error) or the
@@ -26,8 +27,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        self.finished = False
-        print(f"jacdistill {config.hydra.job.name}: sweep directory {self.sweep_dir}", flush=True)
+        self.finished = False   # (jacdistill's sweeper says where the sweep is once every job is checked)
         atexit.register(self.finish, config.hydra.job.name, ended="the sweep ended early")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 
 import hydra
 from omegaconf import DictConfig
 
 from jacdistill_cli.config.entry import one_line_errors
+from jacdistill_cli.config.keys import hydra_quoted
+from jacdistill_cli.config.resolvers import register_resolvers
 
-
-def hydra_quoted(text: str) -> str:
-    """`text` as a single-quoted value of Hydra's override grammar: a quote becomes \\', the backslashes
-    just before a quote or before the closing quote are doubled, `${` is kept from interpolating."""
-    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
-    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
-    return "'" + text.replace("${", "\\${") + "'"
+register_resolvers()
 
 
 def translate_argv(args: list[str]) -> list[str]:

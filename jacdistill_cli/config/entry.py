@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from jacdistill_cli.errors import UNWRITABLE, UsageError, WriteError, cause
@@ -20,6 +21,33 @@ def composition_done() -> None:
     if hydra_full_error_for_composition:
         os.environ.pop("HYDRA_FULL_ERROR", None)
         hydra_full_error_for_composition = False
+
+
+STARTED = time.time()
+# What a refused run's directory may hold, all of it written by this process: Hydra's log of the job, the lock.
+REFUSED_RUN_FILES = (".run.lock",)
+
+
+def remove_refused_run_directory() -> None:
+    """A run refused before it wrote anything leaves no directory: the one Hydra made for it is removed when it
+    holds only what this process wrote there at its start (the job's log, the directory lock)."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    if run_dir == Path.cwd().resolve() or not run_dir.is_dir():
+        return
+    allowed = {f"{hydra_cfg.job.name}.log", *REFUSED_RUN_FILES}
+    entries = list(run_dir.iterdir())
+    if any(e.name not in allowed or not e.is_file() or e.stat().st_mtime < STARTED - 1 for e in entries):
+        return
+    for entry in entries:
+        entry.unlink(missing_ok=True)
+    run_dir.rmdir()
 
 
 def hydra_choices() -> dict[str, Any]:
@@ -52,6 +80,7 @@ def one_line_errors(command: str) -> Callable:
                 return fn(*args, **kwargs)
             except UsageError as err:
                 print(f"jacdistill {command}: error: {err}", file=sys.stderr)
+                remove_refused_run_directory()
                 raise SystemExit(2) from None
             except WriteError as err:
                 print(f"jacdistill {command}: error: {err}", file=sys.stderr)

@@ -135,3 +135,20 @@ def composition_message(command: str, args: list[str], err: Exception) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines) or type(err).__name__
 
+
+def hydra_quoted(text: str) -> str:
+    """`text` as a single-quoted value of Hydra's override grammar: a quote becomes \\', the backslashes
+    just before a quote or before the closing quote are doubled, `${` is kept from interpolating."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("${", "\\${") + "'"
+
+
+HOME_VALUE = re.compile(r"^([+~]{0,2}[A-Za-z_][\w.\-/@]*)=(~(?:/.*)?)$")
+
+
+def home_paths(args: list[str]) -> list[str]:
+    """`key=~/data` as Hydra's override grammar takes it (quoted: it does not take an unquoted `~`, and no
+    shell expands `~` inside `key=~/path`); the value stays `~/data`, which the settings that are paths expand
+    to the home directory."""
+    return [f"{m.group(1)}={hydra_quoted(m.group(2))}" if (m := HOME_VALUE.match(arg)) else arg for arg in args]

@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 MAX_DIRNAME = 120
 
 # Hydra's own sweeper runs each combination of values once, so its jobs' overrides are unique.
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Hydra's own sweeper, and jacdistill's, which checks every job first and runs them as Hydra's does.
+BASIC_SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                  "hydra_plugins.jacdistill_sweeper.checked_sweeper.CheckedSweeper")
 
 def _parse(lines: list[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -70,7 +72,7 @@ def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
     """
     original = str(override_dirname)
     sweeper = OmegaConf.select(_root_, "hydra.sweeper._target_", default=None) if _root_ is not None else None
-    if _root_ is not None and sweeper in (None, BASIC_SWEEPER):
+    if _root_ is not None and sweeper in (None, *BASIC_SWEEPERS):
         sweep_dir = OmegaConf.select(_root_, "hydra.sweep.dir", default=None)
         swept = swept_keys(str(Path(sweep_dir).resolve())) if sweep_dir else None
         if swept is not None:
@@ -84,7 +86,7 @@ def job_dirname(override_dirname: str, job_num: Any, _root_: Any = None) -> str:
     if name != original or len(name) > MAX_DIRNAME:
         digest = hashlib.sha1(original.encode()).hexdigest()[:8]
         name = f"{name[:MAX_DIRNAME - 9]}~{digest}"
-    if sweeper not in (None, BASIC_SWEEPER):
+    if sweeper not in (None, *BASIC_SWEEPERS):
         name = f"{int(job_num):03d},{name}"
     return name
 
@@ -102,6 +104,18 @@ def unique_suffix() -> str:
     return _UNIQUE[0]
 
 def register_resolvers() -> None:
+    """jacdistill's resolvers, and its sweeper among Hydra's plugins (Hydra finds plugins by scanning the
+    `hydra_plugins` namespace, which an editable install does not expose to its scan)."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()   # first: its scan executes the plugin modules anew (Hydra's BasicSweeper too)
+    from hydra_plugins.jacdistill_sweeper.checked_sweeper import CheckedSweeper
+
+    plugins.register(CheckedSweeper)
+    if not OmegaConf.has_resolver("jd_help"):
+        from jacdistill_cli.config.help import help_template
+
+        OmegaConf.register_new_resolver("jd_help", help_template)
     if not OmegaConf.has_resolver("jd_job_dir"):
         OmegaConf.register_new_resolver("jd_job_dir", job_dirname)
     if not OmegaConf.has_resolver("jd_unique"):

@@ -34,6 +34,7 @@ from jacdistill_cli.loop.device import describe_device, seed_everything, select_
 from jacdistill_cli.loop.distiller import Distiller, reuse_decision
 from jacdistill_cli.loop.distributed import World, all_gather, barrier, broadcast, joined
 from jacdistill_cli.loop.evaluation import evaluate, reused_teacher_outputs
+from jacdistill_cli.loop.faithful import faithfulness_image, faithfulness_metrics, faithfulness_scalars
 from jacdistill_cli.loop.logger import run_logger
 from jacdistill_cli.loop.precision import Precision
 from jacdistill_cli.loop.robust import robust_metrics, robust_scalars
@@ -94,8 +95,10 @@ def preflight(spec: TrainSpec, device: torch.device) -> Prepared:
     if reasons and spec.reuse_outputs == "auto":
         log.info(f"teacher.reuse_outputs=auto: the teacher's outputs are computed every step, not reused: "
                  f"{'; '.join(reasons)}")
-    for _, why in spec.objective.idle:
-        log.info(f"{why}: it is not computed")
+    for warning in spec.warnings:
+        log.warning(warning)
+    for part, why in spec.objective.idle:
+        log.info(f"{why}: {part}={spec.config[part].get('name', part)} is not computed")
     return Prepared(data, precision, reuse)
 
 
@@ -124,7 +127,10 @@ class Distillation:
             logger.scalars(teacher_robust, 0)   # the teacher's robust accuracy: a level line from the first step
             logger.scalars({"test/accuracy": metrics["test_accuracy"], "test/agreement": metrics["agreement"],
                             **{f"test/{k}": metrics[k] for k in ("jacobian_cosine", *EXPLANATION)},
-                            **student, **teacher_robust}, metrics["steps"])
+                            **student, **teacher_robust, **faithfulness_scalars(metrics)}, metrics["steps"])
+            if "faithfulness" in metrics:
+                logger.image("explain/deletion_insertion", faithfulness_image(metrics["faithfulness"]),
+                             metrics["steps"])
         self.write_results(distiller, metrics)
         if self.signals.pending is not None:
             raise Interrupted(self.signals.pending, finished=True)
@@ -186,6 +192,7 @@ class Distillation:
         robust = robust_metrics(distiller.student, distiller.teacher, self.data, self.device, world, spec.robustness,
                                 history["train_seconds"] / max(history["epochs"], 1),
                                 cached if cached is not None and cached.parent != self.place.run_dir else None)
+        faithful = faithfulness_metrics(distiller, self.data, self.device, world, spec.explain)
         return {
             "status": FINISHED, "selected": spec.checkpoints.select, "best_epoch": best["epoch"],
             "best_step": best["step"], "best_val_accuracy": best["val_accuracy"], "test_accuracy": test["accuracy"],
@@ -195,7 +202,7 @@ class Distillation:
             "device": describe_device(self.device), "torch": torch.__version__, "world_size": world.size,
             "precision": self.precision.name, "teacher_source": info["source"], "teacher_checkpoint": info["path"],
             "student_parameters": count_parameters(distiller.student),
-            "teacher_parameters": count_parameters(distiller.teacher), **robust}
+            "teacher_parameters": count_parameters(distiller.teacher), **robust, **faithful}
 
     def write_results(self, distiller: Distiller, metrics: dict[str, Any]) -> None:
         """student.pt and metrics.json (rank 0), the run's lines and a single run's summary table."""

@@ -17,6 +17,12 @@ def summary_table(metrics: dict[str, Any], run_dir) -> str:
     teacher = metrics.get("teacher_robust_accuracy", {})
     rows += [(f"robust {key}", f"{value:.4f}", f"{teacher[key]:.4f}" if key in teacher else "")
              for key, value in metrics.get("robust_accuracy", {}).items() if key != "clean"]
+    faith = metrics.get("faithfulness", {})
+    if faith:
+        rows += [(f"{label} area{' (random order)' if random else ''}",
+                  *(f"{faith[net][('random_' if random else '') + key]:.4f}" for net in ("student", "teacher")))
+                 for key, label in (("deletion_area", "deletion"), ("insertion_area", "insertion"))
+                 for random in (False, True)]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'':{width}}  student  teacher", *(f"{n:{width}}  {s:>7}  {t:>7}".rstrip() for n, s, t in rows),
              f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {metrics['steps']} steps in "

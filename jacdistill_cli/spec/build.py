@@ -19,6 +19,7 @@ from jacdistill_cli.config import registry
 from jacdistill_cli.config.checks import SettingError
 from jacdistill_cli.engine.methods import NoJacobian
 from jacdistill_cli.errors import UsageError, setting_error
+from jacdistill_cli.explain.settings import explain_settings
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
 from jacdistill_cli.spec.hparams import hparams
 from jacdistill_cli.spec.reader import Reader
@@ -204,7 +205,7 @@ def objective_spec(read: Reader) -> ObjectiveSpec:
     idle = []
     active = method.uses_gradients or method.perturbs_inputs
     if alpha == 0 and active:
-        idle.append(("jacobian", f"alpha=0: the Jacobian term (jacobian={method.name}) has weight 0"))
+        idle.append(("jacobian", "alpha=0 gives the Jacobian term weight 0"))
         method = NoJacobian()
     spec = ObjectiveSpec(alpha, temperature, hard_weight, registry.label("loss", read.node("loss")), loss, method,
                          features, tuple(terms), tuple(idle))
@@ -250,12 +251,17 @@ def train_spec(cfg: DictConfig, choices: Mapping[str, Any] | None = None, reader
     loop = loop_spec(read)
     objective = objective_spec(read)
     refuse_combinations(loop, read)
+    warmup = (getattr(objective.loss, "keywords", None) or {}).get("warmup_epochs")
+    warnings = [f"loss.warmup_epochs={warmup} is longer than the run (trainer.epochs={loop.epochs}): the "
+                f"{objective.loss_name} loss never reaches its full weight (it reaches {loop.epochs / warmup:.2g} of "
+                f"it); loss.warmup_epochs={max(1, round(loop.epochs / 12))} keeps the published proportion (20 of 240)"
+                ] if isinstance(warmup, (int, float)) and warmup > loop.epochs else []
     return TrainSpec(
         seed=seed, data=data_spec(read), teacher=teacher_spec(read, choices), student=model_spec(read, "student", choices),
         objective=objective, optim=optim_spec(read), loop=loop, checkpoints=checkpoint_spec(read),
         robustness=robustness_settings(read.plain("robustness", None), seed=seed),
-        reuse_outputs=reuse_setting(read), config=OmegaConf.to_container(cfg, resolve=True),
-        hparams=hparams(read, choices))
+        explain=explain_settings(read.plain("explain", None), seed=seed), reuse_outputs=reuse_setting(read), config=OmegaConf.to_container(cfg, resolve=True),
+        hparams=hparams(read, choices), warnings=tuple(warnings))
 
 
 def teacher_run_spec(cfg: DictConfig, choices: Mapping[str, Any] | None = None,

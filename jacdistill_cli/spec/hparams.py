@@ -47,6 +47,8 @@ def hparams(read: Reader, choices: Mapping[str, Any]) -> dict[str, Any]:
             if key not in ("name", "_target_"):
                 found[f"features.{key}"] = value if isinstance(value, SCALARS) else (
                     "architecture defaults" if value is None else str([list(p) for p in parse_pairs(value)]))
+    explain = OmegaConf.select(cfg, "explain")
+    found["explain"] = label("explain", explain) if explain else "none"
     found["optim"] = label("optim", cfg.optim)
     found["optim.lr"] = cfg.optim.lr
     found["trainer.epochs"] = cfg.trainer.epochs

@@ -92,7 +92,7 @@ class OptimSpec:
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """The objective's settings, checked and built: what engine.objective.distillation_objective takes.
-    `idle`: the parts with weight 0, which are not computed ({name: why})."""
+    `idle`: the parts with weight 0, which are not computed ((config node, why))."""
 
     alpha: float
     temperature: float
@@ -149,6 +149,7 @@ class TrainSpec:
     reuse_outputs: Any = "auto"       # teacher.reuse_outputs: auto | True | False
     config: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()    # settings that are allowed but probably not what was meant
 
 
 @dataclass(frozen=True)

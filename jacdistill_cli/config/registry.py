@@ -25,6 +25,7 @@ import sys
 from importlib import resources
 from typing import Any, Callable, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.checks import SettingError
@@ -123,6 +124,13 @@ def _option_text(group: str, option: str) -> str:
     return (resources.files("jacdistill_cli.conf") / group / f"{option}.yaml").read_text()
 
 
+def _defaults(entries: Any) -> list[Any]:
+    """The option's defaults entries in composition order; without `_self_`, Hydra composes the option's own
+    keys last."""
+    entries = list(entries or [])
+    return entries if "_self_" in entries else [*entries, "_self_"]
+
+
 def _included(group: str, option: str, entry: Any) -> tuple[str, str] | None:
     """(group, option) of a defaults entry `/GROUP/OPTION@_here_`; None for `_self_` and `optional` entries."""
     if isinstance(entry, str) and entry.startswith("/") and entry.endswith(HERE):
@@ -139,16 +147,16 @@ def _included(group: str, option: str, entry: Any) -> tuple[str, str] | None:
 def _shipped_target(group: str, option: str) -> Any:
     """The `_target_` the option composes to: the last one set in the order of its defaults list. YAML's C
     reader where installed (a target and the defaults entries are plain strings), for start-up time."""
-    import yaml
-
     data = yaml.load(_option_text(group, option), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if not isinstance(data, dict):
         return None
     target = None
-    for entry in data.get("defaults") or ["_self_"]:
+    for entry in _defaults(data.get("defaults")):
         included = _included(group, option, entry)
-        found = _shipped_target(*included) if included else data.get("_target_") if entry == "_self_" else None
-        target = found if found is not None else target
+        if included is not None:
+            target = _shipped_target(*included) or target
+        elif entry == "_self_":
+            target = data.get("_target_") or target
     return target
 
 
@@ -159,9 +167,9 @@ def _composed_option(group: str, option: str) -> DictConfig:
         return node
     entries = OmegaConf.to_container(node.pop("defaults"))
     composed = OmegaConf.create()
-    for entry in entries:
+    for entry in _defaults(entries):
         included = _included(group, option, entry)
-        if included:
+        if included is not None:
             composed = OmegaConf.merge(composed, _composed_option(*included))
         elif entry == "_self_":
             composed = OmegaConf.merge(composed, node)

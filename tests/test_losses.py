@@ -188,14 +188,14 @@ def compose_train(*overrides: str):
 def test_every_shipped_loss_builds_from_its_config_file_and_computes():
     from importlib.resources import files
 
-    from jacdistill_cli.config.registry import bind
+    from jacdistill_cli.config.registry import bind, shipped_node
 
     student, teacher, labels = fixed_logits(seed=7)
     folder = files("jacdistill_cli.conf") / "loss"
     shipped = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
     assert shipped == ["ce", "dist", "dkd", "kl", "mse", "none"]
     for name in shipped:
-        root = OmegaConf.create({"temperature": 4.0, "loss": OmegaConf.create((folder / f"{name}.yaml").read_text())})
+        root = OmegaConf.create({"temperature": 4.0, "loss": shipped_node("loss", name)})
         loss = bind("loss", root.loss, positional=2)
         extra = {"labels": labels, "epoch": 3} if name == "dkd" else {}
         assert torch.isfinite(loss(student, teacher, **extra)) and root.loss.name == name

@@ -4,16 +4,15 @@ and on a 3x32x32 fake dataset."""
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 from run_inprocess import run_command
 from torch import nn
 
-from jacdistill_cli.config.registry import shipped_options
+from jacdistill_cli.config.registry import shipped_node, shipped_options
 from jacdistill_cli.engine.layers import gate_of
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.models import LEGACY_NAMES, VGG_LAYOUTS, Hardsigmoid, Hardswish, build_model, count_parameters
@@ -181,9 +180,7 @@ def test_a_teacher_with_weights_is_used_as_it_is(tmp_path):
 
 
 def shipped(group: str) -> dict[str, dict]:
-    folder = importlib.resources.files("jacdistill_cli.conf") / group
-    return {entry.name[:-5]: yaml.safe_load(entry.read_text()) for entry in folder.iterdir()
-            if entry.name.endswith(".yaml")}
+    return {name: OmegaConf.to_container(shipped_node(group, name)) for name in shipped_options(group)}
 
 
 # Parameter counts on CIFAR-100 as published with the CRD/mdistiller code (millions).

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 from run_inprocess import run_command
 
+from jacdistill_cli.config.registry import shipped_node
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.checkpoints import load_teacher_checkpoint, model_from_checkpoint
 from jacdistill_cli.zoo.models import build_model
@@ -32,7 +33,6 @@ CARRIED = Path(__file__).resolve().parent / "data" / "published"   # in the repo
 FACTS = REPO.parent / "shared" / "published-cifar-teachers"        # beside it, in CI
 CARRIED_FILES = ("state_dict_keys.json", "resnet20_vanilla_ckpt_epoch_240.pth", "resnet20_reference_io.pt")
 WITH_FILES = ("resnet8x4", "resnet20", "wrn_16_2", "vgg8")
-CONF = REPO / "conf"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_the_carried_files_are_the_published_folders(shared_facts):
 
 
 def option(group: str, name: str) -> dict:
-    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+    return OmegaConf.to_container(shipped_node(group, name))
 
 
 class FakeCifar:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from jacdistill_cli.config.registry import shipped_node
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.proofs.verify import check_method
 from jacdistill_cli.zoo.models import architecture, build_model
@@ -33,7 +34,7 @@ VIT = {"arch": "vit_tiny_patch16_224", "patch_size": 2}
 
 
 def spec(role: str, **settings) -> dict:
-    node = OmegaConf.merge(OmegaConf.load(f"conf/{role}/timm.yaml"), settings)
+    node = OmegaConf.merge(shipped_node(role, "timm"), settings)
     return architecture(node)
 
 

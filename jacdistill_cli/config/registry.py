@@ -17,6 +17,7 @@ never silently Adam).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -25,6 +26,7 @@ import sys
 from importlib import resources
 from typing import Any, Callable, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from jacdistill_cli.config.checks import SettingError
@@ -118,20 +120,89 @@ def check_keys(group: str, target: Callable, settings: dict[str, Any], supplied:
 @functools.lru_cache(maxsize=None)
 def shipped_options(group: str) -> dict[str, str]:
     """{option name: _target_} of the options shipped in conf/<group>/."""
-    folder = resources.files("jacdistill_cli.conf") / group
     options = {}
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            if entry.name.endswith(".yaml"):
-                node = OmegaConf.create(entry.read_text())
-                if isinstance(node, DictConfig) and isinstance(node.get("_target_"), str):
-                    options[entry.name.removesuffix(".yaml")] = node["_target_"]
+    for option in _shipped_option_names(group):
+        target = _shipped_target(group, option)
+        if isinstance(target, str):
+            options[option] = target
     return options
 
 
 def shipped_node(group: str, option: str) -> DictConfig:
-    """The node of the option shipped as conf/<group>/<option>.yaml."""
-    return OmegaConf.create((resources.files("jacdistill_cli.conf") / group / f"{option}.yaml").read_text())
+    """The node of the option shipped as conf/<group>/<option>.yaml, as Hydra composes it (a copy)."""
+    return copy.deepcopy(_composed_option(group, option))
+
+
+# A shipped option's defaults list holds `_self_`, shipped configs placed at the option's own package
+# (`/arch/cnn@_here_`: conf/teacher/cnn.yaml is conf/arch/cnn.yaml with the teacher's sizes), and `optional`
+# entries that depend on another group's choice (conf/loss/dkd.yaml's `/crd_pair/dkd@_here_: ${crd_pair}`,
+# the pair's nckd_weight), which add nothing to the option on its own. These readers follow the list as Hydra
+# does, reading files only (they run at start-up); tests/test_conf.py proves them equal to Hydra's compose.
+HERE = "@_here_"
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_option_names(group: str) -> tuple[str, ...]:
+    folder = resources.files("jacdistill_cli.conf") / group
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml")))
+
+
+def _option_text(group: str, option: str) -> str:
+    return (resources.files("jacdistill_cli.conf") / group / f"{option}.yaml").read_text()
+
+
+def _defaults(entries: Any) -> list[Any]:
+    """The option's defaults entries in composition order; without `_self_`, Hydra composes the option's own
+    keys last."""
+    entries = list(entries or [])
+    return entries if "_self_" in entries else [*entries, "_self_"]
+
+
+def _included(group: str, option: str, entry: Any) -> tuple[str, str] | None:
+    """(group, option) of a defaults entry `/GROUP/OPTION@_here_`; None for `_self_` and `optional` entries."""
+    if isinstance(entry, str) and entry.startswith("/") and entry.endswith(HERE):
+        included_group, _, included = entry[1:].removesuffix(HERE).rpartition("/")
+        return included_group, included
+    if entry == "_self_" or (isinstance(entry, dict) and len(entry) == 1
+                             and str(next(iter(entry))).startswith("optional ")):
+        return None
+    raise ValueError(f"conf/{group}/{option}.yaml: the defaults entry {entry} is not one that shipped options use "
+                     "(_self_, /GROUP/OPTION@_here_, or an optional choice)")
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_target(group: str, option: str) -> Any:
+    """The `_target_` the option composes to: the last one set in the order of its defaults list. YAML's C
+    reader where installed (a target and the defaults entries are plain strings), for start-up time."""
+    data = yaml.load(_option_text(group, option), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if not isinstance(data, dict):
+        return None
+    target = None
+    for entry in _defaults(data.get("defaults")):
+        included = _included(group, option, entry)
+        if included is not None:
+            target = _shipped_target(*included) or target
+        elif entry == "_self_":
+            target = data.get("_target_") or target
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_option(group: str, option: str) -> DictConfig:
+    node = OmegaConf.create(_option_text(group, option))
+    if not isinstance(node, DictConfig) or "defaults" not in node:
+        return node
+    entries = OmegaConf.to_container(node.pop("defaults"))
+    composed = OmegaConf.create()
+    for entry in _defaults(entries):
+        included = _included(group, option, entry)
+        if included is not None:
+            composed = OmegaConf.merge(composed, _composed_option(*included))
+        elif entry == "_self_":
+            composed = OmegaConf.merge(composed, node)
+    return composed
 
 
 def check_name(group: str, node: Any) -> None:

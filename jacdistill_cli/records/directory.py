@@ -24,9 +24,11 @@ LAST, BEST, LOCK = "last.pt", "best.pt", ".run.lock"
 # Settings that cannot change a run's results: a directory's run continues (or is skipped as
 # finished) when only these differ. The device is not among them: a GPU's random streams and
 # arithmetic differ from a CPU's, so a run moved to another device is another run.
-# The logging cadence and what is measured after training (explain) change no weight either.
+# The logging cadence and what is measured after training (explain) change no weight either; `published`
+# held the CRD pairs' published loss settings, which the loss node itself now holds (and compares).
 NEUTRAL_KEYS = ("cache_dir", "trainer.resume", "trainer.save_every_steps", "trainer.save_every_epochs",
-                "trainer.threads", "trainer.num_workers", "trainer.log_every_steps", "explain")
+                "trainer.threads", "trainer.num_workers", "trainer.log_every_steps", "explain", "published",
+                "crd_pair")
 
 
 def multirun() -> bool:

@@ -124,16 +124,13 @@ def _rounded(values) -> list[float]:
 def matching_overrides(spec: dict[str, Any], group: str) -> str:
     """The command-line overrides that select `spec` in config group `group` (teacher/student): the
     shipped option with the same model and the fewest differing settings, plus those settings."""
-    from importlib import resources
+    from omegaconf import OmegaConf
 
-    import yaml
+    from jacdistill_cli.config.registry import shipped_node, shipped_options
 
     best: tuple[int, str, list[str]] | None = None
-    folder = resources.files("jacdistill_cli.conf") / group
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".yaml"):
-            continue
-        option = yaml.safe_load(entry.read_text()) or {}
+    for name in sorted(shipped_options(group)):
+        option = OmegaConf.to_container(shipped_node(group, name))
         if option.get("name") != spec.get("name"):
             continue
         differing = [f"{'' if k in option else '++'}{group}.{k}={override_value(v)}" for k, v in spec.items()
@@ -141,7 +138,7 @@ def matching_overrides(spec: dict[str, Any], group: str) -> str:
         differing += [f"~{group}.{k}" for k in option
                       if k not in spec and k not in ("name", "_target_") and option[k] is not None]
         if best is None or len(differing) < best[0]:
-            best = (len(differing), entry.name[:-len(".yaml")], differing)
+            best = (len(differing), name, differing)
     if best is None:
         return f"a {group} of model {spec.get('name')!r} with settings {describe_architecture(spec)}"
     return " ".join([f"{group}={best[1]}", *best[2]])

@@ -105,24 +105,20 @@ def mismatch(model: nn.Module, family: str, state: dict[str, torch.Tensor]) -> s
 def fitting_options(state: dict[str, torch.Tensor], group: str, input_shape: tuple[int, ...],
                     num_classes: int) -> list[str]:
     """The shipped options of config group `group` whose network the published state_dict fits."""
-    from importlib import resources
+    from omegaconf import OmegaConf
 
-    import yaml
-
+    from jacdistill_cli.config.registry import shipped_node, shipped_options
     from jacdistill_cli.zoo.models import build_model
 
     fits = []
-    folder = resources.files("jacdistill_cli.conf") / group
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if not entry.name.endswith(".yaml"):
-            continue
-        spec = yaml.safe_load(entry.read_text()) or {}
+    for option in sorted(shipped_options(group)):
+        spec = OmegaConf.to_container(shipped_node(group, option))
         if spec.get("name") not in FAMILIES:
             continue
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_model(spec, input_shape, num_classes, group)
         if mismatch(model, spec["name"], state) is None:
-            fits.append(f"{group}={entry.name[:-len('.yaml')]}")
+            fits.append(f"{group}={option}")
     return fits
 
 

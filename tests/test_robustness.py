@@ -102,6 +102,27 @@ def test_pgd_reaches_the_dual_norm(norm, tolerance):
     assert bool((drop >= bound * (1 - tolerance)).all()), (drop, bound)
 
 
+class Peak(nn.Module):
+    """logits [b, 2] = (0, 1 - 20 |p - 0.6|) of one pixel p: class 1 only within 0.05 of 0.6."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        peak = 1 - 20 * (pixels.flatten(1)[:, 0] - 0.6).abs()
+        return torch.stack([torch.zeros_like(peak), peak], dim=1)
+
+
+def test_a_sample_falls_at_the_first_point_that_fools_the_network():
+    """From 0.52, a step of 0.1 up the cross-entropy reaches 0.62 (class 1: fooled) and the next step returns to
+    0.52 (class 0): the end point is classified right, the sample has fallen all the same. A transfer attack
+    keeps its end points (made on another network, the source's first fooling point is not the one to keep)."""
+    clean, labels = torch.full((1, 1), 0.52), torch.zeros(1, dtype=torch.long)
+    context = Context(Pixels(mean=(0.0,), std=(1.0,)), 0, torch.arange(1), source=Peak())
+    settings = dict(steps=2, step_size=0.1, random_start=False)
+    adversarial = run_attack(PGD("linf", 0.2, **settings), Peak(), clean, labels, context)
+    assert adversarial.item() == pytest.approx(0.62) and Peak()(adversarial).argmax(1).item() == 1
+    transferred = run_attack(TransferPGD("linf", 0.2, **settings), Peak(), clean, labels, context)
+    assert transferred.item() == pytest.approx(0.52)
+
+
 ALL = [FGSM("linf", EPS), FGSM("l2", EPS), PGD("linf", EPS, steps=5), PGD("l2", EPS, steps=5, restarts=2),
        TransferPGD("linf", EPS, steps=5), APGDCE("linf", EPS, steps=5), APGDT("l2", EPS, steps=5),
        Square("linf", EPS, queries=50), Square("l2", EPS, queries=50)]

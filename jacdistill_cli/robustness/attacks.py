@@ -2,10 +2,11 @@
 
     fgsm          one step of size eps along sign(g) (linf) or g / ||g||_2 (l2), g = d CE / d pixels
     pgd           `steps` projected steps of `step_size` (default 2.5 eps / steps), from a random point
-                  of the ball (`random_start`), `restarts` times; a sample falls if any restart's end
-                  point is misclassified
+                  of the ball (`random_start`), `restarts` times; a sample falls if any point a restart
+                  reaches (its start, a step) is misclassified
     transfer_pgd  pgd made on another network (the teacher), applied to the attacked one: an attack that
-                  needs no gradient of the attacked network, so gradient masking shows
+                  needs no gradient of the attacked network, so gradient masking shows (its end points,
+                  which transfer better than the first points past the source's boundary)
     apgd_ce, apgd_t, square, autoattack
                   torchattacks' APGD (cross-entropy), APGD-T (targeted DLR), Square (gradient-free,
                   `queries` per restart) and AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square)
@@ -14,8 +15,11 @@
 An entry of `robustness.attacks` names one of them ({name: pgd, norm: linf, eps: 0.1, steps: 20}): its other
 keys are the keyword settings of the class `ATTACKS[name]`, which checks them (a `config.checks.SettingError`
 becomes one line naming `robustness.attacks[i].key`; robustness/settings.py builds them through
-config/registry.py). The random start of pgd (`random_start`, uniform in the ball) is shared with adversarial
-training (robustness/training.py).
+config/registry.py). The random start of pgd is uniform in the cube (linf) and at a radius uniform in
+[0, eps] (l2), as torchattacks' PGD and PGDL2 draw it: uniform in the l2 ball's volume (radius eps u^(1/d))
+puts nearly every start on the sphere (half beyond 0.989 eps for 64 pixels), from where the steps are
+spent turning away from a random direction, and PGD-20 read a robust accuracy 0.03 too high. The start
+(`random_start`) is shared with adversarial training (robustness/training.py).
 
 A user's attack is an entry with its own `_target_` ({_target_: mypackage.Blur, norm: l2, eps: 0.5}): the
 target (a class, or a function returning an instance) takes the entry's other keys as keyword settings,
@@ -123,15 +127,14 @@ def loss_gradient(model: nn.Module, pixels: Tensor, labels: Tensor) -> tuple[Ten
 
 
 def random_start(clean: Tensor, norm: str, eps: float, draw: Draw, purpose: str) -> Tensor:
-    """A random offset [b, ...] drawn uniformly from each sample's eps-ball (linf: a cube; l2: direction and
-    radius). `draw` gives the random numbers (evaluation: per sample, `Context.draw`; adversarial training:
-    the objective's generator)."""
+    """A random offset [b, ...] in each sample's eps-ball: uniform in the cube (linf); a uniform direction
+    at a radius uniform in [0, eps] (l2, as torchattacks' PGDL2 draws it). `draw` gives the random numbers
+    (evaluation: per sample, `Context.draw`; adversarial training: the objective's generator)."""
     shape = tuple(clean.shape[1:])
     if norm == "linf":
         return ((2 * draw("uniform", shape, purpose) - 1) * eps).to(clean.device)
     direction = draw("normal", shape, purpose)
-    radius = draw("uniform", (1,), purpose + ":radius").pow(1.0 / clean[0].numel())
-    radius = radius.view(-1, *([1] * len(shape)))
+    radius = draw("uniform", (1,), purpose + ":radius").view(-1, *([1] * len(shape)))
     return (direction / l2_norms(direction).clamp_min(1e-12) * radius * eps).to(clean.device)
 
 
@@ -148,6 +151,26 @@ def ascend(loss: Callable[[Tensor], Tensor], clean: Tensor, delta: Tensor, attac
         moved = adversarial.detach() + attack.step * ascent(gradient, attack.norm)
         adversarial = pixels.clip(clean + project(moved - clean, attack.eps, attack.norm)).detach()
     return adversarial
+
+
+class FirstFall:
+    """The first misclassified point of each sample among the points an ascent evaluates: a sample that an
+    intermediate point fools has fallen, whatever the later steps do (the loss is not the 0-1 loss)."""
+
+    def __init__(self, clean: Tensor, labels: Tensor):
+        self.labels = labels
+        self.fallen = torch.zeros_like(labels, dtype=torch.bool)
+        self.points = clean.detach().clone()
+
+    def see(self, point: Tensor, logits: Tensor) -> None:
+        """point [b, ...] and its logits [b, classes]: keeps the points that misclassify first."""
+        new = (logits.detach().argmax(1) != self.labels) & ~self.fallen
+        self.points = torch.where(new.view(-1, *([1] * (point.dim() - 1))), point.detach(), self.points)
+        self.fallen = self.fallen | new
+
+    def or_else(self, end: Tensor) -> Tensor:
+        """Each sample's first misclassified point, else its `end` point."""
+        return torch.where(self.fallen.view(-1, *([1] * (end.dim() - 1))), self.points, end)
 
 
 # --------------------------------------------------------------------------------------------- attacks
@@ -227,10 +250,13 @@ class FGSM(BallAttack):
 
 @dataclass(frozen=True)
 class PGD(BallAttack):
-    """Projected gradient ascent on the cross-entropy (Madry et al. 2018): per sample, a misclassified end
+    """Projected gradient ascent on the cross-entropy (Madry et al. 2018): per sample, the first misclassified
     point of a restart if there is one, else the end point of highest loss."""
 
     name: ClassVar[str] = "pgd"
+    # Keep the first point that misclassifies (False: the end points, for an attack made on another network,
+    # where a point further past the source's boundary transfers better).
+    first_fall: ClassVar[bool] = True
     steps: int = 10
     step_size: float | None = None    # None: 2.5 eps / steps
     random_start: bool = True
@@ -250,11 +276,19 @@ class PGD(BallAttack):
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
     def run(self, model: nn.Module, clean: Tensor, labels: Tensor, context: Context, restart: int) -> Tensor:
-        """One restart's end point [b, ...]."""
-        cross_entropy = lambda point: F.cross_entropy(model(point), labels, reduction="none")  # noqa: E731
+        """One restart's point [b, ...]: the first misclassified point it reaches (with `first_fall`; the
+        logits of the points the ascent takes gradients at, no pass more), else its end point."""
+        first = FirstFall(clean, labels)
+
+        def cross_entropy(point: Tensor) -> Tensor:
+            logits = model(point)
+            if self.first_fall:
+                first.see(point, logits)
+            return F.cross_entropy(logits, labels, reduction="none")
+
         delta = (random_start(clean, self.norm, self.eps, context.draw, f"{self.key}:{restart}")
                  if self.random_start else torch.zeros_like(clean))
-        return ascend(cross_entropy, clean, delta, self, context.pixels)
+        return first.or_else(ascend(cross_entropy, clean, delta, self, context.pixels))
 
     def __call__(self, model: nn.Module, clean: Tensor, labels: Tensor, context: Context) -> Tensor:
         best, best_wrong, best_loss = clean.clone(), None, None
@@ -279,6 +313,7 @@ class TransferPGD(PGD):
     """PGD made on the context's source network (the teacher), applied to the attacked one."""
 
     name: ClassVar[str] = "transfer_pgd"
+    first_fall: ClassVar[bool] = False
 
     def unavailable(self, pixels: Pixels, source: nn.Module | None) -> str | None:
         return "no teacher to transfer the attack from" if source is None else None

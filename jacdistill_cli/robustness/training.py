@@ -3,7 +3,8 @@
     objective(model, None, inputs, labels, gradient_scale=1.0, epoch=None) -> (logits [b, classes], {term: value, "total"})
 
     adversarial  hard = CE(f(x'), y), x' the PGD example of x: maximises CE within the eps-ball from a
-                 random start (Madry et al. 2018); logits are those of x'
+                 random start (attacks.random_start, as evaluation's PGD; Madry et al. 2018); logits are
+                 those of x'
     trades       hard = CE(f(x), y), robust = KL(softmax f(x) || softmax f(x')), total = hard + beta * robust,
                  x' maximising the KL from x + 0.001 N(0, 1) (Zhang et al. 2019); logits are those of x
 

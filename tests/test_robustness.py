@@ -3,23 +3,45 @@
 A binary linear score s(p) = w . p of pixels p (the network sees normalised inputs (p - mean) / std, so
 its own weights are w * std): with every pixel at least eps inside [0, 1], an L-inf attack of radius eps
 can lower s by at most eps ||w||_1 and an L2 attack by eps ||w||_2 (Hoelder), and FGSM / PGD reach those
-bounds. Tolerances: 1e-5 relative for what is exact up to float32 rounding (FGSM, L-inf PGD, the balls);
-1% for L2 PGD (20 steps of eps / 4), which approaches the sphere's point geometrically from its random
-start (the part of the perturbation across w shrinks by about 1 / (1 + step / eps) a step).
+bounds. The score carries a margin of 10 that no ball crosses (no sample is misclassified, so PGD returns
+its end point, the maximiser, not the first point that falls). Tolerances: 1e-5 relative for what is exact up
+to float32 rounding (FGSM, L-inf PGD, the balls); 1% for L2 PGD (20 steps of eps / 4), which approaches the
+sphere's point geometrically from its random start (the part of the perturbation across w shrinks by about
+1 / (1 + step / eps) a step).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
+from importlib import resources
+from typing import ClassVar
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from jacdistill_cli.config import registry
+from jacdistill_cli.config.checks import number
 from jacdistill_cli.engine.layers import gate_of, make_jacobian_ready
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.robustness.attacks import Attack, run_attack
+from jacdistill_cli.robustness.attacks import (
+    APGDCE,
+    APGDT,
+    ATTACKS,
+    FGSM,
+    PGD,
+    BallAttack,
+    Context,
+    Square,
+    TransferPGD,
+    ascent,
+    loss_gradient,
+    run_attack,
+)
 from jacdistill_cli.robustness.measure import robust_accuracy, robust_counts
 from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
@@ -54,7 +76,7 @@ def linear_case(seed: int = 0, count: int = 6):
     w = v / PIXELS.std[0]   # the score's weights in pixel space
     clean = EPS + 1e-3 + (1 - 2 * EPS - 2e-3) * torch.rand(count, 1, 8, 8, generator=generator)
     labels = torch.ones(count, dtype=torch.long)   # the attack lowers the score
-    return PixelModel(Linear(v).eval(), PIXELS), w, clean, labels
+    return PixelModel(Linear(v, c=10.0).eval(), PIXELS), w, clean, labels
 
 
 def score_drop(model, clean, adversarial) -> torch.Tensor:
@@ -65,7 +87,7 @@ def score_drop(model, clean, adversarial) -> torch.Tensor:
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fgsm_moves_a_linear_score_by_the_dual_norm(norm):
     model, w, clean, labels = linear_case()
-    adversarial = run_attack(Attack("fgsm", EPS, norm), model, clean, labels, PIXELS, 0, torch.arange(len(labels)))
+    adversarial = run_attack(FGSM(norm, EPS), model, clean, labels, Context(PIXELS, 0, torch.arange(len(labels))))
     bound = EPS * (w.abs().sum() if norm == "linf" else w.norm())
     assert torch.allclose(score_drop(model, clean, adversarial), bound.expand(len(labels)), rtol=EXACT)
 
@@ -73,17 +95,37 @@ def test_fgsm_moves_a_linear_score_by_the_dual_norm(norm):
 @pytest.mark.parametrize("norm,tolerance", [("linf", EXACT), ("l2", L2_PGD)])
 def test_pgd_reaches_the_dual_norm(norm, tolerance):
     model, w, clean, labels = linear_case(1)
-    attack = Attack("pgd", EPS, norm, steps=20, step_size=EPS / 4, restarts=2)
-    adversarial = run_attack(attack, model, clean, labels, PIXELS, 0, torch.arange(len(labels)))
+    attack = PGD(norm, EPS, steps=20, step_size=EPS / 4, restarts=2)
+    adversarial = run_attack(attack, model, clean, labels, Context(PIXELS, 0, torch.arange(len(labels))))
     bound = float(EPS * (w.abs().sum() if norm == "linf" else w.norm()))
     drop = score_drop(model, clean, adversarial)
     assert bool((drop >= bound * (1 - tolerance)).all()), (drop, bound)
 
 
-ALL = [Attack("fgsm", EPS, "linf"), Attack("fgsm", EPS, "l2"), Attack("pgd", EPS, "linf", steps=5),
-       Attack("pgd", EPS, "l2", steps=5, restarts=2), Attack("transfer_pgd", EPS, "linf", steps=5),
-       Attack("apgd_ce", EPS, "linf", steps=5), Attack("apgd_t", EPS, "l2", steps=5),
-       Attack("square", EPS, "linf", queries=50), Attack("square", EPS, "l2", queries=50)]
+class Peak(nn.Module):
+    """logits [b, 2] = (0, 1 - 20 |p - 0.6|) of one pixel p: class 1 only within 0.05 of 0.6."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        peak = 1 - 20 * (pixels.flatten(1)[:, 0] - 0.6).abs()
+        return torch.stack([torch.zeros_like(peak), peak], dim=1)
+
+
+def test_a_sample_falls_at_the_first_point_that_fools_the_network():
+    """From 0.52, a step of 0.1 up the cross-entropy reaches 0.62 (class 1: fooled) and the next step returns to
+    0.52 (class 0): the end point is classified right, the sample has fallen all the same. A transfer attack
+    keeps its end points (made on another network, the source's first fooling point is not the one to keep)."""
+    clean, labels = torch.full((1, 1), 0.52), torch.zeros(1, dtype=torch.long)
+    context = Context(Pixels(mean=(0.0,), std=(1.0,)), 0, torch.arange(1), source=Peak())
+    settings = dict(steps=2, step_size=0.1, random_start=False)
+    adversarial = run_attack(PGD("linf", 0.2, **settings), Peak(), clean, labels, context)
+    assert adversarial.item() == pytest.approx(0.62) and Peak()(adversarial).argmax(1).item() == 1
+    transferred = run_attack(TransferPGD("linf", 0.2, **settings), Peak(), clean, labels, context)
+    assert transferred.item() == pytest.approx(0.52)
+
+
+ALL = [FGSM("linf", EPS), FGSM("l2", EPS), PGD("linf", EPS, steps=5), PGD("l2", EPS, steps=5, restarts=2),
+       TransferPGD("linf", EPS, steps=5), APGDCE("linf", EPS, steps=5), APGDT("l2", EPS, steps=5),
+       Square("linf", EPS, queries=50), Square("l2", EPS, queries=50)]
 
 
 @pytest.mark.parametrize("attack", ALL, ids=[a.key for a in ALL])
@@ -93,7 +135,7 @@ def test_no_attack_leaves_the_ball_or_the_pixel_range(attack):
     model, w, clean, labels = linear_case(2, count=8)
     clean[:2] = clean[:2].round()   # pixels at 0 and 1: the attack must clip
     source = PixelModel(Linear(torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(9))).eval(), PIXELS)
-    adversarial = run_attack(attack, model, clean, labels, PIXELS, 0, torch.arange(len(labels)), source=source)
+    adversarial = run_attack(attack, model, clean, labels, Context(PIXELS, 0, torch.arange(len(labels)), source))
     delta = (adversarial - clean).flatten(1)
     size = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
     assert bool((size <= EPS * (1 + EXACT)).all()), size
@@ -109,7 +151,7 @@ def test_the_bound_is_the_one_of_w_in_pixel_space():
     for std in (0.2, 0.5):
         pixels = Pixels(mean=(0.1,), std=(std,))
         model = PixelModel(Linear(v).eval(), pixels)
-        adversarial = run_attack(Attack("fgsm", EPS), model, clean, labels, pixels, 0, torch.arange(len(labels)))
+        adversarial = run_attack(FGSM(eps=EPS), model, clean, labels, Context(pixels, 0, torch.arange(len(labels))))
         expected = EPS * v.abs().sum() / std
         assert torch.allclose(score_drop(model, clean, adversarial), expected.expand(len(labels)), rtol=EXACT)
 
@@ -184,9 +226,8 @@ def test_a_dataset_without_pixel_range_is_not_clipped(caplog):
     model = Linear(torch.full((1, 8, 8), 0.0125)).eval()
     split = TensorSplit(torch.full((4, 1, 8, 8), -0.2), torch.ones(4, dtype=torch.long))
     pixels = Pixels(mean=(0.0,), std=(1.0,), low=None, high=None)
-    attack = Attack("fgsm", 0.5)
-    adversarial = run_attack(attack, PixelModel(model, pixels), split.inputs, split.labels, pixels, 0,
-                             torch.arange(4))
+    adversarial = run_attack(FGSM(eps=0.5), PixelModel(model, pixels), split.inputs, split.labels,
+                             Context(pixels, 0, torch.arange(4)))
     assert torch.allclose(adversarial, torch.full_like(adversarial, -0.7))   # below 0: not clipped
     with caplog.at_level(logging.INFO, logger="jacdistill"):
         robust_accuracy(model, split, pixels, torch.device("cpu"), settings_of([{"name": "fgsm", "eps": 0.5}]))
@@ -225,6 +266,155 @@ def test_bad_settings_are_refused_in_one_line(node, message):
     assert "\n" not in str(err.value)
 
 
+# ------------------------------------------------------------------------------------- one registry
+
+# Computed once with the code before the attacks were built through config/registry.py (commit 337c8ab): each
+# option's metric keys and the hash in the name of its remembered teacher accuracy (run/robust.remembered_path,
+# for a file of 1234 bytes modified at 1_700_000_000_123_456_789 ns, on the CPU), for seeds 0 and 3.
+BEFORE = {
+    ("autoattack", 0): (["autoattack_linf_0.0313725"], "9b43276dc468ce8a"),
+    ("autoattack", 3): (["autoattack_linf_0.0313725"], "59d96ab1e1f473b6"),
+    ("digits", 0): (["fgsm_linf_0.1", "pgd_linf_0.1", "pgd_linf_0.2", "pgd_linf_0.3", "pgd_l2_1",
+                     "transfer_pgd_linf_0.2", "square_linf_0.2", "noise_0.1", "noise_0.3"], "79f96b64f4bff8ab"),
+    ("digits", 3): (["fgsm_linf_0.1", "pgd_linf_0.1", "pgd_linf_0.2", "pgd_linf_0.3", "pgd_l2_1",
+                     "transfer_pgd_linf_0.2", "square_linf_0.2", "noise_0.1", "noise_0.3"], "4d8a87018e1a6f1a"),
+    ("none", 0): ([], "a5446e9d167a7b6a"),
+    ("none", 3): ([], "7a6f07e9cc6f1ac6"),
+    ("standard", 0): (["fgsm_linf_0.0313725", "pgd_linf_0.0313725", "pgd_l2_0.5", "apgd_ce_linf_0.0313725",
+                       "apgd_t_linf_0.0313725", "square_linf_0.0313725", "transfer_pgd_linf_0.0313725", "noise_0.05",
+                       "noise_0.1"], "896dd0567e88844c"),
+    ("standard", 3): (["fgsm_linf_0.0313725", "pgd_linf_0.0313725", "pgd_l2_0.5", "apgd_ce_linf_0.0313725",
+                       "apgd_t_linf_0.0313725", "square_linf_0.0313725", "transfer_pgd_linf_0.0313725", "noise_0.05",
+                       "noise_0.1"], "428d7b64882ee8eb"),
+}
+# Lists of one's own (as on the command line), seed 0, computed the same way: defaults, integers given for floats.
+BEFORE_LISTS = {
+    "l2_restarts": ({"attacks": [{"name": "pgd", "norm": "l2", "eps": 1, "steps": 50, "restarts": 5}]},
+                    ["pgd_l2_1"], "76947691cee0764e"),
+    "fgsm_plain": ({"samples": 100, "batch_size": 10, "attacks": [{"name": "fgsm", "eps": 0.1}]},
+                   ["fgsm_linf_0.1"], "6a24f5388788086f"),
+    "pgd_fixed": ({"attacks": [{"name": "pgd", "eps": 0.1, "step_size": 0.02, "random_start": False},
+                               {"name": "transfer_pgd", "norm": "l2", "eps": 0.5, "steps": 3, "restarts": 2}]},
+                  ["pgd_linf_0.1", "transfer_pgd_l2_0.5"], "0c33031a2f4462be"),
+    "library": ({"attacks": [{"name": "apgd_ce", "norm": "l2", "eps": 0.5, "steps": 7, "restarts": 2},
+                             {"name": "square", "norm": "l2", "eps": 0.5, "queries": 30},
+                             {"name": "apgd_t", "eps": 0.1}, {"name": "autoattack", "norm": "l2", "eps": 0.5},
+                             {"name": "noise", "sigma": 1}]},
+                ["apgd_ce_l2_0.5", "square_l2_0.5", "apgd_t_linf_0.1", "autoattack_l2_0.5", "noise_1"],
+                "dac68e602667819d"),
+}
+
+
+@pytest.fixture
+def teacher_entry(tmp_path):
+    entry = tmp_path / "teacher.pt"
+    entry.write_bytes(b"x" * 1234)
+    os.utime(entry, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789))
+    return entry
+
+
+def keys_and_hash(node, seed, entry) -> tuple[list[str], str]:
+    from jacdistill_cli.run.robust import remembered_path
+
+    settings = robustness_settings(node, seed)
+    name = remembered_path(entry, settings, torch.device("cpu")).name
+    return [attack.key for attack in settings.attacks], name.removeprefix("teacher.pt.robust-").removesuffix(".json")
+
+
+@pytest.mark.parametrize("option,seed", sorted(BEFORE))
+def test_every_shipped_option_keeps_its_metric_keys_and_remembered_key(option, seed, teacher_entry):
+    pytest.importorskip("torchattacks")
+    node = OmegaConf.create((resources.files("jacdistill_cli.conf") / "robustness" / f"{option}.yaml").read_text())
+    assert keys_and_hash(node, seed, teacher_entry) == BEFORE[option, seed]
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_LISTS))
+def test_lists_of_ones_own_keep_their_metric_keys_and_remembered_key(case, teacher_entry):
+    pytest.importorskip("torchattacks")
+    node, keys, digest = BEFORE_LISTS[case]
+    assert keys_and_hash(node, 0, teacher_entry) == (keys, digest)
+
+
+def test_an_attacks_settings_are_its_targets_keyword_parameters():
+    for name, target in ATTACKS.items():
+        assert target.name == name
+        takes, _ = registry.accepted_keys(target)
+        with pytest.raises(UsageError) as err:
+            robustness_settings({"attacks": [{"name": name, "bogus": 1}]})
+        assert str(err.value) == (f"robustness.attacks[0].bogus=1 is not allowed: attack {name} has no setting "
+                                  f"'bogus'; its settings are {', '.join(takes)}")
+    assert registry.accepted_keys(PGD)[0] == ["norm", "eps", "steps", "step_size", "random_start", "restarts"]
+    # A shipped attack named by its own target is the same attack.
+    by_target = robustness_settings({"attacks": [{"_target_": "jacdistill_cli.robustness.attacks.PGD", "eps": 0.1}]})
+    assert by_target == robustness_settings({"attacks": [{"name": "pgd", "eps": 0.1}]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Overshoot(BallAttack):
+    """A user's attack: `factor` times FGSM's step, beyond the ball (the measurement holds it to the ball)."""
+
+    name: ClassVar[str] = "overshoot"
+    factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set(factor=number("factor", self.factor, low=1, allowed="it must be a number >= 1"))
+
+    def __call__(self, model, clean, labels, context):
+        gradient, _, _ = loss_gradient(model, clean, labels)
+        return clean + self.factor * self.eps * ascent(gradient, self.norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenamedPGD(PGD):
+    """A user's PGD that keeps the shipped name: its metric would pass for the shipped attack's."""
+
+
+def test_a_users_attack_is_built_from_its_target_held_to_its_ball_and_measured(trained):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "robustness=digits", "robustness.samples=120", "robustness.batch_size=32",
+            f"robustness.attacks=[{{_target_:{__name__}.Overshoot,eps:0.1}},{{name:fgsm,eps:0.1}}]"])
+    settings = robustness_settings(cfg.robustness)
+    assert [a.key for a in settings.attacks] == ["overshoot_linf_0.1", "fgsm_linf_0.1"]
+    assert settings.attacks[0].identity() == {"_target_": f"{__name__}.Overshoot", "name": "overshoot",
+                                              "norm": "linf", "eps": 0.1, "factor": 3.0}
+    # Held to the L-inf ball, 3 eps sign(g) is FGSM's eps sign(g): the same accuracy, sample for sample.
+    model, split, pixels = trained
+    result = robust_accuracy(model, split, pixels, torch.device("cpu"), settings)
+    assert result["overshoot_linf_0.1"] == result["fgsm_linf_0.1"] < result["clean"] - 0.1
+
+
+USERS_BAD = [
+    ({"_target_": f"{__name__}.Overshoot", "eps": 0.1, "factor": 0.5},
+     "robustness.attacks[0].factor=0.5 is not allowed: it must be a number >= 1"),
+    ({"_target_": f"{__name__}.Overshoot", "eps": 0.1, "steps": 3},
+     f"robustness.attacks[0].steps=3 is not allowed: attack {__name__}.Overshoot has no setting 'steps'; its "
+     "settings are norm, eps, factor"),
+    ({"_target_": f"{__name__}.Overshoot", "name": "blur", "eps": 0.1},
+     f"robustness.attacks[0].name='blur' is not allowed: the attack {__name__}.Overshoot names itself 'overshoot' "
+     "(its metric is overshoot_linf_0.1); leave name out"),
+    ({"_target_": f"{__name__}.RenamedPGD", "eps": 0.1},
+     f"robustness.attacks[0]._target_='{__name__}.RenamedPGD' is not allowed: it builds an attack named 'pgd', the "
+     "name of the shipped attack jacdistill_cli.robustness.attacks.PGD; name yours otherwise"),
+    ({"_target_": "torch.nn.Identity"}, "robustness.attacks[0]._target_='torch.nn.Identity' is not allowed: it must "
+     "build a jacdistill_cli.robustness.attacks.Attack"),
+    ({"_target_": "nowhere.Attack", "eps": 0.1},
+     "robustness.attacks[0]._target_='nowhere.Attack' is not allowed: it cannot be imported"),
+    ({"eps": 0.1}, "robustness.attacks[0]={'eps': 0.1} is not allowed: each attack must be a mapping with a name"),
+]
+
+
+@pytest.mark.parametrize("entry,message", USERS_BAD, ids=[m.split(" is not")[0] + str(i) for i, (_, m) in
+                                                         enumerate(USERS_BAD)])
+def test_a_users_attack_that_does_not_fit_is_one_line(entry, message):
+    with pytest.raises(UsageError) as err:
+        robustness_settings({"attacks": [entry]})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_teacher_training_settings():
     assert teacher_training({"training": "standard"}).identity() == {}
     trades = teacher_training({"training": "trades", "adversarial": {"eps": 0.2, "steps": 5, "beta": 3}})
@@ -235,7 +425,10 @@ def test_teacher_training_settings():
                           ({"training": "adversarial", "adversarial": {"eps": 0.1, "steps": 0}},
                            "teacher.adversarial.steps=0"),
                           ({"training": "trades", "adversarial": {"eps": 0.1, "beta": -1}},
-                           "teacher.adversarial.beta=-1")]:
+                           "teacher.adversarial.beta=-1"),
+                          ({"training": "adversarial", "adversarial": {"eps": 0.1, "restarts": 2}},
+                           "^teacher.adversarial.restarts=2 is not allowed: its settings are norm, eps, steps, "
+                           "step_size, random_start, beta$")]:
         with pytest.raises(UsageError, match=message):
             teacher_training(node)
 

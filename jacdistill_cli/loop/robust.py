@@ -13,7 +13,6 @@ attacking it again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -89,7 +88,7 @@ def remembered_path(teacher_file: Path, settings: RobustnessSettings, device: to
     named by a hash of the settings, the device type and the file's size and modification time (a teacher
     trained anew into the same entry is measured anew)."""
     stat = Path(teacher_file).stat()
-    key = json.dumps({"attacks": [dataclasses.asdict(a) for a in settings.attacks], "samples": settings.samples,
+    key = json.dumps({"attacks": [a.identity() for a in settings.attacks], "samples": settings.samples,
                       "batch_size": settings.batch_size, "seed": settings.seed, "device": device.type,
                       "file": [stat.st_size, stat.st_mtime_ns]}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

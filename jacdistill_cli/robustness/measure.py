@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from jacdistill_cli.robustness.attacks import LIBRARY, Attack, run_attack
+from jacdistill_cli.robustness.attacks import Attack, Context, run_attack
 from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import RobustnessSettings
 from jacdistill_cli.zoo.data import batches
@@ -47,13 +47,8 @@ def blocks(split, samples: int, batch_size: int, device: torch.device, part: tup
 
 def skipped(attacks: tuple[Attack, ...], pixels: Pixels, teacher: nn.Module | None) -> dict[str, str]:
     """{key: why} for the attacks that cannot run here."""
-    reasons = {}
-    for attack in attacks:
-        if attack.name == "transfer_pgd" and teacher is None:
-            reasons[attack.key] = "no teacher to transfer the attack from"
-        elif attack.name in LIBRARY and not pixels.clipped:
-            reasons[attack.key] = "torchattacks needs pixels in [0, 1] and this dataset has no pixel range"
-    return reasons
+    reasons = {attack.key: attack.unavailable(pixels, teacher) for attack in attacks}
+    return {key: why for key, why in reasons.items() if why is not None}
 
 
 def robust_counts(model: nn.Module, split, pixels: Pixels, device: torch.device, settings: RobustnessSettings,
@@ -72,12 +67,12 @@ def robust_counts(model: nn.Module, split, pixels: Pixels, device: torch.device,
                 right = target(clean).argmax(1) == labels
             counts["clean"] += right.sum().item()
             counts["count"] += len(labels)
+            context = Context(pixels, settings.seed, indices, source, number)
             for attack in attacks:
-                adversarial = run_attack(attack, target, clean, labels, pixels, settings.seed, indices,
-                                         source=source, block=number)
+                adversarial = run_attack(attack, target, clean, labels, context)
                 with torch.no_grad():
                     hit = target(adversarial).argmax(1) == labels
-                counts[attack.key] += (hit if attack.name == "noise" else hit & right).sum().item()
+                counts[attack.key] += (hit if attack.plain_accuracy else hit & right).sum().item()
     return counts
 
 

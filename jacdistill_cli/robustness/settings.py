@@ -1,29 +1,24 @@
 """The `robustness` node (conf/robustness/<name>.yaml) and the teacher's `training`/`adversarial` keys,
-checked and typed: every bad value stops the command in one line naming its key."""
+checked and typed: every bad value stops the command in one line naming its key.
+
+Each entry of `robustness.attacks` is a `_target_` node built through config/registry.py: `{name: pgd, ...}`
+stands for `{_target_: <robustness.attacks.ATTACKS["pgd"]>, ...}`, an entry may give its own `_target_` (a
+user's attack, see robustness/attacks.py). The keys an attack takes are its target's keyword parameters, its
+defaults theirs; the target checks its values.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from jacdistill_cli.config.checks import SettingError, boolean, number, one_of, whole
+from jacdistill_cli.config import registry
+from jacdistill_cli.config.checks import SettingError, number, one_of
 from jacdistill_cli.errors import setting_error
-from jacdistill_cli.robustness.attacks import ATTACKS, LIBRARY, NORMS, Attack
+from jacdistill_cli.robustness.attacks import ATTACKS, PGD, Attack
 
-# The settings each attack takes (besides `name`).
-ATTACK_KEYS = {
-    "fgsm": ("norm", "eps"),
-    "pgd": ("norm", "eps", "steps", "step_size", "random_start", "restarts"),
-    "transfer_pgd": ("norm", "eps", "steps", "step_size", "random_start", "restarts"),
-    "apgd_ce": ("norm", "eps", "steps", "restarts"),
-    "apgd_t": ("norm", "eps", "steps", "restarts"),
-    "square": ("norm", "eps", "queries", "restarts"),
-    "autoattack": ("norm", "eps"),
-    "noise": ("sigma",),
-}
 TEACHER_TRAININGS = ("standard", "adversarial", "trades")
 
 
@@ -46,44 +41,52 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def target_path(attack: type) -> str:
+    return f"{attack.__module__}.{attack.__qualname__}"
+
+
+def check_settings(where: str, target: Any, label: str, node: dict[str, Any]) -> None:
+    """Refuse a key the target does not take, in one line listing those it takes."""
+    names, takes_any = registry.accepted_keys(target)
+    for key in node:
+        if key not in registry.RESERVED and not takes_any and key not in names:
+            raise setting_error(f"{where}.{key}", node[key], f"attack {label} has no setting {key!r}; its settings "
+                                f"are {', '.join(names)}")
+
+
+def built_attack(where: str, node: dict[str, Any], label: str) -> Attack:
+    """The attack the node's `_target_` builds with its settings (a bad value: one line naming its key)."""
+    attack = registry.build(where, node)
+    if not isinstance(attack, Attack):
+        raise setting_error(f"{where}._target_", node["_target_"], "it must build a jacdistill_cli.robustness."
+                            "attacks.Attack (see that module's docstring for what an attack implements)")
+    own = ATTACKS.get(attack.name)
+    if own is not None and type(attack) is not own:
+        raise setting_error(f"{where}._target_", node["_target_"], f"it builds an attack named {attack.name!r}, "
+                            f"the name of the shipped attack {target_path(own)}; name yours otherwise")
+    if node.get("name", attack.name) != attack.name:
+        raise setting_error(f"{where}.name", node["name"], f"the attack {label} names itself {attack.name!r} (its "
+                            f"metric is {attack.key}); leave name out")
+    return attack
+
+
 def attack_from(entry: Any, where: str) -> Attack:
-    """One entry of `robustness.attacks` ({name: pgd, norm: linf, eps: 0.1, ...}) as an Attack."""
-    if not isinstance(entry, dict) or "name" not in entry:
+    """One entry of `robustness.attacks` ({name: pgd, norm: linf, eps: 0.1, ...}, or a user's own
+    {_target_: ..., ...}) as an Attack."""
+    if not isinstance(entry, dict) or ("name" not in entry and "_target_" not in entry):
         raise setting_error(where, entry, "each attack must be a mapping with a name, e.g. {name: pgd, norm: linf, "
-                            "eps: 0.1, steps: 10}")
-    try:
-        name = one_of("name", entry["name"], ATTACKS)
-        allowed = ATTACK_KEYS[name]
-        for key in entry:
-            if key != "name" and key not in allowed:
-                raise SettingError(key, entry[key], f"attack {name} has no setting {key!r}; its settings are "
-                                   f"{', '.join(allowed)}")
-        values: dict[str, Any] = {"name": name}
-        if name == "noise":
-            values["eps"] = number("sigma", entry.get("sigma"), low=0, low_open=True,
-                                   allowed="the noise's std in pixel scale must be a number > 0")
-            return Attack(**values)
-        values["norm"] = one_of("norm", entry.get("norm", "linf"), NORMS)
-        values["eps"] = number("eps", entry.get("eps"), low=0,
-                               allowed="epsilon in pixel scale ([0, 1]) must be a number >= 0")
-        if "steps" in allowed:
-            values["steps"] = whole("steps", entry.get("steps", 10), low=1, allowed="it must be an integer >= 1")
-        if "restarts" in allowed:
-            values["restarts"] = whole("restarts", entry.get("restarts", 1), low=1,
-                                       allowed="it must be an integer >= 1")
-        if entry.get("step_size") is not None:
-            values["step_size"] = number("step_size", entry["step_size"], low=0, low_open=True,
-                                         allowed="it must be null (2.5 eps / steps) or a number > 0")
-        if "random_start" in entry:
-            values["random_start"] = boolean("random_start", entry["random_start"])
-        if "queries" in allowed:
-            values["queries"] = whole("queries", entry.get("queries", 1000), low=1,
-                                      allowed="it must be an integer >= 1")
-    except SettingError as err:
-        raise setting_error(f"{where}.{err.key}", err.value, err.allowed) from None
-    if name in LIBRARY and importlib.util.find_spec("torchattacks") is None:   # found, not imported (seconds)
-        raise setting_error(f"{where}.name", name, "it needs torchattacks: pip install 'jacdistill[robust]'")
-    return Attack(**values)
+                            "eps: 0.1, steps: 10}, or a _target_ of your own")
+    if "_target_" in entry:
+        target, label = registry.locate(where, entry), str(entry["_target_"])
+        node = entry
+    else:
+        try:
+            label = one_of("name", entry["name"], ATTACKS)
+        except SettingError as err:
+            raise setting_error(f"{where}.{err.key}", err.value, err.allowed) from None
+        target, node = ATTACKS[label], {"_target_": target_path(ATTACKS[label]), **entry}
+    check_settings(where, target, label, entry)
+    return built_attack(where, node, label)
 
 
 def robustness_settings(node: Any, seed: int = 0, key: str = "robustness") -> RobustnessSettings:
@@ -123,7 +126,7 @@ class TeacherTraining:
     adversarial), the adversarial examples maximising the KL; Zhang et al. 2019)."""
 
     kind: str = "standard"
-    attack: Attack | None = None     # the inner maximisation's PGD (adversarial, trades)
+    attack: PGD | None = None        # the inner maximisation's PGD (adversarial, trades)
     beta: float = 6.0                # trades
 
     def identity(self) -> dict[str, Any]:
@@ -149,10 +152,9 @@ def teacher_training(teacher: Any) -> TeacherTraining:
     if kind == "standard":
         return TeacherTraining()
     node = teacher.get("adversarial") or {}
+    allowed = adversarial_keys()
     if not isinstance(node, dict):
-        raise setting_error("teacher.adversarial", node, "it must be a node {norm, eps, steps, step_size, "
-                            "random_start, beta}")
-    allowed = ("norm", "eps", "steps", "step_size", "random_start", "beta")
+        raise setting_error("teacher.adversarial", node, f"it must be a node {{{', '.join(allowed)}}}")
     unknown = sorted(set(node) - set(allowed))
     if unknown:
         raise setting_error(f"teacher.adversarial.{unknown[0]}", node[unknown[0]],
@@ -163,9 +165,14 @@ def teacher_training(teacher: Any) -> TeacherTraining:
                       "number > 0")
     except SettingError as err:
         raise setting_error(f"teacher.adversarial.{err.key}", err.value, err.allowed) from None
-    entry = {"name": "pgd", **{k: v for k, v in node.items() if k != "beta"}}
-    attack = attack_from(entry, "teacher.adversarial")
+    attack = registry.build("teacher.adversarial", {"_target_": target_path(PGD), **node}, exclude=("beta",))
     if attack.eps == 0:
         raise setting_error("teacher.adversarial.eps", 0, f"with teacher.training={kind} it must be > 0")
     return TeacherTraining(kind, attack, beta)
 
+
+def adversarial_keys() -> list[str]:
+    """The keys of `teacher.adversarial`: PGD's settings but `restarts` (training makes one start), and
+    TRADES' `beta`."""
+    names, _ = registry.accepted_keys(PGD)
+    return [name for name in names if name != "restarts"] + ["beta"]

@@ -3,7 +3,8 @@
     objective(model, None, inputs, labels, gradient_scale=1.0, epoch=None) -> (logits [b, classes], {term: value, "total"})
 
     adversarial  hard = CE(f(x'), y), x' the PGD example of x: maximises CE within the eps-ball from a
-                 random start (Madry et al. 2018); logits are those of x'
+                 random start (attacks.random_start, as evaluation's PGD; Madry et al. 2018); logits are
+                 those of x'
     trades       hard = CE(f(x), y), robust = KL(softmax f(x) || softmax f(x')), total = hard + beta * robust,
                  x' maximising the KL from x + 0.001 N(0, 1) (Zhang et al. 2019); logits are those of x
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from jacdistill_cli.robustness.attacks import ascend, l2_norms
+from jacdistill_cli.robustness.attacks import ascend, random_start
 from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import TeacherTraining
 
@@ -37,18 +38,19 @@ class AdversarialObjective:
         self.generator = torch.Generator().manual_seed(seed)
 
     def start(self, clean: Tensor) -> Tensor:
-        """The inner maximisation's starting offset [b, ...]."""
+        """The inner maximisation's starting offset [b, ...]: evaluation's random start in the ball
+        (attacks.random_start), drawn from the objective's generator."""
         attack = self.attack
         if self.training.kind == "trades":
             return 0.001 * torch.randn(clean.shape, generator=self.generator).to(clean.device)
         if not attack.random_start:
             return torch.zeros_like(clean)
-        if attack.norm == "linf":
-            return ((2 * torch.rand(clean.shape, generator=self.generator) - 1) * attack.eps).to(clean.device)
-        direction = torch.randn(clean.shape, generator=self.generator)
-        radius = torch.rand(clean.shape[0], generator=self.generator).pow(1.0 / clean[0].numel())
-        offset = direction / l2_norms(direction).clamp_min(1e-12) * radius.view(-1, *([1] * (clean.dim() - 1)))
-        return (offset * attack.eps).to(clean.device)
+
+        def draw(kind: str, shape: tuple[int, ...], purpose: str) -> Tensor:   # one draw a batch: no purpose
+            make = torch.randn if kind == "normal" else torch.rand
+            return make((len(clean), *shape), generator=self.generator)
+
+        return random_start(clean, attack.norm, attack.eps, draw, "start")
 
     def examples(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         """The adversarial inputs [b, *input] (normalised, as the split's) of a normalised batch."""

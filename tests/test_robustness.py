@@ -314,7 +314,7 @@ def teacher_entry(tmp_path):
 
 
 def keys_and_hash(node, seed, entry) -> tuple[list[str], str]:
-    from jacdistill_cli.run.robust import remembered_path
+    from jacdistill_cli.loop.robust import remembered_path
 
     settings = robustness_settings(node, seed)
     name = remembered_path(entry, settings, torch.device("cpu")).name

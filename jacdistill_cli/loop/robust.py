@@ -33,6 +33,9 @@ log = logging.getLogger("jacdistill")
 # What robust_accuracy returns besides the accuracies: they are metrics.json's own entries.
 COUNTS = ("samples", "robust_seconds")
 STUDENT_TAG, TEACHER_TAG = "test/robust_accuracy/", "teacher/robust_accuracy/"
+# The attacks' version a remembered result was measured with (its file's name, the cache key, is the same for
+# every version): 2 since PGD's L2 random start draws its radius uniformly, as torchattacks does.
+MEASURED_BY, ATTACKS_VERSION = "attacks_version", 2
 
 
 def accuracies(result: dict[str, float]) -> dict[str, float]:
@@ -101,16 +104,16 @@ def read_remembered(path: Path | None) -> dict[str, float] | None:
         found = json.loads(path.read_text()) if path is not None and path.is_file() else None
     except (OSError, ValueError):
         return None
-    if not isinstance(found, dict):
-        return None
+    if not isinstance(found, dict) or found.get(MEASURED_BY) != ATTACKS_VERSION:
+        return None   # remembered by an earlier version of the attacks (PGD's L2 start was weaker): measured anew
     log.info(f"robustness: the teacher's robust accuracy as measured before ({path})")
-    return {**found, "robust_seconds": 0.0}
+    return {**{k: v for k, v in found.items() if k != MEASURED_BY}, "robust_seconds": 0.0}
 
 
 def remember(path: Path, result: dict[str, float]) -> None:
     """Keep the teacher's result for the next run; a cache that cannot be written only costs that."""
     try:
-        write_json(path, {k: v for k, v in result.items() if k != "robust_seconds"})
+        write_json(path, {**{k: v for k, v in result.items() if k != "robust_seconds"}, MEASURED_BY: ATTACKS_VERSION})
     except OSError as err:
         log.info(f"robustness: the teacher's robust accuracy is not remembered ({err})")
 

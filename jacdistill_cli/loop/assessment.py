@@ -113,7 +113,8 @@ def assess(spec: EvaluateSpec, models: dict[str, nn.Module], data: Any, device: 
         # The model is attacked with the teacher as the source of transfer attacks; the teacher without them.
         result["robust_accuracy"] = robust_accuracy(model, data.test, pixels, device, spec.robustness, teacher=teacher)
         if teacher is not None:
-            result["teacher_robust_accuracy"] = robust_accuracy(teacher, data.test, pixels, device, spec.robustness)
+            result["teacher_robust_accuracy"] = robust_accuracy(teacher, data.test, pixels, device, spec.robustness,
+                                                                role="teacher")
     if spec.explain.enabled:
         result["faithfulness"] = {name: faithfulness(net, data.test, pixels, device, spec.explain)
                                   for name, net in models.items()}

@@ -54,14 +54,16 @@ def robust_metrics(student: nn.Module, teacher: nn.Module | None, data: Any, dev
         return {}
     pixels = Pixels.of(data)
     common = dict(part=(world.rank, world.size), reduce=lambda values: reduce_sums(values, world, device))
-    student_result = robust_accuracy(student, data.test, pixels, device, settings, teacher=teacher, **common)
+    student_result = robust_accuracy(student, data.test, pixels, device, settings, teacher=teacher, **common,
+                                     role="student")
     teacher_result, remembered = {}, False
     if teacher is not None:
         path = None if teacher_file is None else remembered_path(teacher_file, settings, device)
         teacher_result = broadcast(read_remembered(path) if world.main else None, world)
         remembered = teacher_result is not None
         if not remembered:
-            teacher_result = robust_accuracy(teacher, data.test, pixels, device, settings, teacher=None, **common)
+            teacher_result = robust_accuracy(teacher, data.test, pixels, device, settings, teacher=None, **common,
+                                             role="teacher")
             if world.main and path is not None:
                 remember(path, teacher_result)
     seconds = student_result["robust_seconds"] + teacher_result.get("robust_seconds", 0.0)

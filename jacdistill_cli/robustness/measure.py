@@ -78,19 +78,23 @@ def robust_counts(model: nn.Module, split, pixels: Pixels, device: torch.device,
 
 def robust_accuracy(model: nn.Module, split, pixels: Pixels, device: torch.device, settings: RobustnessSettings,
                     teacher: nn.Module | None = None, part: tuple[int, int] = (0, 1),
-                    reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+                    reduce: Callable[[list[float]], list[float]] | None = None, role: str = "model"
+                    ) -> dict[str, float]:
     """{"clean", each attack's key: accuracy over the attacked samples, "samples": how many were attacked
     (over all parts), "robust_seconds": this part's wall time}. `teacher`: the network a `transfer_pgd`
     attack is made on (attacks that cannot run are left out and said in one line each; so is a dataset
     without a pixel range, whose attacks are not clipped). `reduce` sums a list of floats over the parts
-    (identity for one process)."""
+    (identity for one process). `role` names the attacked network in those lines (the student, the teacher:
+    the teacher is the source of a transfer attack, so its own row has none)."""
     started = time.perf_counter()
     if not settings.enabled:
         return {}
     if not pixels.clipped:
         log.info("robustness: the dataset has no pixel range; attacks and noise are not clipped")
     for key, why in skipped(settings.attacks, pixels, teacher).items():
-        log.info(f"robustness: {key} is not measured: {why}")
+        if role == "teacher" and teacher is None and key.startswith("transfer"):
+            why = "the teacher is the network a transfer attack is made on"
+        log.info(f"robustness: {key} is not measured for the {role}: {why}")
     counts = robust_counts(model, split, pixels, device, settings, teacher, part)
     names = list(counts)
     totals = dict(zip(names, reduce([counts[n] for n in names]) if reduce is not None else [counts[n] for n in names]))

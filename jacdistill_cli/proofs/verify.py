@@ -22,6 +22,8 @@ For one method, on one small batch, in float64:
 
 Every term is evaluated as training evaluates it, through the objective of training (alpha = 1,
 no distillation term), with BatchNorm buffers and random draws restored before each evaluation.
+`jacdistill check` hands these checks the networks of `vanishing.proof_networks`: a network whose
+input-gradients vanish on the batch (a zero-initialised last layer) is checked at a documented perturbation.
 """
 
 from __future__ import annotations

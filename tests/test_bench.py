@@ -61,6 +61,8 @@ def test_the_full_comparison_times_every_strategy_and_both_naive_loops(tmp_path,
     assert row["x_fastest_step"] == pytest.approx(row["batches_per_second"] * rows[fastest]["median_ms"] / 1000)
     assert any(line.startswith("data path: dataset=digits training split (1079 samples of 1x8x8")
                for line in out.splitlines())
+    # The header names what the steps were timed on: random inputs of input_shape, not the data path's dataset.
+    assert "each step on one batch of 4 random inputs of 1x8x8 (input_shape)" in out.splitlines()[0]
 
 
 def test_the_default_comparison_times_what_every_target_needs_at_10_and_100_classes(tmp_path, capsys):
@@ -158,6 +160,29 @@ def test_targets_are_the_documented_ones_at_10_and_100_classes():
     vit = benchmark.targets_for("vit")
     assert (vit.gradient_methods, vit.noise, vit.exact_speedup) == (3.0, 3.3, targets.exact_speedup)
     assert benchmark.targets_for("cnn") == benchmark.targets_for(None) == targets
+
+
+def test_the_agreement_is_measured_at_a_perturbed_student_where_its_input_gradients_vanish():
+    """A zero-initialised last layer: every Jacobian is 0 and would agree with anything; the strategies are compared
+    with the naive loop at the perturbed student (proofs/vanishing.py), which the summary records and prints."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3))
+    nn.init.zeros_(student[3].weight)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False)
+    x = torch.randn(4, 1, 4, 4)
+    agreement = benchmark.jacobian_agreement(student, teacher, x, ["auto", "func"], 0)
+    assert set(agreement) == {"auto", "func"} and max(agreement.values()) < 1e-5
+    (perturbation,) = agreement.perturbations
+    assert (perturbation.network, perturbation.parameters, perturbation.zero_initialised) == ("student", ["3.weight"],
+                                                                                              True)
+    assert not student[3].weight.any(), "the timed student is left as it was"
+    plain = benchmark.Candidate("plain KD (jacobian=none)", "kd", lambda: None, times=[0.001])
+    summary = benchmark.summarise([plain], 3, agreement, benchmark.Targets())
+    assert summary["jacobian_agreement"] == dict(agreement)
+    assert summary["jacobian_agreement_perturbed"] == [perturbation.as_dict()]
+    assert json.loads(json.dumps(summary)) == summary
+    assert "  compared at a perturbed student: its input-gradients vanish on this batch" in benchmark.format_summary(
+        summary)
 
 
 @pytest.mark.parametrize("variant", ["backward", "grad"])

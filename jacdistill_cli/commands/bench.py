@@ -109,18 +109,6 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def print_header(options: dict[str, Any], device: Any, described: str, load_before: float | None) -> None:
-    import os
-
-    shape = options["input_shape"]
-    load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
-    print(f"jacdistill bench on {device} ({described}), batch {options['batch_size']} of "
-          f"{'x'.join(map(str, shape))}; median of up to {options['repeats']} steps after {options['warmup']} "
-          f"warm-up{load}" + (f"; precision {options['precision']}" if options["precision"] != "32" else ""))
-    if load_before is not None and device.type == "cpu" and load_before > 0.5:
-        print("  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)")
-
-
 def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device: Any) -> dict[str, Any]:
     """One table: every candidate timed on a fresh teacher and student with `classes` outputs, its rows
     and checks against the targets."""
@@ -166,7 +154,7 @@ def bench_classes(cfg: DictConfig, options: dict[str, Any], classes: int, device
 @one_line_errors("bench")
 def run(cfg: DictConfig) -> dict[str, Any]:
     options = validate(cfg)
-    from jacdistill_cli.proofs import data_path
+    from jacdistill_cli.proofs import benchmark, data_path
 
     data_batches = data_path.data_batches(cfg)
 
@@ -189,7 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     described = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"{platform.machine()}, {threads} thread{'s' if threads > 1 else ''}")
     load_before = load_average()
-    print_header(options, device, described, load_before)
+    print(benchmark.header(options, device, described, load_before))
     data_rate = data_path.batch_rate(cfg.dataset, options["batch_size"], device, data_batches,
                                      options["seed"]) if data_batches else None
     results: dict[str, Any] = {

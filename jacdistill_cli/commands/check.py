@@ -80,49 +80,6 @@ def networks(cfg: DictConfig, data, device) -> tuple[Any, Any, str]:
     return student, freeze(teacher.to(device)), source
 
 
-def format_report(reports, mistake: tuple[int, int]) -> str:
-    def error(value) -> str:
-        return "-" if value is None else f"{value:.1e}"
-
-    precision = reports[0].precision if reports else "32"
-    header = ("method", "jacobian error (student / teacher)", "parameters with gradient",
-              "finite differences", *([f"error at {precision}"] if precision != "32" else []), "result")
-    rows = []
-    for r in reports:
-        depends = len(r.dependent)
-        untouched = len(r.parameters) - depends
-        receiving = len([n for n in r.receiving if n in r.dependent])
-        gradient = f"{receiving} of {depends}" + (f" (+{untouched} without effect)" if untouched else "")
-        at_precision = [error(r.precision_error)] if precision != "32" else []
-        rows.append((r.method, f"{error(r.jacobian_error_student)} / {error(r.jacobian_error_teacher)}",
-                     gradient, f"{r.fd_error:.1e}", *at_precision, "ok" if r.passed else "FAILED"))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
-    out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
-    if precision != "32":
-        from jacdistill_cli.proofs.verify import PRECISION_TOLERANCE
-
-        out.append(f"error at {precision}: the input-gradients computed in float32 under autocast({precision}) "
-                   f"against the float64 reference, relative l2; tolerance {PRECISION_TOLERANCE[precision]}")
-    without_effect: dict[tuple[str, ...], list[str]] = {}
-    for r in reports:
-        without = tuple(n for n in r.parameters if n not in r.dependent)
-        if without:
-            without_effect.setdefault(without, []).append(r.method)
-    for without, names in without_effect.items():
-        out.append(f"without effect on the term of {', '.join(names)}: {', '.join(without)} (finite differences "
-                   "are 0 there: input-gradients do not depend on a bias added after the last nonlinearity, nor a "
-                   "ReLU network's on its biases but through BatchNorm statistics)")
-    for r in reports:
-        out.extend(r.notes())
-    for r in reports:
-        for failure in r.failures:
-            out.append(f"{r.method}: FAILED: {failure}")
-    out.append(f"the common mistake, the student's gradient taken with retain_graph=True instead of "
-               f"create_graph=True: {mistake[0]} of {mistake[1]} student parameters receive a gradient")
-    return "\n".join(out)
-
-
 @one_line_errors("check")
 def run(cfg: DictConfig) -> int:
     """Returns the number of methods that failed."""
@@ -135,6 +92,7 @@ def run(cfg: DictConfig) -> int:
     from jacdistill_cli.commands.startup import data as dataset
     from jacdistill_cli.commands.startup import start
     from jacdistill_cli.config.settings import precision as precision_setting
+    from jacdistill_cli.proofs import check_report, vanishing
     from jacdistill_cli.proofs.verify import check_method, method_settings, retain_graph_mistake
     from jacdistill_cli.storage import write_json
     from jacdistill_cli.zoo.data import batches
@@ -152,6 +110,7 @@ def run(cfg: DictConfig) -> int:
           f"teacher {describe_architecture(architecture(cfg.teacher))} "
           f"({source}), {data.name}: {len(labels)} samples, float64"
           + (f" and float32 under autocast({precision})" if precision != "32" else "") + f", {device}")
+    student, teacher, perturbations = vanishing.proof_networks(student, teacher, inputs, cfg.seed)
 
     reports = []
     for name in methods:
@@ -160,7 +119,7 @@ def run(cfg: DictConfig) -> int:
         log.debug(f"checked {name}")
     configured = cfg.jacobian if cfg.jacobian.get("normalize") is not None else shipped_jacobian("top1")
     mistake = retain_graph_mistake(student, teacher, inputs, bool(configured.normalize), bool(configured.squared))
-    print(format_report(reports, mistake))
+    print(check_report.format_report(reports, mistake, perturbations))
     from jacdistill_cli.config.registry import build
     from jacdistill_cli.proofs.feature_checks import feature_checks
 
@@ -174,7 +133,7 @@ def run(cfg: DictConfig) -> int:
     write_json(run_dir / "check.json", {
         "passed": not failed, "device": str(device), "dataset": data.name, "samples": len(labels),
         "student": architecture(cfg.student), "teacher": architecture(cfg.teacher), "teacher_source": source,
-        "methods": [r.as_dict() for r in reports],
+        "methods": [r.as_dict() for r in reports], "perturbed": [p.as_dict() for p in perturbations],
         "retain_graph_mistake": {"receiving": mistake[0], "parameters": mistake[1]},
         "features": [r.as_dict() for r in feature_reports],
     })

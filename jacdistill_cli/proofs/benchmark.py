@@ -20,6 +20,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import statistics
 import time
 import warnings
@@ -35,6 +36,7 @@ from jacdistill_cli.engine.losses import kl
 from jacdistill_cli.engine.methods import Exact, NoJacobian
 from jacdistill_cli.engine.objective import distillation_objective
 from jacdistill_cli.loop.precision import Precision
+from jacdistill_cli.proofs.vanishing import Perturbation, proof_networks
 
 
 def naive_jacobian(output: Tensor, x: Tensor) -> Tensor:
@@ -177,13 +179,26 @@ def time_rounds(candidates: list[Candidate], warmup: int, repeats: int, budget_s
                 candidate.times.append(time.perf_counter() - started)
 
 
+class StrategyAgreement(dict):
+    """{strategy: max relative difference from the naive loop's Jacobians}, with `perturbations`: what was added
+    to networks whose input-gradients vanish on the batch (vanishing.proof_networks), where the Jacobians were
+    compared."""
+
+    def __init__(self, errors: dict[str, float], perturbations: list[Perturbation]):
+        super().__init__(errors)
+        self.perturbations = perturbations
+
+
 def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strategies: list[str],
-                       seed: int) -> dict[str, float]:
+                       seed: int) -> StrategyAgreement:
     """Max relative difference between the Jacobians of each exact strategy (as training computes
     them) and the naive loop's, on the same per-sample functions (BatchNorm's statistics held at
-    the batch's, see verify.per_sample_reference)."""
+    the batch's, see verify.per_sample_reference). A network whose input-gradients vanish on x (a
+    zero-initialised last layer) is compared at a perturbed copy (vanishing.proof_networks): zeros agree
+    with anything."""
     from jacdistill_cli.proofs.verify import per_sample_reference
 
+    student, teacher, perturbations = proof_networks(student, teacher, x, seed)
     inputs = x.detach().requires_grad_(True)
     reference_student = per_sample_reference(student, x, "batch")
     with warnings.catch_warnings():
@@ -196,7 +211,7 @@ def jacobian_agreement(student: nn.Module, teacher: nn.Module, x: Tensor, strate
         scale = max(naive_student.abs().max().item(), naive_teacher.abs().max().item(), 1e-30)
         errors[strategy] = max((ours_student - naive_student).abs().max().item(),
                                (ours_teacher - naive_teacher).abs().max().item()) / scale
-    return errors
+    return StrategyAgreement(errors, perturbations)
 
 
 def strategy_jacobians(student: nn.Module, teacher: nn.Module, x: Tensor, strategy: str,
@@ -331,7 +346,10 @@ def summarise(candidates: list[Candidate], classes: int, agreement: dict[str, fl
                        "met": bool(ratio <= targets.auto_slack)})
     if agreement:
         worst = max(agreement.values())
-        summary["jacobian_agreement"] = agreement
+        summary["jacobian_agreement"] = dict(agreement)
+        perturbations = getattr(agreement, "perturbations", [])
+        if perturbations:
+            summary["jacobian_agreement_perturbed"] = [p.as_dict() for p in perturbations]
         checks.append({"what": f"exact Jacobians of every strategy equal the naive loop's to "
                                f"{targets.jacobian_agreement:g} (relative)", "value": worst,
                        "met": bool(worst <= targets.jacobian_agreement)})
@@ -356,7 +374,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "jacobian_agreement" in summary:
         out.append("exact Jacobians vs the naive loop's (max relative difference): " + ", ".join(
             f"{k} {v:.1e}" for k, v in summary["jacobian_agreement"].items()))
+        out.extend(f"  compared at a perturbed {Perturbation(**p).line()}"
+                   for p in summary.get("jacobian_agreement_perturbed", []))
     return "\n".join(out)
+
+
+def header(options: dict[str, Any], device: torch.device, described: str, load_before: float | None) -> str:
+    """The bench's first lines: where and on what the steps are timed (random inputs of `input_shape`, not the
+    data path's dataset, whose row names its own), how, and a warning when other processes load the CPU."""
+    shape = "x".join(map(str, options["input_shape"]))
+    load = "" if load_before is None else f"; load average {load_before:.2f} on {os.cpu_count()} cores"
+    text = (f"jacdistill bench on {device} ({described}): each step on one batch of {options['batch_size']} random "
+            f"inputs of {shape} (input_shape); median of up to {options['repeats']} steps after {options['warmup']} "
+            f"warm-up{load}" + (f"; precision {options['precision']}" if options["precision"] != "32" else ""))
+    if load_before is not None and device.type == "cpu" and load_before > 0.5:
+        text += "\n  other processes are using the CPU: times are inflated and noisy (threads=1 suffers least)"
+    return text
 
 
 def model_cost(model: nn.Module, x: Tensor, device: torch.device, repeats: int = 5) -> float:

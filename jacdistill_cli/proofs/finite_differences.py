@@ -15,6 +15,15 @@ FD_TRIES = 3                   # a step that crosses a ReLU kink is redrawn
 # term (a LayerNorm bias deep in a transformer: 7e-6 against a term of 2) disagrees by that much, relatively
 # far above any relative tolerance, without anything being wrong.
 FD_ROUNDING = 1e-9
+# The smallest derivative the checks count as one, per unit of max(1, |term|): ten times FD_ROUNDING. Below it, a
+# parameter is "without effect" on a term, a derivative and its central difference both "zero", two central
+# differences along one direction "equal", and a network's input-gradients "vanish" (proofs/vanishing.py).
+DERIVATIVE_RESOLUTION = 1e-8
+
+
+def resolution(scale: float) -> float:
+    """The smallest derivative the checks resolve on a term (or output) of magnitude `scale`."""
+    return DERIVATIVE_RESOLUTION * max(1.0, scale)
 
 
 def analytic_gradients(term: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
@@ -59,7 +68,7 @@ def directional_check(value: Callable[[], float], params: list[nn.Parameter], gr
     such a kink shows as central differences that disagree between two step sizes, and the
     direction is redrawn.
     """
-    atol = 1e-8 * max(1.0, scale)
+    atol = resolution(scale)
     for _ in range(FD_TRIES):
         directions = random_directions(params, generator)
         analytic = float(sum((g * d).sum() for g, d in zip(gradients, directions)))

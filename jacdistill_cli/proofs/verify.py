@@ -22,6 +22,8 @@ For one method, on one small batch, in float64:
 
 Every term is evaluated as training evaluates it, through the objective of training (alpha = 1,
 no distillation term), with BatchNorm buffers and random draws restored before each evaluation.
+`jacdistill check` hands these checks the networks of `vanishing.proof_networks`: a network whose
+input-gradients vanish on the batch (a zero-initialised last layer) is checked at a documented perturbation.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ from jacdistill_cli.engine.losses import no_distillation
 from jacdistill_cli.engine.methods import JacobianMethod, Matched
 from jacdistill_cli.engine.objective import distillation_objective
 from jacdistill_cli.proofs import kinks
-from jacdistill_cli.proofs.finite_differences import analytic_gradients, beyond_rounding, directional_check
+from jacdistill_cli.proofs.finite_differences import (
+    analytic_gradients,
+    beyond_rounding,
+    directional_check,
+    resolution,
+)
 
 JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float64
 # Under trainer.precision: ||ours - reference|| / ||reference|| over the batch, the networks in float32
@@ -378,87 +385,99 @@ def check_method(settings: Any, student: nn.Module, teacher: nn.Module, inputs: 
                  seed: int, precision: str = "32") -> MethodReport:
     """All checks of one method (its `jacobian` node) on float64 copies of the networks; with a
     `precision` other than 32, also its input-gradients under that precision (`precision_error`)."""
-    from omegaconf import OmegaConf
-
     from jacdistill_cli.config import registry
 
     method = registry.build("jacobian", settings)
     error_at_precision = (precision_error(method, student, teacher, inputs, labels, seed, precision)
                           if precision != "32" else None)
-    student = copy.deepcopy(student).double()
-    teacher = copy.deepcopy(teacher).double()
-    inputs = inputs.double()
+    student, teacher, inputs = copy.deepcopy(student).double(), copy.deepcopy(teacher).double(), inputs.double()
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
-    params = [p for _, p in named]
+    report = new_report(settings, [n for n, _ in named], precision, error_at_precision)
+    term = TermFunction(method, student, teacher, inputs, labels, seed)
+    value, matched = term()
+    # Before the buffers are restored: BatchNorm's backward checks they were not modified.
+    gradients = analytic_gradients(value, [p for _, p in named])
+    term.restore()
+    if matched is not None:
+        check_jacobians(report, matched, student, teacher, inputs, method.batchnorm)
+    if method.perturbs_inputs:
+        check_noise_limit(report, method, student, teacher, inputs, labels, seed)
+    check_parameters(report, term, named, gradients, torch.Generator().manual_seed(seed), abs(float(value.detach())))
+    return report
+
+
+def new_report(settings: Any, names: list[str], precision: str, error_at_precision: float | None) -> MethodReport:
+    """The method's report before its checks: its label, settings and parameters, and its error under
+    `precision` against that precision's tolerance."""
+    from omegaconf import OmegaConf
+
+    from jacdistill_cli.config import registry
+
     plain = OmegaConf.to_container(settings, resolve=True) if OmegaConf.is_config(settings) else dict(settings)
     report = MethodReport(registry.label("jacobian", settings), {k: v for k, v in plain.items() if k != "_target_"},
-                          parameters=names)
-    report.precision, report.precision_error = precision, error_at_precision
+                          parameters=names, precision=precision, precision_error=error_at_precision)
     if error_at_precision is not None and error_at_precision > PRECISION_TOLERANCE[precision]:
         report.failures.append(f"under precision {precision} the input-gradients differ from the float64 reference "
                                f"by {error_at_precision:.1e} (relative l2; tolerance {PRECISION_TOLERANCE[precision]})")
-    term = TermFunction(method, student, teacher, inputs, labels, seed)
-    generator = torch.Generator().manual_seed(seed)
+    return report
 
-    value, matched = term()
-    # Before the buffers are restored: BatchNorm's backward checks they were not modified.
-    gradients = analytic_gradients(value, params)
-    term.restore()
-    if matched is not None:
-        batchnorm = method.batchnorm
-        student_vectors, teacher_vectors = directions(matched)
-        expected_student = reference_gradients(student, inputs, student_vectors.detach(), batchnorm)
-        expected_teacher = reference_gradients(teacher, inputs, teacher_vectors.detach(), batchnorm)
-        report.jacobian_error_student = relative_error(matched.student, expected_student)
-        report.jacobian_error_teacher = relative_error(matched.teacher, expected_teacher)
-        if report.jacobian_error_student > JACOBIAN_TOLERANCE:
-            report.failures.append(f"student Jacobian differs from torch.func.jacrev by "
-                                   f"{report.jacobian_error_student:.1e} (relative)")
-        if report.jacobian_error_teacher > JACOBIAN_TOLERANCE:
-            report.failures.append(f"teacher Jacobian differs from torch.func.jacrev by "
-                                   f"{report.jacobian_error_teacher:.1e} (relative)")
-        if matched.teacher.requires_grad:
-            report.failures.append("the teacher's gradients are not constants (they carry a graph)")
-    if method.perturbs_inputs:
-        report.noise_limit = noise_limit_errors(method, student, teacher, inputs, labels, seed)
-        report.jacobian_error_student = report.noise_limit.errors[NOISE_SIGMAS[-1]]
-        if report.noise_limit.left_out[NOISE_SIGMAS[-1]] == report.noise_limit.pairs:
-            report.failures.append(f"at sigma {NOISE_SIGMAS[-1]:g} every pair crosses a ReLU's or max pooling's "
-                                   "kink: no pair is left to compare with the limit")
-        elif report.jacobian_error_student > NOISE_LIMIT_TOLERANCE:
-            report.failures.append(f"the noise term at sigma {NOISE_SIGMAS[-1]:g} differs from its limit "
-                                   f"||(J_S - J_T) xi||^2 by {report.jacobian_error_student:.1e} (relative)")
 
-    scale = abs(float(value.detach()))
-    report.receiving = [n for n, g in zip(names, gradients) if bool(g.ne(0).any())]
+def check_jacobians(report: MethodReport, matched: Matched, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                    batchnorm: str) -> None:
+    """The matched input-gradients of both networks against torch.func.jacrev, and the teacher's as constants."""
+    student_vectors, teacher_vectors = directions(matched)
+    expected_student = reference_gradients(student, inputs, student_vectors.detach(), batchnorm)
+    expected_teacher = reference_gradients(teacher, inputs, teacher_vectors.detach(), batchnorm)
+    report.jacobian_error_student = relative_error(matched.student, expected_student)
+    report.jacobian_error_teacher = relative_error(matched.teacher, expected_teacher)
+    for network, error in (("student", report.jacobian_error_student), ("teacher", report.jacobian_error_teacher)):
+        if error > JACOBIAN_TOLERANCE:
+            report.failures.append(f"{network} Jacobian differs from torch.func.jacrev by {error:.1e} (relative)")
+    if matched.teacher.requires_grad:
+        report.failures.append("the teacher's gradients are not constants (they carry a graph)")
 
-    worst = 0.0
-    for name, p, g in zip(names, params, gradients):
+
+def check_noise_limit(report: MethodReport, method: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                      labels: Tensor, seed: int) -> None:
+    """The noise term against its sigma -> 0 limit (`noise_limit_errors`), at the smallest sigma."""
+    report.noise_limit = noise_limit_errors(method, student, teacher, inputs, labels, seed)
+    smallest = NOISE_SIGMAS[-1]
+    report.jacobian_error_student = report.noise_limit.errors[smallest]
+    if report.noise_limit.left_out[smallest] == report.noise_limit.pairs:
+        report.failures.append(f"at sigma {smallest:g} every pair crosses a ReLU's or max pooling's "
+                               "kink: no pair is left to compare with the limit")
+    elif report.jacobian_error_student > NOISE_LIMIT_TOLERANCE:
+        report.failures.append(f"the noise term at sigma {smallest:g} differs from its limit "
+                               f"||(J_S - J_T) xi||^2 by {report.jacobian_error_student:.1e} (relative)")
+
+
+def check_parameters(report: MethodReport, term: TermFunction, named: list[tuple[str, nn.Parameter]],
+                     gradients: list[Tensor], generator: torch.Generator, scale: float) -> None:
+    """Which parameters receive a gradient and which the term depends on; autograd's derivative against central
+    differences along a random direction in each parameter tensor, then in all of them at once."""
+    report.receiving = [name for (name, _), g in zip(named, gradients) if bool(g.ne(0).any())]
+    for (name, p), g in zip(named, gradients):
         analytic, numeric, error = directional_check(term.value, [p], [g], generator, scale)
-        if abs(numeric) > 1e-8 * max(1.0, scale):
+        if abs(numeric) > resolution(scale):
             report.dependent.append(name)
-        worst = max(worst, error)
+        report.parameter_fd_error = max(report.parameter_fd_error, error)
         # Both zero to the check's resolution: float64 rounding of a term without the parameter (noise's last
         # bias, which cancels in D(x + sigma xi) - D(x)) is no disagreement.
-        resolved = max(abs(analytic), abs(numeric)) > 1e-8 * max(1.0, scale)
+        resolved = max(abs(analytic), abs(numeric)) > resolution(scale)
         if error > FD_RELATIVE_TOLERANCE and resolved and beyond_rounding(analytic, numeric, scale):
             report.failures.append(f"d(term)/d({name}) is {analytic:.6g} by autograd but {numeric:.6g} by "
                                    "finite differences")
-    report.parameter_fd_error = worst
     missing = [n for n in report.dependent if n not in report.receiving]
     if missing:
         report.failures.append(f"{len(missing)} parameter(s) the term depends on receive no gradient: "
                                f"{', '.join(missing)}")
     if not report.dependent:
         report.failures.append("the term depends on no student parameter")
-
-    report.fd_analytic, report.fd_numeric, report.fd_error = directional_check(term.value, params, gradients, generator,
-                                                                                scale)
+    report.fd_analytic, report.fd_numeric, report.fd_error = directional_check(
+        term.value, [p for _, p in named], gradients, generator, scale)
     if report.fd_error > FD_RELATIVE_TOLERANCE and beyond_rounding(report.fd_analytic, report.fd_numeric, scale):
         report.failures.append(f"along a random direction, autograd gives {report.fd_analytic:.6g} and finite "
                                f"differences {report.fd_numeric:.6g}")
-    return report
 
 
 def retain_graph_mistake(student: nn.Module, teacher: nn.Module, inputs: Tensor, normalize: bool = True,

@@ -14,17 +14,7 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-
-from jacdistill_cli.errors import setting_error
-
-
-def data_batches(cfg: DictConfig) -> int:
-    """`data_batches`: how many training batches to time (0: no data-path row)."""
-    value = OmegaConf.select(cfg, "data_batches", default=200)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
-        raise setting_error("data_batches", value, "it must be an integer in [0, 1000] (0: no data-path row)")
-    return value
+from omegaconf import DictConfig
 
 
 def batch_rate(dataset: DictConfig, batch_size: int, device: torch.device, count: int, seed: int = 0,

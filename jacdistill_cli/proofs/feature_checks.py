@@ -205,12 +205,12 @@ class NotChecked:
         return {"method": self.method, "checked": False, "reason": self.reason}
 
 
-def feature_checks(cfg: DictConfig, student: nn.Module, teacher: nn.Module, inputs: Tensor,
-                   jacobian_settings: Any) -> list[FeatureGradientCheck]:
-    """`jacdistill check` for features: attention and hint, the configured one as configured (its
-    pairs, weight, ...) and the other with its shipped defaults; each also checks the feature
-    Jacobian term with `jacobian_settings` (normalize, squared, batchnorm). inputs [batch, *input]."""
-    configured = OmegaConf.select(cfg, "features")
+def feature_checks(configured: Any, student: nn.Module, teacher: nn.Module, inputs: Tensor,
+                   jacobian_settings: Any, seed: int = 0) -> list[FeatureGradientCheck]:
+    """`jacdistill check` for features: attention and hint, the configured one (`configured`: the `features`
+    node, or None) as configured (its pairs, weight, ...) and the other with its shipped defaults; each also
+    checks the feature Jacobian term with `jacobian_settings` (normalize, squared, batchnorm).
+    inputs [batch, *input]."""
     reports = []
     for method in ("attention", "hint"):
         node = configured if configured is not None and label("features", configured) == method \
@@ -222,6 +222,5 @@ def feature_checks(cfg: DictConfig, student: nn.Module, teacher: nn.Module, inpu
                 raise   # pairs the user gave that do not fit: their error
             reports.append(NotChecked(method, str(err)))   # no default pairs for this teacher and student
             continue
-        reports.append(check_feature_gradients(matching, student, teacher, inputs, jacobian_settings,
-                                               seed=int(OmegaConf.select(cfg, "seed", default=0))))
+        reports.append(check_feature_gradients(matching, student, teacher, inputs, jacobian_settings, seed=seed))
     return reports

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.config import settings
-from jacdistill_cli.config.settings import OptimSettings
 from jacdistill_cli.engine.objective import objective_from_settings
 from jacdistill_cli.loop import distributed
 from jacdistill_cli.loop.distiller import Distiller
-from jacdistill_cli.loop.trainer import LoopSettings, Trainer
+from jacdistill_cli.loop.trainer import Trainer
+from jacdistill_cli.spec.build import objective_spec
+from jacdistill_cli.spec.reader import Reader
+from jacdistill_cli.spec.run import LoopSpec, OptimSpec
 from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 from jacdistill_cli.zoo.models import build_model
 
@@ -37,13 +38,13 @@ def data() -> DataBundle:
 def objective_for(case: str, student, teacher):
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=CASES[case])
-    built, matching = objective_from_settings(settings.validate_objective(cfg), teacher, student, SHAPE,
+    built, matching = objective_from_settings(objective_spec(Reader(cfg)), teacher, student, SHAPE,
                                               generator=torch.Generator().manual_seed(SEED))
     return built, matching
 
 
-def sgd() -> OptimSettings:
-    return OptimSettings("sgd", lambda params: torch.optim.SGD(params, lr=0.5), "constant")
+def sgd() -> OptimSpec:
+    return OptimSpec("sgd", lambda params: torch.optim.SGD(params, lr=0.5), "constant")
 
 
 def step(case: str, world: distributed.World) -> list[torch.Tensor]:
@@ -53,7 +54,7 @@ def step(case: str, world: distributed.World) -> list[torch.Tensor]:
     cpu = torch.device("cpu")
     distiller = Distiller(student, teacher, built, matching).distribute(world, cpu)
     extra = distiller.objective_parameters()
-    Trainer(LoopSettings(1, BATCH, BATCH), sgd(), cpu, world=world).fit(
+    Trainer(LoopSpec(1, BATCH, BATCH), sgd(), cpu, world=world).fit(
         distiller, data(), torch.Generator().manual_seed(SEED))
     return [p.detach().clone() for p in [*student.parameters(), *extra]]
 

@@ -18,13 +18,15 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from jacdistill_cli.config import registry, settings
+from jacdistill_cli.config import registry
 from jacdistill_cli.engine import features
 from jacdistill_cli.engine import pairs as feature_pairs
 from jacdistill_cli.engine.jacobian import matching_distance
 from jacdistill_cli.engine.objective import objective_from_settings
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.proofs import feature_checks
+from jacdistill_cli.spec.build import objective_spec, optim_spec
+from jacdistill_cli.spec.reader import Reader
 from jacdistill_cli.zoo.models import build_model
 
 SHAPE = (2, 8, 8)
@@ -57,7 +59,7 @@ def small_pair(dtype=torch.float64, student_batchnorm=True, seed=0):
 
 def objective_for(teacher, student, *overrides: str):
     cfg = compose_train(*overrides)
-    objective, matching = objective_from_settings(settings.validate_objective(cfg), teacher, student, SHAPE)
+    objective, matching = objective_from_settings(objective_spec(Reader(cfg)), teacher, student, SHAPE)
     return cfg, objective, matching
 
 
@@ -190,7 +192,8 @@ def test_hint_regressor_is_optimised_with_the_student_by_the_trainer(tmp_path):
     from jacdistill_cli.loop.callbacks import TensorBoard
     from jacdistill_cli.loop.distiller import Distiller
     from jacdistill_cli.loop.logger import RunLogger
-    from jacdistill_cli.loop.trainer import LoopSettings, Trainer
+    from jacdistill_cli.loop.trainer import Trainer
+    from jacdistill_cli.spec.run import LoopSpec
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     teacher, student = small_pair(dtype=torch.float32)
@@ -200,7 +203,7 @@ def test_hint_regressor_is_optimised_with_the_student_by_the_trainer(tmp_path):
     before = [p.detach().clone() for p in matching.parameters()]
     logger = RunLogger(tmp_path)
     try:
-        trainer = Trainer(LoopSettings(1, 16, 32), settings.validate_optim(cfg), torch.device("cpu"),
+        trainer = Trainer(LoopSpec(1, 16, 32), optim_spec(Reader(cfg)), torch.device("cpu"),
                           callbacks=[TensorBoard(logger)])
         trainer.fit(Distiller(student, teacher, objective, matching), data, torch.Generator().manual_seed(0))
     finally:
@@ -423,10 +426,10 @@ def test_default_pairs_for_the_zoo_are_stage_ends():
     (("features=attention", "features.squared=maybe"), "features.squared='maybe' is not allowed"),
 ])
 def test_bad_feature_settings_are_one_clear_line(overrides, message):
-    from jacdistill_cli.config import settings
+    from jacdistill_cli.spec.build import train_spec
 
     with pytest.raises(UsageError) as error:
-        settings.validate_train(compose_train(*overrides))
+        train_spec(compose_train(*overrides))
     assert str(error.value).startswith(message), str(error.value)
 
 
@@ -450,7 +453,7 @@ ACTIVATION_RECIPES = {  # recipe -> (loss, jacobian, jacobian.of, features, alph
 
 
 def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
-    from jacdistill_cli.config import settings
+    from jacdistill_cli.spec.build import train_spec
     from jacdistill_cli.zoo.models import architecture
 
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
@@ -459,7 +462,7 @@ def test_paper_cifar100_has_the_activation_rows_with_vgg_stage_end_pairs():
     assert set(ACTIVATION_RECIPES) <= set(rows) and "ce_only" in rows
     for recipe, expected in ACTIVATION_RECIPES.items():
         cfg = compose_train("experiment=paper_cifar100", f"recipe={recipe}", "dataset.samples_per_class=10")
-        settings.validate_train(cfg)
+        train_spec(cfg)
         assert (cfg.loss.name, cfg.jacobian.name, OmegaConf.select(cfg, "jacobian.of"), cfg.features.name,
                 cfg.alpha, cfg.hard_weight) == expected, recipe
     # The VGG-9 -> VGG-4 pair matches attention maps at the end of each of the student's stages.

@@ -14,10 +14,11 @@ from objectives import method
 from omegaconf import OmegaConf
 from torch import nn
 
-from jacdistill_cli.config import settings
 from jacdistill_cli.config.resolvers import register_resolvers
 from jacdistill_cli.engine import losses
 from jacdistill_cli.engine.objective import cross_entropy_objective, distillation_objective
+from jacdistill_cli.spec.build import objective_spec, train_spec
+from jacdistill_cli.spec.reader import Reader
 
 register_resolvers()
 
@@ -217,13 +218,13 @@ def test_recipes_keep_the_published_distillation_weights(recipe):
     loss, jacobian, alpha, hard_weight, weight, standardize = RECIPES[recipe]
     assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == (loss, jacobian, alpha, hard_weight)
     assert (1 - cfg.alpha) * cfg.loss.weight == weight and cfg.loss.standardize == standardize
-    settings.validate_train(cfg)
+    train_spec(cfg)
 
 
 def test_kd_noise_weighs_the_unnormalised_noise_term_by_a_tenth():
     cfg = compose_train("recipe=kd_noise")
     assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == ("kl", "noise", 0.1, 1.0)
-    method = settings.validate_objective(cfg).method
+    method = objective_spec(Reader(cfg)).method
     assert (method.sigma, method.samples, method.antithetic, method.form) == (0.1, 4, True, "difference")
 
 

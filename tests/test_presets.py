@@ -14,8 +14,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from jacdistill_cli.config import settings
 from jacdistill_cli.config.resolvers import register_resolvers
+from jacdistill_cli.spec.build import optim_spec, train_spec
+from jacdistill_cli.spec.reader import Reader
 from jacdistill_cli.zoo.models import architecture, build_model
 
 register_resolvers()
@@ -67,7 +68,7 @@ def test_digits_fewshot_is_45_valid_jobs_of_3_sizes_3_recipes_5_seeds():
         for n in (1, 3, 10) for r in RECIPES for seed in range(5)}
     for job in one_job_per_seed_group(jobs):
         cfg = compose_job(job)
-        settings.validate_train(cfg)
+        train_spec(cfg)
         recipe = dict(o.split("=", 1) for o in job)["recipe"]
         assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == RECIPES[recipe]
         assert (cfg.dataset.name, cfg.teacher.name, cfg.student.name) == ("digits", "cnn", "mlp")
@@ -82,7 +83,7 @@ def test_paper_cifar100_is_vgg9_to_vgg4_on_10_50_500_per_class():
     sizes = set()
     for job in one_job_per_seed_group(jobs):
         cfg = compose_job(job)
-        settings.validate_train(cfg)
+        train_spec(cfg)
         assert (cfg.dataset.name, cfg.teacher.name, cfg.teacher.depth, cfg.student.name, cfg.student.depth) == (
             "cifar100", "vgg", 9, "vgg", 4)
         sizes.add(cfg.dataset.samples_per_class)
@@ -163,7 +164,7 @@ def test_crd_cifar100_is_the_five_published_pairs_by_eight_recipes_and_three_see
 
     for job in [job for job in one_job_per_seed_group(jobs) if "recipe=kd_jacobian" in job]:  # one per pair
         cfg = compose_job([*job, f"teacher_dir={tmp_path}"])
-        settings.validate_train(cfg)  # the checkpoints exist, the multistep schedule is valid
+        train_spec(cfg)  # the checkpoints exist, the multistep schedule is valid
         teacher, student = published_name(architecture(cfg.teacher)), published_name(architecture(cfg.student))
         assert CRD_PAIRS[teacher] == student
         assert cfg.teacher.checkpoint == str(tmp_path / f"{teacher}_vanilla" / "ckpt_epoch_240.pth")
@@ -185,7 +186,7 @@ def test_the_multistep_schedule_is_the_benchmarks_and_bad_milestones_are_one_lin
     from jacdistill_cli.loop.trainer import make_optimizer
 
     cfg = compose_job(["optim=sgd", "optim.schedule=multistep", "optim.milestones=[150,180,210]"])
-    optim = settings.validate_optim(cfg)
+    optim = optim_spec(Reader(cfg))
     base = OmegaConf.to_container(cfg)
     optimizer, schedule = make_optimizer([torch.zeros(1, requires_grad=True)], optim, 240)
     rates = []  # the rate each epoch (1..240) trains with; the trainer steps the schedule after an epoch
@@ -204,4 +205,4 @@ def test_the_multistep_schedule_is_the_benchmarks_and_bad_milestones_are_one_lin
     ]:
         bad = OmegaConf.create({**base, "optim": {**base["optim"], **changes}})
         with pytest.raises(UsageError, match=message):
-            settings.validate_optim(bad)
+            optim_spec(Reader(bad))

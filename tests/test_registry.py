@@ -13,10 +13,12 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jacdistill_cli.config import registry, settings
+from jacdistill_cli.config import registry
 from jacdistill_cli.engine.terms import Term
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.loop.trainer import make_optimizer
+from jacdistill_cli.spec.build import objective_spec, optim_spec, train_spec
+from jacdistill_cli.spec.reader import Reader
 
 GROUPS = ("dataset", "teacher", "student", "loss", "jacobian", "features", "optim")
 
@@ -37,7 +39,7 @@ def test_every_shipped_option_of_every_group_names_an_importable_target():
 @pytest.mark.parametrize("option,expected", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
                                              ("sgd", torch.optim.SGD)])
 def test_each_optimiser_option_builds_its_own_optimiser(option, expected):
-    optim = settings.validate_optim(compose_train(f"optim={option}", "optim.lr=0.02"))
+    optim = optim_spec(Reader(compose_train(f"optim={option}", "optim.lr=0.02")))
     optimizer, _ = make_optimizer([torch.nn.Parameter(torch.zeros(2))], optim, epochs=3)
     assert type(optimizer) is expected and optimizer.param_groups[0]["lr"] == 0.02
 
@@ -45,12 +47,12 @@ def test_each_optimiser_option_builds_its_own_optimiser(option, expected):
 def test_an_optimiser_name_that_does_not_match_its_target_is_refused():
     with pytest.raises(UsageError, match=r"^optim.name='adamw' is not allowed: optim=adamw is the option that "
                                          r"builds torch.optim.AdamW, but this node builds torch.optim.Adam"):
-        settings.validate_optim(compose_train("optim=adam", "optim.name=adamw"))
+        optim_spec(Reader(compose_train("optim=adam", "optim.name=adamw")))
 
 
 def test_a_multistep_schedule_steps_at_its_milestones():
-    optim = settings.validate_optim(compose_train("optim=sgd", "optim.schedule=multistep",
-                                                  "optim.milestones=[2,3]", "optim.gamma=0.1"))
+    optim = optim_spec(Reader(compose_train("optim=sgd", "optim.schedule=multistep", "optim.milestones=[2,3]",
+                                            "optim.gamma=0.1")))
     optimizer, schedule = make_optimizer([torch.nn.Parameter(torch.zeros(2))], optim, epochs=4)
     rates = []
     for _ in range(4):
@@ -72,7 +74,7 @@ def test_a_multistep_schedule_steps_at_its_milestones():
 ])
 def test_a_node_that_does_not_fit_its_target_is_one_line(overrides, message):
     with pytest.raises(UsageError, match=message):
-        settings.validate_train(compose_train(*overrides))
+        train_spec(compose_train(*overrides))
 
 
 USER_CODE = {
@@ -133,7 +135,7 @@ def test_a_users_term_is_registered_logged_and_weighted():
     from jacdistill_cli.engine.objective import objective_from_settings
 
     cfg = compose_train(f"+terms.penalty={{_target_:{__name__}.LogitPenalty,weight:0.25}}")
-    objective_settings = settings.validate_objective(cfg)
+    objective_settings = objective_spec(Reader(cfg))
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -143,4 +145,4 @@ def test_a_users_term_is_registered_logged_and_weighted():
     expected = 0.5 * terms["distill"] + 0.5 * terms["jacobian"] + 0.25 * terms["penalty"]
     assert terms["total"].item() == pytest.approx(expected.item())
     with pytest.raises(UsageError, match=r"^terms.jacobian=.* is not allowed: the name is taken by a shipped term"):
-        settings.validate_objective(compose_train(f"+terms.jacobian={{_target_:{__name__}.LogitPenalty,weight:1}}"))
+        objective_spec(Reader(compose_train(f"+terms.jacobian={{_target_:{__name__}.LogitPenalty,weight:1}}")))

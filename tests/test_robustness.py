@@ -526,7 +526,7 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
 def test_the_robust_transfer_preset_is_20_valid_jobs_and_its_baselines_10():
     from test_presets import compose_job, grid, one_job_per_seed_group
 
-    from jacdistill_cli.config.settings import validate_train
+    from jacdistill_cli.spec.build import train_spec
 
     jobs = grid("robust_transfer")
     assert len(jobs) == 20
@@ -535,7 +535,7 @@ def test_the_robust_transfer_preset_is_20_valid_jobs_and_its_baselines_10():
         for j in ("top1", "loss") for t in ("adversarial", "standard") for seed in range(5)}
     for job in one_job_per_seed_group(jobs):
         cfg = compose_job(job)
-        validate_train(cfg)
+        train_spec(cfg)
         assert cfg.alpha == 0.5 and cfg.loss.name == "kl" and cfg.trainer.epochs == 30
         training = teacher_training(cfg.teacher)
         assert training.kind == cfg.teacher.training

@@ -346,19 +346,20 @@ def test_progress_bars_show_running_loss_terms_only_when_asked(capsys, tmp_path,
     from jacdistill_cli.loop.callbacks import ProgressBar, TensorBoard
     from jacdistill_cli.loop.distiller import Distiller
     from jacdistill_cli.loop.logger import RunLogger
-    from jacdistill_cli.loop.trainer import LoopSettings, Trainer
+    from jacdistill_cli.loop.trainer import Trainer
+    from jacdistill_cli.spec.run import LoopSpec
     from jacdistill_cli.zoo.data import DataBundle, TensorSplit
 
     split = TensorSplit(torch.randn(40, 1, 4, 4), torch.arange(40) % 2)
     data = DataBundle("toy", split, split, split, 2, (1, 4, 4))
-    from jacdistill_cli.config.settings import OptimSettings
+    from jacdistill_cli.spec.run import OptimSpec
 
-    optim = OptimSettings("adam", lambda params: torch.optim.Adam(params, lr=0.01), "constant")
+    optim = OptimSpec("adam", lambda params: torch.optim.Adam(params, lr=0.01), "constant")
     for progress in (True, False):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
         logger = RunLogger(tmp_path / str(progress))
         callbacks = [TensorBoard(logger), *([ProgressBar()] if progress else [])]
-        Trainer(LoopSettings(2, 8, 40), optim, torch.device("cpu"), callbacks=callbacks).fit(
+        Trainer(LoopSpec(2, 8, 40), optim, torch.device("cpu"), callbacks=callbacks).fit(
             Distiller(model, None, cross_entropy_objective), data, torch.Generator().manual_seed(0))
         logger.close()
         err = capsys.readouterr().err

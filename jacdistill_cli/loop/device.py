@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jacdistill_cli.config.settings import check_device_name
+from jacdistill_cli.spec.build import check_device_name
 from jacdistill_cli.errors import UsageError
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from objectives import objective
+from helpers import objective
 from omegaconf import OmegaConf
 from torch import nn
 

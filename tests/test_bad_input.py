@@ -7,17 +7,12 @@ so that a hundred cases cost seconds; a few run through the real console script 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_in_process, write_crafted_cifar
 from PIL import Image
-
-from jacdistill_cli.cli import main
 
 ERROR = "jacdistill {command}: error: "
 
@@ -224,28 +219,6 @@ def inputs(tmp_path_factory) -> dict[str, str]:
             "marker": str(root / "marker")}
 
 
-class Marker:
-    """A pickle that would create a file when unpickled: what a crafted data file does."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
-
-
-def write_crafted_cifar(root: Path, marker: Path) -> Path:
-    """CIFAR-10 in its published layout: real batches, but data_batch_3 holds a crafted object."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batch = {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))}
-    for name in ("data_batch_1", "data_batch_2", "data_batch_4", "data_batch_5", "test_batch"):
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": Marker(str(marker)), "labels": [0]}))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    return root
-
-
 def write_student(path: Path, cifar_root: Path) -> None:
     """A student checkpoint whose stored dataset settings point at `cifar_root` (as a crafted one would)."""
     import torch
@@ -275,21 +248,6 @@ def hydra_run(directory: Path) -> Path:
 
 def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
-
-
-def run_in_process(args: list[str]) -> tuple[int, str]:
-    """`jacdistill ARGS` through the console script's entry point: (exit status, stderr)."""
-    err, out = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                status = main(args)
-            except SystemExit as exit_:
-                status = exit_.code
-    finally:
-        sys.argv = argv
-    return status, err.getvalue()
 
 
 @pytest.mark.parametrize("case,expected", CORPUS, ids=[c for c, _ in CORPUS])

@@ -17,7 +17,7 @@ from jacdistill_cli.engine.jacobian import full_jacobian
 from jacdistill_cli.proofs import benchmark
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run_inprocess import run_command  # noqa: E402
+from helpers import run_command
 
 TINY = ["classes=[10]", "batch_size=4", "input_shape=[1,8,8]", "warmup=1", "repeats=2", "student.channels=[4,4]",
         "student.hidden=8", "teacher.channels=[6,6]", "teacher.hidden=8"]

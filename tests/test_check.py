@@ -16,7 +16,7 @@ from jacdistill_cli.proofs import vanishing
 from jacdistill_cli.proofs.verify import check_method
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run_inprocess import run_command  # noqa: E402
+from helpers import run_command
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ROWS = ("top1", "target", "loss", "exact", "projected", "noise")

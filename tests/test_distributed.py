@@ -15,7 +15,7 @@ from pathlib import Path
 import ddp_step
 import pytest
 import torch
-from conftest import run_cli, stop_after_a_save
+from helpers import run_cli, stop_after_a_save
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_command
 from hydra import compose, initialize_config_module
-from run_inprocess import run_command
 
 from jacdistill_cli.commands.evaluate import noise_accuracy
 from jacdistill_cli.loop.trainer import evaluate

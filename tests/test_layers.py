@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from objectives import objective
+from helpers import objective
 from omegaconf import OmegaConf
 from torch import nn
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from objectives import objective as Objective  # noqa: E402
+from helpers import objective as Objective
 from omegaconf import OmegaConf
 from torch import nn
 

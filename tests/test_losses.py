@@ -9,8 +9,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import method
 from hydra import compose, initialize_config_module
-from objectives import method
 from omegaconf import OmegaConf
 from torch import nn
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from objectives import objective as Objective  # noqa: E402
+from helpers import objective as Objective
 from omegaconf import OmegaConf
 from torch import nn
 

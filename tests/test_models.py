@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
+from helpers import run_command
 from omegaconf import OmegaConf
-from run_inprocess import run_command
 from torch import nn
 
 from jacdistill_cli.config.registry import shipped_node, shipped_options

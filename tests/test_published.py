@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_command
 from omegaconf import OmegaConf
-from run_inprocess import run_command
 
 from jacdistill_cli.config.registry import shipped_node
 from jacdistill_cli.errors import UsageError

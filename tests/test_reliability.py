@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from run_inprocess import run_command
-from test_bad_input import Marker, write_crafted_cifar
+from helpers import Marker, run_command, write_crafted_cifar
 
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.zoo.files import read_cifar_batch

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, stop_after_a_save
-from run_inprocess import run_command
+from helpers import run_cli, run_command, session_status, stop_after_a_save
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.api_pb2 import Status
 
 from jacdistill_cli.analysis.report import UNFINISHED, build_report
@@ -100,13 +98,6 @@ def loss_steps(run_dir: Path) -> list[int]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [e.step for e in events.Scalars("loss/total")]
-
-
-def session_status(run_dir: Path) -> int:
-    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    content = events.summary_metadata[hparams_metadata.SESSION_END_INFO_TAG].plugin_data.content
-    return hparams_metadata.parse_session_end_info_plugin_data(content).status
 
 
 @pytest.mark.slow

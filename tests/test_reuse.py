@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from run_inprocess import run_command
+from helpers import run_command
 
 FAST = ["trainer.epochs=3", "teacher.epochs=2", "trainer.threads=1"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_command
 from omegaconf import OmegaConf
-from run_inprocess import run_command
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jacdistill_cli.zoo.data import batches, build_data

@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import FAST
+from helpers import FAST, run_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_bad_input import run_in_process
 
 STEP_TAGS = ("loss/distill", "loss/jacobian", "loss/total")
 EPOCH_TAGS = ("val/accuracy", "val/agreement", "val/jacobian_cosine")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import stop_after_a_save
+from helpers import stop_after_a_save
 
 from jacdistill_cli import storage
 from jacdistill_cli.config.entry import one_line_errors

@@ -9,9 +9,8 @@ import json
 
 import pytest
 import torch
-from run_inprocess import run_command
+from helpers import run_command, session_status
 from tensorboard.plugins.hparams.api_pb2 import Status
-from test_resume import session_status
 
 from jacdistill_cli.loop.distiller import Distiller
 from jacdistill_cli.zoo import models

@@ -54,8 +54,7 @@ def step(case: str, world: distributed.World) -> list[torch.Tensor]:
     cpu = torch.device("cpu")
     distiller = Distiller(student, teacher, built, matching).distribute(world, cpu)
     extra = distiller.objective_parameters()
-    Trainer(LoopSpec(1, BATCH, BATCH), sgd(), cpu, world=world).fit(
-        distiller, data(), torch.Generator().manual_seed(SEED))
+    Trainer(LoopSpec(1, BATCH, BATCH), sgd(), cpu, world=world, seed=SEED).fit(distiller, data())
     return [p.detach().clone() for p in [*student.parameters(), *extra]]
 
 

@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -160,3 +163,117 @@ def write_crafted_cifar(root: Path, marker: Path) -> Path:
     (folder / "data_batch_3").write_bytes(pickle.dumps({"data": Marker(str(marker)), "labels": [0]}))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     return root
+
+
+def write_student(path: Path, cifar_root: Path) -> None:
+    """A student checkpoint whose stored dataset settings point at `cifar_root` (as a crafted one would)."""
+    import torch
+
+    from jacdistill_cli.storage import write_torch
+    from jacdistill_cli.zoo.models import build_model
+
+    spec = {"name": "mlp", "hidden": [8], "batchnorm": False}
+    model = build_model(spec, (3, 32, 32), 10)
+    write_torch(path, {"format": "jacdistill", "version": 1, "role": "student", "architecture": spec,
+                     "num_classes": 10, "input_shape": [3, 32, 32], "dataset": "cifar10",
+                     "dataset_config": {"name": "cifar10", "root": str(cifar_root), "download": False,
+                                        "verify": False, "val_fraction": 0.1, "split_seed": 0, "augment": False,
+                                        "mean": [0.5] * 3, "std": [0.25] * 3},
+                     "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "metrics": {},
+                     "state_dict": {k: v.detach() for k, v in model.state_dict().items()}})
+    assert torch.load(path, weights_only=True)["dataset"] == "cifar10"
+
+
+def hydra_run(directory: Path) -> Path:
+    """A directory that looks like a finished train run to `jacdistill report`."""
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / ".hydra" / "overrides.yaml").write_text("- alpha=0.1\n")
+    (directory / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: train\n")
+    return directory
+
+
+def pattern(n: int, channels: int, height: int, width: int, offset: int) -> np.ndarray:
+    """uint8 images [n, C, H, W] whose every pixel says where it is: (offset + 7n + 3c + 5y + 11x) mod 256."""
+    k, c, y, x = np.meshgrid(np.arange(n), np.arange(channels), np.arange(height), np.arange(width), indexing="ij")
+    return ((offset + 7 * k + 3 * c + 5 * y + 11 * x) % 256).astype(np.uint8)
+
+
+def balanced_labels(n: int, classes: int) -> np.ndarray:
+    return (np.arange(n) % classes).astype(np.uint8)
+
+
+def write_cifar(root: Path, num_classes: int, train_per_class: int, test_per_class: int) -> None:
+    """CIFAR python batches as published: dicts of data [n, 3072] (R, G, B planes) and labels."""
+    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    label_key = "labels" if num_classes == 10 else "fine_labels"
+
+    def batch(n: int, offset: int) -> dict:
+        return {"data": pattern(n, 3, 32, 32, offset).reshape(n, 3072),
+                label_key: balanced_labels(n, num_classes).tolist()}
+
+    train_n, test_n = num_classes * train_per_class, num_classes * test_per_class
+    if num_classes == 10:
+        # five training batches, as published; together they hold train_n images
+        images = batch(train_n, 0)
+        for i in range(5):
+            part = {k: v[i::5] for k, v in images.items()}
+            (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(part))
+        (folder / "test_batch").write_bytes(pickle.dumps(batch(test_n, 50)))
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    else:
+        (folder / "train").write_bytes(pickle.dumps(batch(train_n, 0)))
+        (folder / "test").write_bytes(pickle.dumps(batch(test_n, 50)))
+        (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def dataset_cfg(name: str, *overrides: str):
+    """The `dataset` node of the train config with dataset=name and the given dataset.* overrides."""
+    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"dataset={name}", *overrides])
+    return cfg.dataset
+
+
+def grid(experiment: str) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's sweeper params."""
+    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN  # a sweep without -m
+    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}"])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def compose_job(job: list[str]):
+    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
+        return compose("train", overrides=job)
+
+
+def one_job_per_seed_group(jobs: list[list[str]]) -> list[list[str]]:
+    """Jobs that differ in more than their seed (composing each of them is the check that matters)."""
+    first: dict[tuple, list[str]] = {}
+    for job in jobs:
+        first.setdefault(tuple(sorted(o for o in job if not o.startswith("seed="))), job)
+    return list(first.values())
+
+
+def teacher_cache_path(cfg) -> Path:
+    """Where a train config's teacher is cached (loop/teacher.py cache_path of the spec's teacher)."""
+    from jacdistill_cli.loop.teacher import TeacherJob, cache_path
+    from jacdistill_cli.spec.build import train_spec
+
+    spec = train_spec(cfg)
+    return cache_path(TeacherJob(spec.teacher, spec.data, spec.seed))
+
+
+def teacher_job(cfg):
+    """The teacher a train config obtains (loop/teacher.py TeacherJob)."""
+    from jacdistill_cli.loop.teacher import TeacherJob
+    from jacdistill_cli.spec.build import train_spec
+
+    spec = train_spec(cfg)
+    return TeacherJob(spec.teacher, spec.data, spec.seed, spec.loop.eval_batch_size, spec.loop.num_workers)

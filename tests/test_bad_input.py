@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_in_process, write_crafted_cifar
+from helpers import hydra_run, run_in_process, write_crafted_cifar, write_student
 from PIL import Image
 
 ERROR = "jacdistill {command}: error: "
@@ -129,7 +129,7 @@ CORPUS: list[tuple[str, str]] = [
     ("teacher teacher.epochs=0", "teacher.epochs=0 is not allowed"),
     ("teacher teacher.hidden=-3", "teacher.hidden=-3 is not allowed"),
     ("teacher teacher=lenet5 teacher.hidden=[1.5]", "teacher.hidden=[1.5] is not allowed"),
-    ("teacher +trainer.epoch=2", "did you mean trainer.epochs?"),
+    ("teacher +trainer.epoch=2", "did you mean teacher.epochs?"),   # teacher trains teacher.epochs
     ("teacher dataset.split_seed=abc", "dataset.split_seed='abc' is not allowed"),
     ("teacher dataset=imagefolder dataset.root={two}", "split is empty"),
     ("teacher dataset=imagefolder dataset.root={one}", "a classifier needs at least 2"),
@@ -217,33 +217,6 @@ def inputs(tmp_path_factory) -> dict[str, str]:
             "corrupt": str(corrupt), "two": str(root / "two"), "one": str(root / "one"), "cifar": str(cifar),
             "list_metrics": str(list_metrics), "broken_yaml": str(broken), "student": str(student),
             "marker": str(root / "marker")}
-
-
-def write_student(path: Path, cifar_root: Path) -> None:
-    """A student checkpoint whose stored dataset settings point at `cifar_root` (as a crafted one would)."""
-    import torch
-
-    from jacdistill_cli.storage import write_torch
-    from jacdistill_cli.zoo.models import build_model
-
-    spec = {"name": "mlp", "hidden": [8], "batchnorm": False}
-    model = build_model(spec, (3, 32, 32), 10)
-    write_torch(path, {"format": "jacdistill", "version": 1, "role": "student", "architecture": spec,
-                     "num_classes": 10, "input_shape": [3, 32, 32], "dataset": "cifar10",
-                     "dataset_config": {"name": "cifar10", "root": str(cifar_root), "download": False,
-                                        "verify": False, "val_fraction": 0.1, "split_seed": 0, "augment": False,
-                                        "mean": [0.5] * 3, "std": [0.25] * 3},
-                     "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "metrics": {},
-                     "state_dict": {k: v.detach() for k, v in model.state_dict().items()}})
-    assert torch.load(path, weights_only=True)["dataset"] == "cifar10"
-
-
-def hydra_run(directory: Path) -> Path:
-    """A directory that looks like a finished train run to `jacdistill report`."""
-    (directory / ".hydra").mkdir(parents=True)
-    (directory / ".hydra" / "overrides.yaml").write_text("- alpha=0.1\n")
-    (directory / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: train\n")
-    return directory
 
 
 def files_under(root: Path) -> set[Path]:

@@ -106,7 +106,7 @@ def test_default_config_composes_with_both_terms():
 def test_ce_only_baseline_objective_is_cross_entropy():
     import torch
     import torch.nn.functional as F
-    from objectives import objective as Objective
+    from helpers import objective as Objective
     from omegaconf import OmegaConf
 
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import pickle
 import struct
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import balanced_labels, dataset_cfg, pattern, teacher_cache_path, write_cifar
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from jacdistill_cli.commands.startup import teacher_settings
 from jacdistill_cli.errors import UsageError
-from jacdistill_cli.loop.teacher import cache_path
 from jacdistill_cli.zoo.data import (
     Augment,
     DataBundle,
@@ -34,13 +32,6 @@ from jacdistill_cli.zoo.data import (
 CPU = torch.device("cpu")
 
 
-def dataset_cfg(name: str, *overrides: str):
-    """The `dataset` node of the train config with dataset=name and the given dataset.* overrides."""
-    with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"dataset={name}", *overrides])
-    return cfg.dataset
-
-
 def train_cfg(*overrides: str):
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
@@ -52,16 +43,6 @@ def all_items(split) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------- writing each real format
-
-def pattern(n: int, channels: int, height: int, width: int, offset: int) -> np.ndarray:
-    """uint8 images [n, C, H, W] whose every pixel says where it is: (offset + 7n + 3c + 5y + 11x) mod 256."""
-    k, c, y, x = np.meshgrid(np.arange(n), np.arange(channels), np.arange(height), np.arange(width), indexing="ij")
-    return ((offset + 7 * k + 3 * c + 5 * y + 11 * x) % 256).astype(np.uint8)
-
-
-def balanced_labels(n: int, classes: int) -> np.ndarray:
-    return (np.arange(n) % classes).astype(np.uint8)
-
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
     """The idx format of LeCun's MNIST files: magic (0x08 = uint8, ndim), big-endian sizes, bytes."""
@@ -80,31 +61,6 @@ def write_mnist(root: Path, folder: str, train: int = 100, test: int = 30, gz: b
     for prefix, n, offset in (("train", train, 0), ("t10k", test, 50)):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", pattern(n, 1, 28, 28, offset)[:, 0], gz)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", balanced_labels(n, 10), gz)
-
-
-def write_cifar(root: Path, num_classes: int, train_per_class: int, test_per_class: int) -> None:
-    """CIFAR python batches as published: dicts of data [n, 3072] (R, G, B planes) and labels."""
-    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
-    folder.mkdir(parents=True)
-    label_key = "labels" if num_classes == 10 else "fine_labels"
-
-    def batch(n: int, offset: int) -> dict:
-        return {"data": pattern(n, 3, 32, 32, offset).reshape(n, 3072),
-                label_key: balanced_labels(n, num_classes).tolist()}
-
-    train_n, test_n = num_classes * train_per_class, num_classes * test_per_class
-    if num_classes == 10:
-        # five training batches, as published; together they hold train_n images
-        images = batch(train_n, 0)
-        for i in range(5):
-            part = {k: v[i::5] for k, v in images.items()}
-            (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(part))
-        (folder / "test_batch").write_bytes(pickle.dumps(batch(test_n, 50)))
-        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    else:
-        (folder / "train").write_bytes(pickle.dumps(batch(train_n, 0)))
-        (folder / "test").write_bytes(pickle.dumps(batch(test_n, 50)))
-        (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
 
 
 # ------------------------------------------------------------------- digits and fake
@@ -169,7 +125,7 @@ def test_per_class_indices_are_stratified_on_uneven_classes():
 
 def test_teacher_cache_key_ignores_the_students_samples_per_class_but_not_the_teachers():
     def key(*overrides: str):
-        return cache_path(teacher_settings(train_cfg(*overrides)))
+        return teacher_cache_path(train_cfg(*overrides))
 
     plain = key()
     assert key("dataset.samples_per_class=10") == plain

@@ -11,7 +11,7 @@ import torch
 from helpers import run_command
 from hydra import compose, initialize_config_module
 
-from jacdistill_cli.commands.evaluate import noise_accuracy
+from jacdistill_cli.loop.assessment import noise_accuracy
 from jacdistill_cli.loop.trainer import evaluate
 from jacdistill_cli.storage import write_torch
 from jacdistill_cli.zoo.checkpoints import make_checkpoint

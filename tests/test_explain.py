@@ -285,7 +285,7 @@ def test_every_shipped_option_composes_with_hydra_and_is_valid(option):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"+explain={option}", "seed=4"])
+        cfg = compose(config_name="train", overrides=[f"explain={option}", "seed=4"])
     settings = explain_settings(cfg.explain, seed=cfg.seed)
     assert settings.enabled == (option != "none") and settings.seed == 4
     assert registry.label("explain", cfg.explain) == option

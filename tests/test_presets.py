@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_job, grid, one_job_per_seed_group
 from hydra import compose, initialize_config_module
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from jacdistill_cli.config.resolvers import register_resolvers
@@ -28,36 +26,12 @@ RECIPES = {  # recipe -> (loss, jacobian, alpha, hard_weight)
 }
 
 
-def grid(experiment: str) -> list[list[str]]:
-    """Every job's overrides, as Hydra's basic sweeper makes them from the preset's sweeper params."""
-    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    assert cfg.hydra.mode == RunMode.MULTIRUN  # a sweep without -m
-    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
-    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
-    overrides = OverridesParser.create().parse_overrides([*params, f"experiment={experiment}"])
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-
-
-def compose_job(job: list[str]):
-    with initialize_config_module("jacdistill_cli.conf", version_base="1.3"):
-        return compose("train", overrides=job)
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipes_set_loss_jacobian_and_weights(recipe):
     cfg = compose_job([f"recipe={recipe}"])
     assert (cfg.loss.name, cfg.jacobian.name, cfg.alpha, cfg.hard_weight) == RECIPES[recipe]
     # A command-line value still wins over the recipe's.
     assert compose_job([f"recipe={recipe}", "alpha=0.3"]).alpha == 0.3
-
-
-def one_job_per_seed_group(jobs: list[list[str]]) -> list[list[str]]:
-    """Jobs that differ in more than their seed (composing each of them is the check that matters)."""
-    first: dict[tuple, list[str]] = {}
-    for job in jobs:
-        first.setdefault(tuple(sorted(o for o in job if not o.startswith("seed="))), job)
-    return list(first.values())
 
 
 def test_digits_fewshot_is_45_valid_jobs_of_3_sizes_3_recipes_5_seeds():

@@ -105,7 +105,7 @@ def test_cifar_batches_of_the_published_format_are_read(tmp_path, protocol):
 
 
 def test_a_crafted_cifar_folder_is_refused_whatever_verify_says(tmp_path):
-    from test_data import dataset_cfg
+    from helpers import dataset_cfg
 
     from jacdistill_cli.zoo.data import build_data
 
@@ -118,8 +118,7 @@ def test_a_crafted_cifar_folder_is_refused_whatever_verify_says(tmp_path):
 
 
 def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_given(tmp_path, capsys):
-    from test_bad_input import write_student
-    from test_data import write_cifar
+    from helpers import write_cifar, write_student
 
     write_cifar(tmp_path / "data", 10, train_per_class=10, test_per_class=1)
     write_student(tmp_path / "student.pt", tmp_path / "elsewhere")  # records a directory never given
@@ -136,7 +135,7 @@ def test_evaluate_reads_the_files_of_a_stored_dataset_only_from_the_directory_gi
 
 @pytest.mark.slow
 def test_report_shows_a_nan_metric_as_nan_and_an_unreadable_run_as_such(tmp_path):
-    from test_bad_input import hydra_run
+    from helpers import hydra_run
 
     from jacdistill_cli.analysis.report import write_report
 

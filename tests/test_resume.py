@@ -18,8 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.api_pb2 import Status
 
 from jacdistill_cli.analysis.report import UNFINISHED, build_report
-from jacdistill_cli.loop import checkpointing
-from jacdistill_cli.records import directory, resume, signals
+from jacdistill_cli.records import directory, resume
 
 # 10 epochs of 17 steps (about 1 s of steps after the first save, here); last.pt after every step, so a
 # stop anywhere has something to resume.
@@ -148,7 +147,7 @@ def test_a_finished_run_is_kept_and_another_config_is_refused(reference, capsys)
     assert capsys.readouterr().err.splitlines() == [
         f"jacdistill train: error: hydra.run.dir='{reference}' is not allowed: it holds the results of another "
         "configuration (alpha: 0.5 there, 0.3 here); give this run a directory of its own"]
-    with directory.DirectoryLock(reference), pytest.raises(SystemExit):   # a live run holds it
+    with directory.DirectoryLock(directory.RunPlace(reference)), pytest.raises(SystemExit):   # a live run holds it
         run_command("train", ARGS, reference)
     assert f"another jacdistill run (process {os.getpid()}) is running in it" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != directory.LOCK} == before
@@ -186,44 +185,23 @@ def test_sigusr1_requeues_under_slurm(tmp_path, monkeypatch):
     assert resume.requeue_under_slurm() is None
 
 
-def test_save_every_epochs_saves_every_nth_epoch_the_last_and_on_a_signal(tmp_path):
-    """trainer.save_every_epochs=3 over 7 epochs of 2 steps: last.pt after epochs 3, 6 and 7; with
-    save_every_steps=2 every second step saves too, except at an epoch's end that saves anyway; a signal
-    (real, to this process) saves at the next boundary whatever the policy, then stops the run."""
-    student = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
-    def saved_at() -> tuple[int, int] | None:
-        if not (tmp_path / directory.LAST).exists():
-            return None
-        progress = torch.load(tmp_path / directory.LAST, weights_only=True)["progress"]
-        return progress["epoch"], progress["step"]
 
-    def train(every_steps: int | None, signals: signals.Signals, stop_at: int | None = None) -> list:
-        (tmp_path / directory.LAST).unlink(missing_ok=True)
-        checkpoint = checkpointing.Checkpointer(tmp_path, checkpointing.SavePolicy(every_steps, every_epochs=3, epochs=7), signals,
-                                         generators={}, best_payload=lambda val: {})
-        saves = []
-        with signals, signals.deferring(raise_pending=False):
-            for epoch in range(1, 8):
-                for batch in range(2):
-                    checkpoint.progress.step += 1
-                    if checkpoint.progress.step == stop_at:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    checkpoint.after_step(student, optimizer, schedule, end_of_epoch=batch == 1)
-                    saves.append(saved_at())
-                checkpoint.progress.epoch = epoch + 1
-                checkpoint.after_epoch(student, optimizer, schedule, val=None)
-                saves.append(saved_at())
-        return saves
+def test_a_last_pt_written_before_the_run_spec_continues_to_the_uninterrupted_runs_results(tmp_path, caplog):
+    """tests/data/v2_run: a run of the code before the Trainer kept its callbacks' state (last.pt version 2),
+    stopped by SIGINT at epoch 2, step 22 (metrics.json says interrupted); the same command continues it from its
+    last.pt to the results that code's uninterrupted run gave (tests/data/v2_run_uninterrupted.json)."""
+    import shutil
 
-    by_epochs = train(None, signals.Signals())
-    assert sorted({s for s in by_epochs if s is not None}) == [(4, 6), (7, 12), (8, 14)]
-    assert by_epochs[8] == (4, 6) and by_epochs[7] is None   # written after epoch 3 ends, not before
-    by_steps = train(2, signals.Signals())
-    assert sorted({s for s in by_steps if s is not None}) == [(1, 2), (2, 4), (4, 6), (4, 8), (5, 10),
-                                                             (7, 12), (8, 14)]
-    with pytest.raises(signals.Interrupted) as stopped:
-        train(None, signals.Signals(), stop_at=5)   # step 5: epoch 3's first step, which does not save
-    assert stopped.value.signum == signal.SIGTERM and saved_at() == (3, 5)
+    caplog.set_level("INFO", logger="jacdistill")
+    data = Path(__file__).parent / "data"
+    run_dir = tmp_path / "run"
+    shutil.copytree(data / "v2_run", run_dir)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["version"] == 2
+    overrides = ["trainer.epochs=3", "teacher.epochs=1", "trainer.save_every_steps=20", "trainer.threads=1",
+                 f"cache_dir={tmp_path / 'cache'}"]   # cache_dir changes no result: another one is the same run
+    run_command("train", overrides, run_dir)
+    assert f"resuming from {run_dir / 'last.pt'}: epoch 2, 5 batches into it, step 22" in caplog.text
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((data / "v2_run_uninterrupted.json").read_text())
+    assert {key: metrics[key] for key in expected} == expected

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_command
+from helpers import run_command, teacher_job
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -118,7 +118,7 @@ def test_the_teachers_robust_accuracy_is_remembered_for_the_next_run_with_that_t
 
 
 def test_a_single_runs_summary_lists_each_attack_for_student_and_teacher(robust_run):
-    from jacdistill_cli.commands.records import summary_table
+    from jacdistill_cli.loop.summary import summary_table
 
     metrics = json.loads((robust_run / "metrics.json").read_text())
     lines = summary_table(metrics, robust_run).splitlines()
@@ -157,13 +157,12 @@ def test_an_adversarial_teacher_has_its_own_cache_key_and_is_trained_on_attacks(
                                                                                caplog):
     from hydra import compose, initialize_config_module
 
-    from jacdistill_cli.commands.startup import teacher_settings
     from jacdistill_cli.loop.logger import RunLogger
     from jacdistill_cli.loop.teacher import cache_path, teacher_identity, train_teacher
 
     def settings(*overrides):
         with initialize_config_module(config_module="jacdistill_cli.conf", version_base="1.3"):
-            return teacher_settings(compose(config_name="train", overrides=[*QUICK, f"cache_dir={teacher_cache}",
+            return teacher_job(compose(config_name="train", overrides=[*QUICK, f"cache_dir={teacher_cache}",
                                                                             *overrides]))
 
     standard, adversarial = settings(), settings("teacher.training=adversarial", "teacher.adversarial.steps=2")

@@ -493,8 +493,8 @@ def test_adversarial_training_raises_pgd_accuracy_at_equal_epochs(bundle):
 def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
     import json
 
+    from helpers import run_command
     from hydra import compose, initialize_config_module
-    from run_inprocess import run_command
 
     from jacdistill_cli.storage import write_torch
     from jacdistill_cli.zoo.checkpoints import make_checkpoint
@@ -524,7 +524,7 @@ def test_evaluate_reports_robust_accuracy_of_both_networks(tmp_path, capsys):
 
 
 def test_the_robust_transfer_preset_is_20_valid_jobs_and_its_baselines_10():
-    from test_presets import compose_job, grid, one_job_per_seed_group
+    from helpers import compose_job, grid, one_job_per_seed_group
 
     from jacdistill_cli.spec.build import train_spec
 

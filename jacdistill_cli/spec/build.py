@@ -105,11 +105,13 @@ def teacher_spec(read: Reader, choices: Mapping[str, Any], cache: bool = True) -
     """The `teacher` node: its network, and how it is obtained (a checkpoint, or trained and cached)."""
     model = model_spec(read, "teacher", choices)
     checkpoint = existing_file(read, "teacher.checkpoint")
+    read.real("teacher.lr", low=0, low_open=True, allowed="it must be a number > 0")
+    read.real("teacher.weight_decay", low=0, allowed="it must be a number >= 0")
     training = TeacherTrainingSpec(
         epochs=read.integer("teacher.epochs", allowed="it must be an integer >= 1"),
         batch_size=read.integer("teacher.batch_size", allowed="it must be an integer >= 1"),
-        lr=read.real("teacher.lr", low=0, low_open=True, allowed="it must be a number > 0"),
-        weight_decay=read.real("teacher.weight_decay", low=0, allowed="it must be a number >= 0"),
+        # as written (1 stays 1, not 1.0): the teacher cache's key is the JSON of these values
+        lr=read.value("teacher.lr"), weight_decay=read.value("teacher.weight_decay"),
         samples_per_class=read.optional_integer("teacher.samples_per_class", allowed="it must be null (the full "
                                                 "training split) or an integer >= 1"),
         training=teacher_training({"training": read.plain("teacher.training", "standard"),

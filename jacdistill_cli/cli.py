@@ -13,8 +13,8 @@ import sys
 # name -> (module holding the Hydra app `main`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jacdistill_cli.commands.train", "distil a student from a teacher (trains and caches the teacher if needed)"),
-    "teacher": ("jacdistill_cli.commands.teacher", "train a teacher with cross-entropy and save its checkpoint"),
-    "evaluate": ("jacdistill_cli.commands.evaluate", "a checkpoint on the test split: accuracy, teacher agreement, gradient cosine, noise robustness"),
+    "teacher": ("jacdistill_cli.commands.teacher", "train a teacher (with cross-entropy, or adversarially) and save its checkpoint"),
+    "evaluate": ("jacdistill_cli.commands.evaluate", "a checkpoint on the test split: accuracy, teacher agreement, gradient cosine, explanation agreement, noise robustness"),
     "check": ("jacdistill_cli.commands.check", "prove each Jacobian method right: reference error, gradient flow, finite differences"),
     "bench": ("jacdistill_cli.commands.bench", "time one step of each Jacobian method against plain distillation"),
     "report": ("jacdistill_cli.commands.report", "table, CSV and plot of the final metrics of the runs of a sweep: jacdistill report DIR"),
@@ -99,6 +99,70 @@ def usage() -> str:
     return USAGE.format(commands=lines)
 
 
+def completion(args: list[str]) -> int:
+    """`jacdistill completion bash|zsh`: print the shell's completion script."""
+    shell = args[0] if len(args) == 1 else None
+    if shell not in SHELLS:
+        given = " ".join(args) or "(none)"
+        print(f"jacdistill completion: error: shell={given} is not allowed: it must be one of "
+              f"{', '.join(SHELLS)}, as in eval \"$(jacdistill completion bash)\"", file=sys.stderr)
+        return 2
+    print(completion_script(shell), end="")
+    return 0
+
+
+def refused_before_hydra(command: str, args: list[str]) -> str | None:
+    """Why `jacdistill COMMAND ARGS` is refused before Hydra sees it (one line), or None."""
+    if command not in COMMANDS:
+        return f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}"
+    install = completion_install_request(args)
+    if install is None:
+        return None
+    shell = install.rpartition("=")[2]
+    shell = shell if shell in SHELLS else "bash"
+    return (f"jacdistill {command}: error: {install} is not allowed: it would complete `{command}` as a command of "
+            f"its own; use eval \"$(jacdistill completion {shell})\", which completes the commands and their "
+            "overrides")
+
+
+def run_command(command: str, args: list[str]) -> int:
+    """The command's Hydra app on its overrides. Hydra prints an error in composing the config (an unknown key
+    or option, bad override syntax) in several lines; asked for full errors, it raises it instead, and it is
+    said here in one line (so is a sweep refused before its first job). The job itself unsets the request
+    (config/entry.composition_done), so its errors get Hydra's usual report. A user who set HYDRA_FULL_ERROR gets
+    Hydra's own output throughout."""
+    from jacdistill_cli.config import entry
+    from jacdistill_cli.config.keys import home_paths
+    from jacdistill_cli.loop.device import keep_freed_memory
+
+    keep_freed_memory()
+    module = importlib.import_module(COMMANDS[command][0])
+    # Hydra reads sys.argv itself; it sees only this command's overrides. A command may read bare arguments of
+    # its own (report: the directory) before Hydra sees them.
+    overrides = home_paths(getattr(module, "translate_argv", list)(args))
+    sys.argv = [f"jacdistill {command}", *overrides]
+    user_asked = "HYDRA_FULL_ERROR" in os.environ
+    if not user_asked:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        entry.hydra_full_error_for_composition = True
+    try:
+        module.main()
+    except Exception as err:
+        from hydra.errors import CompactHydraException
+
+        from jacdistill_cli.config.keys import composition_message
+        from jacdistill_cli.errors import UsageError
+
+        if user_asked or not isinstance(err, (UsageError, CompactHydraException)):
+            raise
+        message = str(err) if isinstance(err, UsageError) else composition_message(command, overrides, err)
+        print(f"jacdistill {command}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        entry.composition_done()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -109,66 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"jacdistill {version('jacdistill')}")
         return 0
-    command = args[0]
-    if command == "completion":
-        shell = args[1] if len(args) == 2 else None
-        if shell not in SHELLS:
-            given = " ".join(args[1:]) or "(none)"
-            print(f"jacdistill completion: error: shell={given} is not allowed: it must be one of "
-                  f"{', '.join(SHELLS)}, as in eval \"$(jacdistill completion bash)\"", file=sys.stderr)
-            return 2
-        print(completion_script(shell), end="")
-        return 0
-    install = completion_install_request(args[1:]) if command in COMMANDS else None
-    if install is not None:
-        shell = install.rpartition("=")[2]
-        shell = shell if shell in SHELLS else "bash"
-        print(f"jacdistill {command}: error: {install} is not allowed: it would complete `{command}` as a command "
-              f"of its own; use eval \"$(jacdistill completion {shell})\", which completes the commands and "
-              "their overrides", file=sys.stderr)
+    if args[0] == "completion":
+        return completion(args[1:])
+    refusal = refused_before_hydra(args[0], args[1:])
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
-    if command not in COMMANDS:
-        print(f"jacdistill: error: unknown command {command!r}; the commands are: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    from jacdistill_cli.loop.device import keep_freed_memory
-
-    keep_freed_memory()
-    module = importlib.import_module(COMMANDS[command][0])
-    # Hydra reads sys.argv itself; it sees only this command's overrides.
-    # A command may read bare arguments of its own (report: the directory) before Hydra sees them.
-    from jacdistill_cli.config.keys import home_paths
-
-    overrides = home_paths(getattr(module, "translate_argv", list)(args[1:]))
-    sys.argv = [f"jacdistill {command}", *overrides]
-    # Hydra prints an error in composing the config (an unknown key or option, bad override syntax) in
-    # several lines; asked for full errors, it raises it instead, and it is said here in one line. The
-    # job itself unsets the request (config/entry.composition_done), so its errors get Hydra's usual report.
-    # A user who set HYDRA_FULL_ERROR gets Hydra's own output throughout.
-    from jacdistill_cli.config import entry
-
-    user_asked = "HYDRA_FULL_ERROR" in os.environ
-    if not user_asked:
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        entry.hydra_full_error_for_composition = True
-    try:
-        module.main()
-    except Exception as err:
-        from hydra.errors import CompactHydraException
-
-        from jacdistill_cli.errors import UsageError
-
-        if isinstance(err, UsageError) and not user_asked:   # a sweep refused before its first job
-            print(f"jacdistill {command}: error: {err}", file=sys.stderr)
-            return 2
-        if user_asked or not isinstance(err, CompactHydraException):
-            raise
-        from jacdistill_cli.config.keys import composition_message
-
-        print(f"jacdistill {command}: error: {composition_message(command, overrides, err)}", file=sys.stderr)
-        return 2
-    finally:
-        entry.composition_done()
-    return 0
+    return run_command(args[0], args[1:])
 
 
 if __name__ == "__main__":

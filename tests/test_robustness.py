@@ -42,7 +42,7 @@ from jacdistill_cli.robustness.attacks import (
     loss_gradient,
     run_attack,
 )
-from jacdistill_cli.robustness.measure import robust_accuracy, robust_counts
+from jacdistill_cli.robustness.measure import Part, robust_accuracy, robust_counts
 from jacdistill_cli.robustness.pixels import PixelModel, Pixels, attacked
 from jacdistill_cli.robustness.settings import robustness_settings, teacher_training
 from jacdistill_cli.robustness.training import AdversarialObjective, teacher_objective
@@ -217,8 +217,8 @@ def test_two_halves_give_the_whole(trained):
     halves = [robust_counts(model, split, pixels, device, settings, teacher, part=(r, 2)) for r in range(2)]
     assert {k: halves[0][k] + halves[1][k] for k in whole} == whole
     assert whole["count"] == 70 and halves[0]["count"] == 38   # blocks 0, 2, 4 (16 + 16 + 6)
-    summed = robust_accuracy(model, split, pixels, device, settings, teacher, part=(1, 2),
-                             reduce=lambda values: [a + b for a, b in zip(values, halves[0].values())])
+    summed = robust_accuracy(model, split, pixels, device, settings, teacher,
+                             part=Part(1, 2, lambda values: [a + b for a, b in zip(values, halves[0].values())]))
     assert summed["pgd_l2_0.5"] == whole["pgd_l2_0.5"] / 70
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jacdistill_cli.spec.build import check_device_name
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.spec.build import check_device_name
 
 
 def select_device(name: str, local_rank: int | None = None, key: str = "trainer.device"):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from jacdistill_cli.loop.distributed import World, broadcast, reduce_sums
-from jacdistill_cli.robustness.measure import robust_accuracy
+from jacdistill_cli.robustness.measure import Part, robust_accuracy
 from jacdistill_cli.robustness.pixels import Pixels
 from jacdistill_cli.robustness.settings import RobustnessSettings
 from jacdistill_cli.storage import write_json
@@ -53,7 +53,7 @@ def robust_metrics(student: nn.Module, teacher: nn.Module | None, data: Any, dev
     if not settings.enabled:
         return {}
     pixels = Pixels.of(data)
-    common = dict(part=(world.rank, world.size), reduce=lambda values: reduce_sums(values, world, device))
+    common = dict(part=Part(world.rank, world.size, lambda values: reduce_sums(values, world, device)))
     student_result = robust_accuracy(student, data.test, pixels, device, settings, teacher=teacher, **common,
                                      role="student")
     teacher_result, remembered = {}, False

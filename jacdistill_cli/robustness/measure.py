@@ -1,6 +1,6 @@
 """Robust accuracy of a network over a split: each attack of the settings on its first `samples` samples.
 
-    robust_accuracy(model, split, pixels, device, settings, teacher=None, part=(rank, ranks), reduce=sums)
+    robust_accuracy(model, split, pixels, device, settings, teacher=None, part=Part(rank, ranks, reduce=sums))
         -> {"clean": ..., "pgd_linf_0.1": ..., "noise_0.1": ..., "samples": n, "robust_seconds": s}
 
 A sample counts as robust to an attack when the network classifies both it and its adversarial example
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -76,15 +77,23 @@ def robust_counts(model: nn.Module, split, pixels: Pixels, device: torch.device,
     return counts
 
 
+@dataclass(frozen=True)
+class Part:
+    """This process's part of a measurement: rank `rank` of `ranks` takes the blocks rank, rank + ranks, ...;
+    `reduce` sums a list of floats over the parts (None: one process, nothing to sum)."""
+
+    rank: int = 0
+    ranks: int = 1
+    reduce: Callable[[list[float]], list[float]] | None = None
+
+
 def robust_accuracy(model: nn.Module, split, pixels: Pixels, device: torch.device, settings: RobustnessSettings,
-                    teacher: nn.Module | None = None, part: tuple[int, int] = (0, 1),
-                    reduce: Callable[[list[float]], list[float]] | None = None, role: str = "model"
-                    ) -> dict[str, float]:
+                    teacher: nn.Module | None = None, part: Part = Part(), role: str = "model") -> dict[str, float]:
     """{"clean", each attack's key: accuracy over the attacked samples, "samples": how many were attacked
     (over all parts), "robust_seconds": this part's wall time}. `teacher`: the network a `transfer_pgd`
     attack is made on (attacks that cannot run are left out and said in one line each; so is a dataset
-    without a pixel range, whose attacks are not clipped). `reduce` sums a list of floats over the parts
-    (identity for one process). `role` names the attacked network in those lines (the student, the teacher:
+    without a pixel range, whose attacks are not clipped). `part`: this process's blocks and how the counts
+    are summed over the processes. `role` names the attacked network in those lines (the student, the teacher:
     the teacher is the source of a transfer attack, so its own row has none)."""
     started = time.perf_counter()
     if not settings.enabled:
@@ -95,9 +104,9 @@ def robust_accuracy(model: nn.Module, split, pixels: Pixels, device: torch.devic
         if role == "teacher" and teacher is None and key.startswith("transfer"):
             why = "the teacher is the network a transfer attack is made on"
         log.info(f"robustness: {key} is not measured for the {role}: {why}")
-    counts = robust_counts(model, split, pixels, device, settings, teacher, part)
-    names = list(counts)
-    totals = dict(zip(names, reduce([counts[n] for n in names]) if reduce is not None else [counts[n] for n in names]))
+    counts = robust_counts(model, split, pixels, device, settings, teacher, (part.rank, part.ranks))
+    names, values = list(counts), [counts[n] for n in counts]
+    totals = dict(zip(names, part.reduce(values) if part.reduce is not None else values))
     count = totals.pop("count")
     result = {name: value / max(count, 1.0) for name, value in totals.items()}
     result["samples"] = int(count)

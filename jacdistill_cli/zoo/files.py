@@ -86,17 +86,29 @@ def in_memory_or_loader(cfg: DictConfig, bundle: DataBundle, nbytes: int) -> Dat
     return bundle
 
 
-def holdout_bundle(cfg: DictConfig, name: str, base_train: Dataset, train_labels: Tensor, base_test: Dataset,
-                   test_labels: Tensor, num_classes: int, input_shape: tuple[int, ...], mean: list[float],
-                   std: list[float], augment: Augment | None) -> DataBundle:
+@dataclasses.dataclass(frozen=True)
+class Images:
+    """A dataset's images as read from its files: the training and test images (uint8, normalised on the way)
+    with their labels, the class count and input shape, the normalisation."""
+
+    train: UInt8Images
+    test: UInt8Images
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: list[float]
+    std: list[float]
+
+
+def holdout_bundle(cfg: DictConfig, name: str, images: Images, augment: Augment | None) -> DataBundle:
     """Train/val from a stratified, seeded hold-out of the official training files; test from the test files."""
     (val_fraction,) = fractions_of(cfg, "val_fraction")
+    train_labels, test_labels = images.train.labels, images.test.labels
     val_index, train_index = stratified_split(train_labels, (val_fraction,), split_seed(cfg))
     test_index = torch.arange(len(test_labels))
-    return DataBundle(name, IndexedSplit(base_train, train_index, train_labels[train_index], augment),
-                      IndexedSplit(base_train, val_index, train_labels[val_index]),
-                      IndexedSplit(base_test, test_index, test_labels),
-                      num_classes=num_classes, input_shape=input_shape, mean=mean, std=std)
+    return DataBundle(name, IndexedSplit(images.train, train_index, train_labels[train_index], augment),
+                      IndexedSplit(images.train, val_index, train_labels[val_index]),
+                      IndexedSplit(images.test, test_index, test_labels),
+                      num_classes=images.num_classes, input_shape=images.input_shape, mean=images.mean, std=images.std)
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -134,9 +146,9 @@ def mnist_like(cfg: DictConfig, name: str, loader_name: str, flip: bool) -> Data
     mean, std = list(cfg.mean), list(cfg.std)
     augment = training_augment(cfg, pad=2, flip=flip, mean=mean, std=std)
     train_labels, test_labels = train.targets.long(), test.targets.long()
-    bundle = holdout_bundle(cfg, name, UInt8Images(train.data.unsqueeze(1), train_labels, mean, std), train_labels,
-                            UInt8Images(test.data.unsqueeze(1), test_labels, mean, std), test_labels,
-                            10, (1, 28, 28), mean, std, augment)
+    images = Images(UInt8Images(train.data.unsqueeze(1), train_labels, mean, std),
+                    UInt8Images(test.data.unsqueeze(1), test_labels, mean, std), 10, (1, 28, 28), mean, std)
+    bundle = holdout_bundle(cfg, name, images, augment)
     return in_memory_or_loader(cfg, bundle, train.data.numel() + test.data.numel())
 
 
@@ -265,9 +277,10 @@ def cifar(cfg: DictConfig, name: str, loader_name: str, num_classes: int) -> Dat
     to_images = lambda data: torch.from_numpy(data.reshape(-1, 3, 32, 32)).contiguous()  # noqa: E731
     train_labels = torch.tensor(parts["train"][1], dtype=torch.long)
     test_labels = torch.tensor(parts["test"][1], dtype=torch.long)
-    bundle = holdout_bundle(cfg, name, UInt8Images(to_images(parts["train"][0]), train_labels, mean, std),
-                            train_labels, UInt8Images(to_images(parts["test"][0]), test_labels, mean, std),
-                            test_labels, num_classes, (3, 32, 32), mean, std, augment)
+    images = Images(UInt8Images(to_images(parts["train"][0]), train_labels, mean, std),
+                    UInt8Images(to_images(parts["test"][0]), test_labels, mean, std), num_classes, (3, 32, 32), mean,
+                    std)
+    bundle = holdout_bundle(cfg, name, images, augment)
     return in_memory_or_loader(cfg, bundle, parts["train"][0].size + parts["test"][0].size)
 
 

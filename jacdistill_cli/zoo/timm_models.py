@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -137,8 +138,19 @@ def _create(arch: str, settings: dict[str, Any], weights: str | None, state: dic
         raise SettingError("weights", weights, f"timm cannot load it into {arch} with {settings}: {first}") from None
     finally:
         timm_log.setLevel(level)
-    _log_adaptations(arch, weights, state, net.state_dict(), heads, convs, classes, channels, settings)
+    _log_adaptations(arch, weights, state, net.state_dict(), FileLayout(heads, convs, classes, channels), settings)
     return net
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """What a weights file's tensors say of the network it was made for: its heads and input convolutions (by
+    timm's pretrained config), its class count (None: no head in the file) and its input channels."""
+
+    heads: tuple[str, ...]
+    convs: tuple[str, ...]
+    classes: int | None
+    channels: int
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -153,9 +165,9 @@ def _same_architecture(own: set[str], theirs: set[str], heads: tuple[str, ...]) 
 
 
 def _log_adaptations(arch: str, weights: str, state: dict[str, Tensor], loaded: dict[str, Tensor],
-                     heads: tuple[str, ...], convs: tuple[str, ...], classes: int | None, channels: int,
-                     settings: dict[str, Any]) -> None:
+                     layout: FileLayout, settings: dict[str, Any]) -> None:
     """One line for each way timm adapted the file to the model."""
+    heads, convs, classes, channels = layout.heads, layout.convs, layout.classes, layout.channels
     log.info(f"{arch}: weights from {weights}, loaded by timm")
     num_classes, in_chans = settings["num_classes"], settings["in_chans"]
     if classes is not None and classes != num_classes:

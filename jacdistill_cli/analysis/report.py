@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from jacdistill_cli.config.resolvers import BASIC_SWEEPERS, job_dirname, swept_keys, varying_dirname
 from jacdistill_cli.errors import UsageError
+from jacdistill_cli.explain.figure import private_matplotlib_config
 from jacdistill_cli.spec.sweep import expanded
 from jacdistill_cli.storage import write_bytes, write_text
 
@@ -476,21 +477,6 @@ def panel(axes, report: Report, metric: str, key: str | None) -> None:
 
 OUTPUT_NAMES = ("report.md", "report.csv", "report.png")
 _MPL_CONFIG = None  # the temporary directory matplotlib keeps its font cache in, removed when the process ends
-
-
-def private_matplotlib_config() -> None:
-    """Point matplotlib's config and font cache at a temporary directory (removed at exit) before it is
-    imported, so that drawing a report writes nothing outside the report's directory (by default
-    matplotlib builds its font cache under ~/.cache/matplotlib). A MPLCONFIGDIR the user set is kept."""
-    import os
-    import sys
-    import tempfile
-
-    global _MPL_CONFIG
-    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
-        return
-    _MPL_CONFIG = tempfile.TemporaryDirectory(prefix="jacdistill-matplotlib-")
-    os.environ["MPLCONFIGDIR"] = _MPL_CONFIG.name
 
 
 def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto") -> tuple[Report, str, list[Path]]:

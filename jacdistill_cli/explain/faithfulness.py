@@ -22,7 +22,7 @@ insertion area high. The random areas are the same curves for `random_orders` ra
 averaged: what an explanation that knows nothing gets. Random draws (the orders, smoothgrad's noise) are
 seeded per sample index: a sample's curves do not depend on the block it is in nor on the rank that
 measures it. The samples are taken in blocks of `batch_size` in the split's order; under torch.distributed
-rank r takes the blocks r, r + ranks, ... and `reduce` sums the per-rank sums (run/distributed.reduce_sums),
+rank r takes the blocks r, r + ranks, ... and `reduce` sums the per-rank sums (loop/distributed.reduce_sums),
 so `trainer.devices=2` gives the numbers of one process (up to float rounding of the batched passes).
 """
 

@@ -22,8 +22,10 @@ COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
 
 def private_matplotlib_config() -> None:
-    """Point MPLCONFIGDIR at a temporary directory (removed at exit) before matplotlib is first imported;
-    a MPLCONFIGDIR the user set, or a matplotlib already imported, is left as it is."""
+    """Point matplotlib's config and font cache (MPLCONFIGDIR) at a temporary directory (removed at exit) before
+    matplotlib is first imported, so that drawing a figure writes nothing outside where it is asked to (by
+    default matplotlib builds its font cache under ~/.cache/matplotlib); a MPLCONFIGDIR the user set, or a
+    matplotlib already imported, is left as it is."""
     if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR"):
         return
     folder = tempfile.mkdtemp(prefix="jacdistill-matplotlib-")

@@ -204,7 +204,7 @@ class Attack:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def identity(self) -> dict[str, Any]:
-        """What the remembered robust accuracy of a teacher is keyed by (run/robust.py)."""
+        """What the remembered robust accuracy of a teacher is keyed by (loop/robust.py)."""
         return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "name": self.name,
                 **self.settings()}
 
@@ -213,7 +213,7 @@ class Attack:
             object.__setattr__(self, key, value)
 
 
-# The remembered robust accuracy of a teacher (run/robust.py) was first keyed by one record holding every
+# The remembered robust accuracy of a teacher (loop/robust.py) was first keyed by one record holding every
 # setting of every attack, a setting an attack lacks at these values: the shipped attacks keep that form, so
 # that results remembered before are found again.
 RECORD = {"norm": "linf", "steps": 10, "step_size": None, "random_start": True, "restarts": 1, "queries": 1000}

@@ -7,7 +7,7 @@ A sample counts as robust to an attack when the network classifies both it and i
 correctly (an attack cannot make a misclassified sample count); `noise_*` is the plain accuracy on the
 noisy samples. The samples are taken in blocks of `batch_size` in the split's order; under
 torch.distributed rank r attacks the blocks r, r + ranks, ... and `reduce` sums the counts over the ranks
-(run/distributed.reduce_sums). Random draws are seeded per sample (per block for torchattacks' attacks),
+(loop/distributed.reduce_sums). Random draws are seeded per sample (per block for torchattacks' attacks),
 so the result does not depend on the number of ranks.
 """
 

@@ -476,7 +476,6 @@ def panel(axes, report: Report, metric: str, key: str | None) -> None:
 
 
 OUTPUT_NAMES = ("report.md", "report.csv", "report.png")
-_MPL_CONFIG = None  # the temporary directory matplotlib keeps its font cache in, removed when the process ends
 
 
 def write_report(directory: Path, metric: str = "test_accuracy", x: str = "auto") -> tuple[Report, str, list[Path]]:

@@ -426,7 +426,7 @@ def test_a_target_transformer_student_trains_its_attention_by_the_jacobian_term(
     run_dir = tmp_path / "run"
     result = cli("train", "--config-dir", str(tmp_path / "myconf"), "student=transformer", "jacobian=top1",
                  "alpha=1.0", "hard_weight=0", "trainer.epochs=1", "teacher.epochs=1", "trainer.threads=1",
-                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                 "trainer.log_every_steps=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()

@@ -111,7 +111,8 @@ def test_a_users_loss_and_student_train_end_to_end_through_the_console_script(cl
         path.write_text(textwrap.dedent(text).lstrip())
     run_dir = tmp_path / "run"
     result = cli("train", "--config-dir", str(tmp_path / "myconf"), "loss=cosine", "student=tiny",
-                 "trainer.epochs=1", "teacher.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                 "trainer.epochs=1", "teacher.epochs=2", "trainer.log_every_steps=1", f"hydra.run.dir={run_dir}",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["student_parameters"] == 64 * 12 + 12 + 12 * 10 + 10

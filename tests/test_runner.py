@@ -29,8 +29,8 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.slow
 def test_train_logs_every_term_and_writes_its_run_directory(cli, tmp_path):
     run_dir = tmp_path / "run"
-    result = cli("train", "hard_weight=0.5", "trainer.epochs=2", "teacher.epochs=2", f"hydra.run.dir={run_dir}",
-                 cwd=tmp_path)
+    result = cli("train", "hard_weight=0.5", "trainer.epochs=2", "teacher.epochs=2", "trainer.log_every_steps=1",
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"run directory: {run_dir}" in result.stdout + result.stderr
 
@@ -61,11 +61,13 @@ def test_train_logs_every_term_and_writes_its_run_directory(cli, tmp_path):
     assert metrics["seed"] == 0 and metrics["status"] == "finished"
     assert metrics["device"] == "cpu" and metrics["torch"] == torch.__version__
     # A single run ends with a short table of its results on stdout, and where it is.
-    table = result.stdout.strip().splitlines()[-7:]
+    table = result.stdout.strip().splitlines()[-9:]
     assert table[0].split() == ["student", "teacher"]
     assert table[1].split()[-2:] == [f"{metrics['test_accuracy']:.4f}", f"{metrics['teacher_test_accuracy']:.4f}"]
     assert table[2].endswith(f"{metrics['agreement']:.4f}") and table[3].endswith(f"{metrics['jacobian_cosine']:.4f}")
-    assert table[5].startswith(f"2 epochs, {steps} steps in ") and table[-1] == f"run directory: {run_dir}"
+    assert table[4].endswith(f"{metrics['explanation_rank_correlation']:.4f}")
+    assert table[5].endswith(f"{metrics['explanation_top10_iou']:.4f}")
+    assert table[7].startswith(f"2 epochs, {steps} steps in ") and table[-1] == f"run directory: {run_dir}"
 
 
 @pytest.mark.slow
@@ -85,9 +87,9 @@ def test_two_job_multirun_gives_two_job_directories(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split(",")[0] for p in jobs] == ["alpha=0", "alpha=0.3"]
-    for job in jobs:
+    for job in jobs:   # (the terms are read every 50 steps and at each epoch's end: 17 steps, one point)
         assert (job / "metrics.json").is_file()
-        assert len(scalars(job)["loss/total"]) == json.loads((job / "metrics.json").read_text())["steps"]
+        assert len(scalars(job)["loss/total"]) == math.ceil(json.loads((job / "metrics.json").read_text())["steps"] / 50)
     # alpha=0 trains on distillation alone: its total is its distillation term.
     zero = scalars(jobs[0])
     assert zero["loss/total"] == pytest.approx(zero["loss/distill"])

@@ -151,6 +151,18 @@ def read_settings(run_dir: Path) -> dict[str, Any]:
     return {**flat(config), **names}
 
 
+def sweep_settings(sweep: Path) -> dict[str, Any]:
+    """The settings a sweep's jobs share before their own overrides (its multirun.yaml, flat, as read_settings
+    reads a run's config.yaml): what a job that never started would have had."""
+    try:
+        config = OmegaConf.to_container(read_yaml(sweep / "multirun.yaml"), resolve=False)
+    except Unreadable:
+        return {}
+    config = {k: v for k, v in config.items() if k != "hydra"} if isinstance(config, dict) else {}
+    names = {key: node["name"] for key, node in config.items() if isinstance(node, dict) and "name" in node}
+    return {**flat(config), **names}
+
+
 def setting(run: Run, key: str) -> str:
     """A run's value of an override key: as given, else as its config says (unknown: "")."""
     if key in run.overrides:
@@ -177,16 +189,16 @@ def read_run(run_dir: Path, root: Path) -> Run:
             read_yaml(run_dir / ".hydra" / "hydra.yaml")
     except Unreadable as err:
         return Run(name, {}, None, UNREADABLE, str(err))
+    settings = read_settings(run_dir)
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         try:
             metrics = json.loads(metrics_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return Run(name, overrides, None, UNFINISHED, "metrics.json is not valid JSON")
+            return Run(name, overrides, None, UNFINISHED, "metrics.json is not valid JSON", settings)
         if not isinstance(metrics, dict):
             return Run(name, overrides, None, UNFINISHED,
-                       f"metrics.json holds a {type(metrics).__name__}, not an object of metrics")
-        settings = read_settings(run_dir)
+                       f"metrics.json holds a {type(metrics).__name__}, not an object of metrics", settings)
         if metrics.get("status") == "interrupted":
             where = (f"at epoch {metrics.get('epoch')}, step {metrics.get('step')}" if metrics.get("step") is not None
                      else "before the student's first epoch")
@@ -197,8 +209,8 @@ def read_run(run_dir: Path, root: Path) -> Run:
         return Run(name, overrides, flattened(metrics), settings=settings)
     error = last_error(run_dir / f"{job_name(run_dir) or 'train'}.log")
     if error:
-        return Run(name, overrides, None, FAILED, error)
-    return Run(name, overrides, None, UNFINISHED, "no metrics.json")
+        return Run(name, overrides, None, FAILED, error, settings)
+    return Run(name, overrides, None, UNFINISHED, "no metrics.json", settings)
 
 
 def flattened(metrics: dict) -> dict:
@@ -282,7 +294,7 @@ def collect(directory: Path) -> list[Run]:
                 # Named as its directory would have been: the overrides the sweep varies, sorted.
                 dirname = job_dirname(varying_dirname(job, swept_keys(str(sweep.resolve())), sorted(excluded)), "?")
                 name = (sweep.relative_to(root) / dirname).as_posix()
-                runs.append(Run(name, overrides, None, NOT_STARTED, "no job directory"))
+                runs.append(Run(name, overrides, None, NOT_STARTED, "no job directory", sweep_settings(sweep)))
     return runs
 
 

@@ -40,7 +40,7 @@ from jacdistill_cli.loop.precision import Precision
 from jacdistill_cli.loop.robust import robust_metrics, robust_scalars
 from jacdistill_cli.loop.saliency import fixed_inputs
 from jacdistill_cli.loop.summary import summary_table
-from jacdistill_cli.loop.teacher import TeacherJob, obtain_teacher, try_teacher
+from jacdistill_cli.loop.teacher import TeacherJob, checked_teacher_checkpoint, obtain_teacher, try_teacher
 from jacdistill_cli.loop.trainer import Trainer
 from jacdistill_cli.records.directory import BEST, Claim, RunPlace
 from jacdistill_cli.records.signals import Interrupted, Signals
@@ -63,12 +63,14 @@ class Prepared:
     data: DataBundle
     precision: Precision
     reuse: bool
+    teacher_payload: dict[str, Any] | None = None   # teacher.checkpoint's content, read and checked
 
 
-def try_models(spec: TrainSpec, data: DataBundle) -> None:
+def try_models(spec: TrainSpec, data: DataBundle) -> dict[str, Any] | None:
     """Every model setting checked before any work: teacher and student built on the `meta` device (no memory,
-    no random numbers drawn); a student BatchNorm whose per-sample Jacobian would be wrong refused; feature
-    matching's module paths resolved on them (a wrong path stops the run before a teacher is trained)."""
+    no random numbers drawn) and tried on two samples of the data; a student BatchNorm whose per-sample Jacobian
+    would be wrong refused; a teacher.checkpoint read and checked against the teacher's architecture (returned);
+    feature matching's module paths resolved on them (a wrong path stops the run before a teacher is trained)."""
     features = spec.objective.features
     matching = features.name != "none"
     meta = torch.device("meta")
@@ -77,11 +79,13 @@ def try_models(spec: TrainSpec, data: DataBundle) -> None:
     probe(student, data.input_shape, data.num_classes, "student", spec.student.selection)
     if spec.objective.method.uses_gradients:
         refuse_unconverted(student, None, spec.objective.method.batchnorm)
-    if spec.teacher.checkpoint is not None and not matching:
-        return   # the checkpoint's own architecture is checked when it is read
+    payload = checked_teacher_checkpoint(spec.teacher, data)
+    if payload is not None and not matching:
+        return payload   # the checkpoint's own architecture: checked as it was read
     teacher = try_teacher(spec.teacher, data)
     if matching:
         features.matching(teacher, student, data.input_shape, meta)
+    return payload
 
 
 def preflight(spec: TrainSpec, device: torch.device) -> Prepared:
@@ -90,7 +94,7 @@ def preflight(spec: TrainSpec, device: torch.device) -> Prepared:
     seed_everything(spec.seed)
     precision = Precision(spec.loop.precision, device.type)
     data = build_data(OmegaConf.create(spec.data.node))
-    try_models(spec, data)
+    payload = try_models(spec, data)
     reuse, reasons = reuse_decision(spec.objective, spec.reuse_outputs, data, precision)
     if reasons and spec.reuse_outputs == "auto":
         log.info(f"teacher.reuse_outputs=auto: the teacher's outputs are computed every step, not reused: "
@@ -99,7 +103,7 @@ def preflight(spec: TrainSpec, device: torch.device) -> Prepared:
         log.warning(warning)
     for part, why in spec.objective.idle:
         log.info(f"{why}: {part}={spec.config[part].get('name', part)} is not computed")
-    return Prepared(data, precision, reuse)
+    return Prepared(data, precision, reuse, payload)
 
 
 class Distillation:
@@ -108,7 +112,7 @@ class Distillation:
     def __init__(self, spec: TrainSpec, place: RunPlace, world: World, signals: Signals, device: torch.device,
                  prepared: Prepared):
         self.spec, self.place, self.world, self.signals, self.device = spec, place, world, signals, device
-        self.precision, self.reuse = prepared.precision, prepared.reuse
+        self.precision, self.reuse, self.teacher_payload = prepared.precision, prepared.reuse, prepared.teacher_payload
         self.data = prepared.data.to(device)
 
     def run(self, claim: Claim) -> float:
@@ -118,7 +122,8 @@ class Distillation:
         with run_logger(self.place.run_dir, self.world.main, self.spec.hparams, step, claim.restart) as logger:
             job = TeacherJob(self.spec.teacher, self.spec.data, self.spec.seed, self.spec.loop.eval_batch_size,
                              self.spec.loop.num_workers)
-            teacher, info = obtain_teacher(job, self.data, self.device, logger, self.world, self.place.run_dir)
+            teacher, info = obtain_teacher(job, self.data, self.device, logger, self.world, self.place.run_dir,
+                                           self.teacher_payload)
             distiller = self.distiller(teacher)
             history, best = self.fit(distiller, logger, info["teacher_test_accuracy"], state)
             metrics = self.tested(distiller, info, history, best)

@@ -142,11 +142,12 @@ def describe_training(training: TeacherTraining) -> str:
 
 
 def obtain_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
-                   world: World, run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+                   world: World, run_dir: Path, preloaded: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen teacher and facts about it: source (weights|checkpoint|cache|trained), path, metrics. Under
     torch.distributed rank 0 obtains it (trains it at most once) and shares it with the other ranks. The
-    model is built once in each process: the one trained or loaded here, or on other ranks from rank 0's."""
-    model, shared = teacher_model(job, data, device, logger, run_dir) if world.main else (None, None)
+    model is built once in each process: the one trained or loaded here, or on other ranks from rank 0's.
+    `preloaded`: teacher.checkpoint's content, read and checked before the run (checked_teacher_checkpoint)."""
+    model, shared = teacher_model(job, data, device, logger, run_dir, preloaded) if world.main else (None, None)
     payload, source, path = broadcast(shared, world)
     if model is None:
         model = model_from_checkpoint(payload, "teacher.checkpoint", own_target(job.teacher))
@@ -159,7 +160,7 @@ def obtain_teacher(job: TeacherJob, data: DataBundle, device: torch.device, logg
 
 
 def teacher_model(job: TeacherJob, data: DataBundle, device: torch.device, logger: RunLogger,
-                  run_dir: Path) -> tuple[nn.Module, tuple[dict[str, Any], str, Path]]:
+                  run_dir: Path, preloaded: dict[str, Any] | None = None) -> tuple[nn.Module, tuple[dict[str, Any], str, Path]]:
     """(the teacher, (its checkpoint payload, its source, its path)): loaded, cached, or trained and cached."""
     spec, checkpoint = job.teacher.model.architecture, job.teacher.checkpoint
     if checkpoint is None and spec.get("weights") is not None:
@@ -169,12 +170,22 @@ def teacher_model(job: TeacherJob, data: DataBundle, device: torch.device, logge
         return model, (make_checkpoint(model, "teacher", spec, data, {}), "weights", spec["weights"])
     if checkpoint is not None:
         key = "teacher.checkpoint"
-        payload = load_teacher_checkpoint(checkpoint, key, spec, data)
-        check_fits(payload, key, data, spec, group="teacher")
+        payload = preloaded if preloaded is not None else checked_teacher_checkpoint(job.teacher, data)
         return (model_from_checkpoint(payload, key, own_target(job.teacher)),
                 (payload, "checkpoint", Path(checkpoint).expanduser().resolve()))
     model, payload, source, path = cached_teacher(job, data, device, logger, run_dir)
     return model, (payload, source, path)
+
+
+def checked_teacher_checkpoint(teacher: TeacherSpec, data: DataBundle) -> dict[str, Any] | None:
+    """teacher.checkpoint's content (None: no checkpoint), refused in one line when it is not a teacher of the
+    configured architecture that fits the data."""
+    if teacher.checkpoint is None:
+        return None
+    key, spec = "teacher.checkpoint", teacher.model.architecture
+    payload = load_teacher_checkpoint(teacher.checkpoint, key, spec, data)
+    check_fits(payload, key, data, spec, group="teacher")
+    return payload
 
 
 def own_target(teacher: TeacherSpec) -> tuple[str, ...]:

@@ -95,9 +95,9 @@ def gather_rows(row: Tensor, world: World) -> Tensor:
     """Every rank's 1-d tensor `row` (of the same length), stacked in rank order: [ranks, n]."""
     if not world.distributed:
         return row.unsqueeze(0)
-    rows = torch.empty((world.size, *row.shape), dtype=row.dtype, device=row.device)
-    dist.all_gather_into_tensor(rows, row.contiguous())
-    return rows
+    rows = [torch.empty_like(row) for _ in range(world.size)]
+    dist.all_gather(rows, row.contiguous())
+    return torch.stack(rows)
 
 
 def reduce_max(value: int, world: World, device: torch.device) -> int:

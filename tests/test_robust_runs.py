@@ -205,7 +205,11 @@ def test_robustness_none_records_none_of_it(tmp_path):
 @pytest.mark.slow
 def test_two_processes_attack_their_blocks_and_record_what_one_process_measures(cli, tmp_path):
     """trainer.devices=2: each rank attacks its blocks of 4 samples and the counts are summed; the result is
-    what one process measures on the saved student and teacher."""
+    what one process measures on the saved student and teacher. The same for the explanation agreement of the
+    test split (each rank its shard of each batch) and the faithfulness of both networks (each rank its blocks)."""
+    from jacdistill_cli.explain.faithfulness import faithfulness
+    from jacdistill_cli.explain.settings import explain_settings
+    from jacdistill_cli.loop.evaluation import evaluate
     from jacdistill_cli.robustness.measure import robust_accuracy
     from jacdistill_cli.robustness.pixels import Pixels
     from jacdistill_cli.robustness.settings import robustness_settings
@@ -215,8 +219,10 @@ def test_two_processes_attack_their_blocks_and_record_what_one_process_measures(
                {"name": "transfer_pgd", "norm": "l2", "eps": 1.0, "steps": 3}, {"name": "noise", "sigma": 0.3}]
     listed = "[" + ",".join("{" + ",".join(f"{k}:{v}" for k, v in a.items()) + "}" for a in attacks) + "]"
     run_dir = tmp_path / "run"
+    explain = {"samples": 14, "batch_size": 4, "steps": 4, "random_orders": 3}
     result = cli("train", *QUICK, "trainer.devices=2", "trainer.device=cpu", f"robustness.attacks={listed}",
-                 "robustness.samples=14", "robustness.batch_size=4", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                 "robustness.samples=14", "robustness.batch_size=4", "explain=digits",
+                 *(f"explain.{k}={v}" for k, v in explain.items()), f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["robust_samples"] == 14
@@ -230,3 +236,13 @@ def test_two_processes_attack_their_blocks_and_record_what_one_process_measures(
     one = robust_accuracy(student, data.test, Pixels.of(data), torch.device("cpu"), settings, teacher=teacher)
     assert metrics["robust_accuracy"] == {k: pytest.approx(v, abs=1e-9) for k, v in one.items()
                                           if k not in ("samples", "robust_seconds")}
+    measured = evaluate(student, teacher, data.test, 512, torch.device("cpu"))
+    for key in ("jacobian_cosine", "explanation_rank_correlation", "explanation_top10_iou"):
+        assert metrics[key] == pytest.approx(measured[key], abs=1e-6), key
+    settings = explain_settings({"_target_": "jacdistill_cli.explain.settings.faithfulness_settings", **explain})
+    for name, net in (("student", student), ("teacher", teacher)):
+        alone = faithfulness(net, data.test, Pixels.of(data), torch.device("cpu"), settings)
+        recorded = metrics["faithfulness"][name]
+        assert recorded["samples"] == alone["samples"] == 14
+        for key in ("deletion_area", "insertion_area", "random_deletion_area", "random_insertion_area"):
+            assert recorded[key] == pytest.approx(alone[key], abs=1e-6), (name, key)

@@ -15,6 +15,8 @@ exclude_patterns = ["_build", "results/records"]
 myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
 myst_heading_anchors = 3
 
+# The package's docstrings write code in single backquotes, as Markdown does: shown as code.
+default_role = "literal"
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}

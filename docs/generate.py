@@ -11,7 +11,8 @@
 
     python docs/generate.py                          # write every generated page
     python docs/generate.py --check                  # exit 1 naming each page that differs from what it writes
-    python docs/generate.py collect NAME SWEEP_DIR   # a sweep's job records into docs/results/records/NAME.json,
+    python docs/generate.py collect NAME SWEEP_DIR... [--ran COMMIT]
+                                                     # a sweep's job records into docs/results/records/NAME.json,
                                                      # then write every page
 
 The tests (tests/test_docs.py) compare the pages on disk with what this script writes.
@@ -644,9 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     collect = sub.add_parser("collect", help="a sweep's job records into docs/results/records/NAME.json")
     collect.add_argument("name", choices=sorted(results.SWEEPS))
     collect.add_argument("sweep_dirs", nargs="+", type=Path)
+    collect.add_argument("--ran", metavar="COMMIT", help="the commit the sweep ran, if you know it")
     args = parser.parse_args(argv)
     if args.action == "collect":
-        path = results.collect(args.name, args.sweep_dirs)
+        path = results.collect(args.name, args.sweep_dirs, args.ran)
         print(f"written: {path.relative_to(REPO)}")
     written = pages()
     if args.check:

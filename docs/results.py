@@ -142,11 +142,12 @@ def commit() -> str:
         return "unknown"
 
 
-def collect(name: str, sweep_dirs: list[Path]) -> Path:
-    """Every job of the sweep directories into records/NAME.json (what the page of NAME is written from)."""
+def collect(name: str, sweep_dirs: list[Path], ran: str | None = None) -> Path:
+    """Every job of the sweep directories into records/NAME.json (what the page of NAME is written from). `ran`:
+    the commit the sweep ran, when the one who ran it knows (a run directory does not record it)."""
     jobs = [job_record(job, d) for d in sweep_dirs for job in job_dirs(d)]
     record = {"kind": "sweep", "name": name, "sweep_dirs": [d.name for d in sweep_dirs],
-              "machine": machine(), "commit": commit(), "jobs": jobs}
+              "machine": machine(), "commit": commit(), "ran": ran, "jobs": jobs}
     RECORDS.mkdir(parents=True, exist_ok=True)
     path = RECORDS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -244,10 +245,12 @@ def sweep_page(name: str, sweep: Sweep, record: dict | None, earlier: dict | Non
         devices = sorted({str(j["metrics"].get("device")) for j in finished})
         torches = sorted({str(j["metrics"].get("torch")) for j in finished})
         when = f"{dates[0]} to {dates[-1]}" if dates else "-"
-        out += [f"**This code, rerun.** {len(finished)} of the sweep's {sweep.jobs} jobs finished "
+        out += [f"**This code, rerun.** {len(finished)} jobs finished, of the {sweep.jobs} of the commands above "
                 f"({len(jobs)} job directories in `{', '.join(record['sweep_dirs'])}`), {when}, on "
-                f"{', '.join(devices)} ({record['machine']}), torch {', '.join(torches)}, collected at commit "
-                f"{record['commit']}. Mean ± sample standard deviation over the seeds; records: "
+                f"{', '.join(devices)} ({record['machine']}), torch {', '.join(torches)}, "
+                + (f"run at commit {record['ran']}" if record.get("ran") else
+                   f"collected at commit {record['commit']} (a run directory does not record the commit it ran)")
+                + ". Mean ± sample standard deviation over the seeds; records: "
                 f"`docs/results/records/{name}.json`.", ""]
         out += (robust_table(jobs) if name == "robust_transfer" else sweep_table(sweep, jobs)) + [""]
         unfinished = [j for j in jobs if j["status"] != "finished"]
@@ -334,16 +337,15 @@ def earlier_rows(record: dict) -> list[list[str]]:
 def fewshot_headline() -> tuple[dict[tuple[str, str], str], str]:
     """Test accuracy by (samples per class, recipe) of digits_fewshot: this code's records, else the earlier run's."""
     record = load("digits_fewshot")
-    if record is not None:
-        finished = [j for j in record["jobs"] if j["status"] == "finished"]
+    finished = [j for j in record["jobs"] if j["status"] == "finished"] if record is not None else []
+    if len(finished) == SWEEPS["digits_fewshot"].jobs:   # this code's table, once it is whole
         groups: dict[tuple[str, str], list[dict]] = {}
         for job in finished:
             key = (job["overrides"].get("dataset.samples_per_class", ""), job["overrides"].get("recipe", ""))
             groups.setdefault(key, []).append(job)
         cells = {k: column_value(v, Column("", "test_accuracy")) for k, v in groups.items()}
         dates = sorted(j["finished"] for j in finished if j["finished"])
-        source = (f"{len(finished)} of {SWEEPS['digits_fewshot'].jobs} jobs of this code, {dates[-1][:10] if dates else '-'}, "
-                  f"{record['machine']}")
+        source = f"this code, {dates[-1][:10] if dates else '-'}, {record['machine']}"
         return cells, source
     earlier = load("digits_fewshot_earlier")
     cells = {(row[0], row[1]): row[3] for row in earlier_rows(earlier)}
@@ -353,15 +355,15 @@ def fewshot_headline() -> tuple[dict[tuple[str, str], str], str]:
 def robust_headline() -> str:
     record = load("robust_transfer")
     key = "robust_accuracy.pgd_linf_0.2"
-    if record is not None:
-        finished = [j for j in record["jobs"] if j["status"] == "finished"]
+    finished = [j for j in record["jobs"] if j["status"] == "finished"] if record is not None else []
 
-        def cell(training: str) -> str:
-            jobs = [j for j in finished if setting(j, "recipe") == "kd_jacobian" and setting(j, "jacobian") == "top1"
-                    and setting(j, "teacher.training") == training]
-            return column_value(jobs, Column("", key))
-        adversarial, standard = cell("adversarial"), cell("standard")
-        source = f"this code, {len(finished)} jobs"
+    def runs(training: str) -> list[dict]:
+        return [j for j in finished if setting(j, "recipe") == "kd_jacobian" and setting(j, "jacobian") == "top1"
+                and setting(j, "teacher.training") == training]
+    if len(runs("adversarial")) == len(runs("standard")) == 5:   # this code's, once both groups are whole
+        adversarial, standard = (column_value(runs(t), Column("", key)) for t in ("adversarial", "standard"))
+        dates = sorted(j["finished"] for j in finished if j["finished"])
+        source = f"this code, {dates[-1][:10] if dates else '-'}"
     else:
         rows = {(r[0], r[1]): r[5] for r in earlier_rows(load("robust_transfer_earlier"))}
         adversarial = rows[("kd_jacobian, jacobian=top1", "adversarial")]

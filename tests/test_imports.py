@@ -1,4 +1,5 @@
-"""The package's imports, read from the source with `ast`: no cycle, and none against the README's order.
+"""The package's imports, read from the source with `ast`: no cycle, and none against the order the architecture
+page of the documentation gives (docs/concepts/architecture.md).
 
 Every import counts, at module level and inside functions (where a cycle hides from Python's import
 system but not from a reader), relative or absolute, and `from package import name` where the name is a
@@ -15,10 +16,10 @@ import jacdistill_cli
 
 PACKAGE = "jacdistill_cli"
 ROOT = Path(jacdistill_cli.__file__).parent
-README = ROOT.parent / "README.md"
+ARCHITECTURE = ROOT.parent / "docs" / "concepts" / "architecture.md"
 
-# The order of parts, as README.md's Architecture section gives it: a module imports modules of its own part
-# and of the parts before it, never of a part after it. errors.py is the leaf every part imports; storage.py
+# The order of parts, as the architecture page gives it (its "**Import order.**" line): a module imports modules
+# of its own part and of the parts before it, never of a part after it. errors.py is the leaf every part imports; storage.py
 # (the one atomic write and the one safe load) imports only errors.py; cli.py is the entry, importing the
 # commands (lazily, so that `jacdistill --help` answers at once); __main__.py runs cli.py.
 ORDER = ("errors.py", "storage.py", "config/", "engine/", "zoo/", "robustness/", "explain/", "spec/", "records/", "loop/",
@@ -139,7 +140,7 @@ def test_the_package_has_no_import_cycle():
 
 def test_no_module_imports_a_part_after_its_own():
     wrong = against_order(graph())
-    assert not wrong, "imports against the README's order:\n" + "\n".join(wrong)
+    assert not wrong, "imports against the architecture page's order:\n" + "\n".join(wrong)
 
 
 def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path):
@@ -162,11 +163,8 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path):
     assert find_cycle(edges) == [f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c", f"{PACKAGE}.a"]
 
 
-def test_the_readme_gives_the_same_order():
-    text = README.read_text()
-    section = text[text.index("## Architecture"):]
-    section = section[:section.index("\n## ", 1) if "\n## " in section[1:] else len(section)]
-    line = next(line for line in section.splitlines() if line.startswith("**Import order.**"))
+def test_the_architecture_page_gives_the_same_order():
+    line = next(line for line in ARCHITECTURE.read_text().splitlines() if line.startswith("**Import order.**"))
     named = re.findall(r"`([\w./]+)`", line)
     assert tuple(n for n in named if n in ORDER) == ORDER, line
 

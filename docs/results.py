@@ -196,6 +196,54 @@ def sweep_table(sweep: Sweep, jobs: list[dict]) -> list[str]:
     return rows
 
 
+# The explanation measures compared job by job (kd_jacobian against kd, same size and seed): the agreement with
+# the teacher, and faithfulness as each area's distance from the random order's (positive: better than random).
+PAIRED = (("saliency rank correlation", lambda m: m["explanation_rank_correlation"]),
+          ("saliency top-10% overlap", lambda m: m["explanation_top10_iou"]),
+          ("deletion: random area - own area", lambda m: m["faithfulness.student.random_deletion_area"]
+           - m["faithfulness.student.deletion_area"]),
+          ("insertion: own area - random area", lambda m: m["faithfulness.student.insertion_area"]
+           - m["faithfulness.student.random_insertion_area"]))
+
+
+def paired(jobs: list[dict], size: str, measure) -> list[float]:
+    """kd_jacobian minus kd of `measure`, seed by seed, at `size` samples per class."""
+    by = {(j["overrides"].get("recipe"), j["overrides"].get("seed")): j["metrics"] for j in jobs
+          if j["status"] == "finished" and j["overrides"].get("dataset.samples_per_class") == size}
+    seeds = sorted({seed for recipe, seed in by if (("kd", seed) in by and ("kd_jacobian", seed) in by)})
+    return [measure(by[("kd_jacobian", seed)]) - measure(by[("kd", seed)]) for seed in seeds]
+
+
+def verdict(differences: list[float]) -> str:
+    """What paired differences say: higher or lower in every pair, or within the seeds' spread."""
+    if not differences:
+        return "-"
+    mean, spread = statistics.fmean(differences), statistics.stdev(differences) if len(differences) > 1 else 0.0
+    above = sum(d > 0 for d in differences)
+    side = ("higher" if mean > 0 else "lower") if abs(mean) > spread else "no clear difference"
+    return f"{mean:+.4f} ± {spread:.4f} ({above} of {len(differences)} pairs above 0): {side}"
+
+
+def paired_section(jobs: list[dict]) -> list[str]:
+    """Does Jacobian matching make the student's explanations agree with the teacher's beyond what KD alone does,
+    and are they more faithful? Paired differences at each size, the table's answer in words."""
+    sizes = sorted({j["overrides"].get("dataset.samples_per_class") for j in jobs}, key=number)
+    out = ["## Explanations: Jacobian matching against KD alone", "",
+           "Each `kd_jacobian` job against the `kd` job of the same size and seed (the same teacher, the same "
+           "samples): the difference of each measure, mean ± sample standard deviation over the seeds, and how many "
+           "pairs are above 0. Agreement is the student's saliency against the teacher's (higher: more alike); "
+           "faithfulness is the student's own saliency against a random order of its pixels (higher: more "
+           "faithful; an area alone moves with how confident the student is, its random order's too).", "",
+           "| samples per class | " + " | ".join(title for title, _ in PAIRED) + " |",
+           "|---|" + "---|" * len(PAIRED)]
+    for size in sizes:
+        out.append(f"| {size} | " + " | ".join(verdict(paired(jobs, size, measure)) for _, measure in PAIRED) + " |")
+    out += ["", "![Saliency rank correlation with the teacher against samples per class](figures/"
+            "digits-fewshot-explanation.png)", "",
+            "The figure is `jacdistill report SWEEP_DIR metric=explanation_rank_correlation` of the sweep above.", ""]
+    return out
+
+
 PRESET_DEFAULTS = {"recipe": "kd_jacobian", "jacobian": "top1", "teacher.training": "adversarial"}
 
 
@@ -253,6 +301,8 @@ def sweep_page(name: str, sweep: Sweep, record: dict | None, earlier: dict | Non
                 + ". Mean ± sample standard deviation over the seeds; records: "
                 f"`docs/results/records/{name}.json`.", ""]
         out += (robust_table(jobs) if name == "robust_transfer" else sweep_table(sweep, jobs)) + [""]
+        if name == "digits_fewshot":
+            out += paired_section(jobs)
         unfinished = [j for j in jobs if j["status"] != "finished"]
         if unfinished:
             out += ["Not finished: " + ", ".join(f"`{j['job']}` ({j['status']})" for j in unfinished) + ".", ""]

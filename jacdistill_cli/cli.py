@@ -1,6 +1,6 @@
 """`jacdistill <command> [overrides]`: picks the command and hands the rest of argv to its Hydra app.
 
-The entry, last in the README's order of parts: it imports the commands (and what they need) only once
+The entry, last in the order of parts (docs/concepts/architecture.md): it imports the commands (and what they need) only once
 a command is chosen, so that `jacdistill --help` answers at once.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's digits few-shot table (Sweeps, reports and presets): CNN teacher, MLP students on
+# Reproduces the digits few-shot table (docs/results/digits-fewshot.md): CNN teacher, MLP students on
 # 1, 3 and 10 samples per class, as ce_only, kd and kd_jacobian, 5 seeds; 45 jobs of 100 epochs, minutes
 # on a CPU. The sweep ends with its report: SWEEP_DIR/report.md holds the table, report.csv and report.png
 # the rest.

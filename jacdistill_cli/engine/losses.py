@@ -17,7 +17,7 @@ Every shipped loss takes
 - `weight`: a multiplier of the loss itself (the published KD+LS weighs KL by 9; DIST on CIFAR-100 by 2).
   The objective's `(1 - alpha)` multiplies it too.
 
-A user's own loss is any function of this form named by a `_target_` (see the README).
+A user's own loss is any function of this form named by a `_target_` (see docs/how-to/own-model.md).
 """
 
 from __future__ import annotations

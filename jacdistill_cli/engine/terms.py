@@ -11,7 +11,7 @@ cross-entropy alone, as in the `ce_only` recipe, skips the teacher's pass). `los
 each term.
 
 A user's own term subclasses `Term` (a name, a weight, its needs and `__call__(step)`), and is added
-with `terms.<name>={_target_: ..., weight: ...}` (see the README).
+with `terms.<name>={_target_: ..., weight: ...}` (see docs/how-to/own-model.md).
 """
 
 from __future__ import annotations

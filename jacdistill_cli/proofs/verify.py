@@ -55,7 +55,7 @@ JACOBIAN_TOLERANCE = 1e-9      # relative to the largest reference entry, float6
 # Under trainer.precision: ||ours - reference|| / ||reference|| over the batch, the networks in float32
 # under autocast (bf16 keeps 8 bits of mantissa, float16 11), against the float64 reference.
 # Attention needs no wider bound: the zoo's ViT students (math attention, LayerNorm, GELU) measured
-# 0.004-0.014 in bf16 where the digits CNN measured 0.06-0.20 (README, Layers and attention).
+# 0.004-0.014 in bf16 where the digits CNN measured 0.06-0.20 (docs/concepts/engine.md, layers and attention).
 PRECISION_TOLERANCE = {"32": 1e-4, "bf16": 0.25, "16": 0.01}
 FD_RELATIVE_TOLERANCE = 1e-5   # central differences in float64 agree to ~1e-9 where smooth
 NOISE_SIGMAS = (1e-3, 1e-4, 1e-5)
@@ -511,7 +511,7 @@ def method_settings(name: str, configured: Any, load: Callable[[str], Any]) -> A
 
 
 def checkable_methods() -> list[str]:
-    """The shipped methods with a term to check (all but `none`), in the README's order."""
+    """The shipped methods with a term to check (all but `none`), in the order the docs give them (docs/concepts/jacobian-methods.md)."""
     from hydra.utils import get_object
 
     from jacdistill_cli.config import registry

@@ -24,14 +24,15 @@ def builders() -> dict[str, Callable[..., Any]]:
             "bench": bench_spec}
 
 
-def expanded(params: dict[str, Any], overrides: list[str]) -> list[list[str]]:
+def expanded(params: dict[str, Any], overrides: list[str], loader: Any = None) -> list[list[str]]:
     """The jobs' overrides: the sweeper's params (the config's hydra.sweeper.params) and the command line's,
-    expanded into one list per job, in the order the basic sweeper runs them."""
+    expanded into one list per job, in the order the basic sweeper runs them. `loader`: Hydra's config loader,
+    which a `glob(...)` of a group's options needs (it lists them)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     lines = [f"{key}={value}" for key, value in params.items()] + list(overrides)
-    parsed = OverridesParser.create().parse_overrides(lines)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(lines)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -119,7 +120,7 @@ def check_sweep(config: DictConfig, loader: Any, params: dict[str, Any], argumen
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors (an unknown option or key)
             raise UsageError(composition_message(command, overrides, err)) from None
 
-    jobs = checked_jobs(command, expanded(params, arguments), compose)
+    jobs = checked_jobs(command, expanded(params, arguments, loader), compose)
     for line in same_runs(jobs):
         print(f"jacdistill {command}: warning: {line}", file=sys.stderr, flush=True)
     print(f"jacdistill {command}: {len(jobs)} job{'s' if len(jobs) != 1 else ''} checked; sweep directory "

@@ -49,7 +49,7 @@ def evaluate_spec(cfg: DictConfig, choices: Mapping[str, Any] | None = None,
 
 
 def checkable_methods() -> list[str]:
-    """The shipped methods with a term to check (all but `none`), in the README's order."""
+    """The shipped methods with a term to check (all but `none`), in the order the docs give them (docs/concepts/jacobian-methods.md)."""
     from hydra.utils import get_object
 
     order = ["top1", "target", "loss", "exact", "projected", "noise"]

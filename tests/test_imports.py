@@ -176,3 +176,69 @@ def test_the_entry_imports_the_package_only_inside_functions():
     names = [alias.name for node in top if isinstance(node, ast.Import) for alias in node.names]
     names += [node.module or "" for node in top if isinstance(node, ast.ImportFrom)]
     assert not [name for name in names if name.startswith(PACKAGE)], names
+
+
+# The size of the parts a reader meets: a command only wires, a function fits a screen, a signature is read at a
+# glance. Exceptions: a `_target_` builder, whose parameters are its config keys (named in a conf/ yaml file), and
+# an autograd.Function's forward, which mirrors the torch function it stands for.
+COMMAND_LINES, FUNCTION_LINES, PARAMETERS = 150, 60, 8
+
+
+def configured_targets() -> set[str]:
+    targets = set()
+    for path in (ROOT.parent / "conf").rglob("*.yaml"):
+        targets |= set(re.findall(r"_target_:\s*([\w.]+)", path.read_text()))
+    return targets
+
+
+def functions():
+    """(module, qualified name, node, the class it is defined in or None) of every function of the package."""
+    for module, path in modules().items():
+        tree = ast.parse(path.read_text())
+        stack = [(tree, "", None)]
+        while stack:
+            node, prefix, owner = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield module, f"{prefix}{child.name}", child, owner
+                    stack.append((child, f"{prefix}{child.name}.", owner))
+                elif isinstance(child, ast.ClassDef):
+                    stack.append((child, f"{prefix}{child.name}.", child))
+                else:
+                    stack.append((child, prefix, owner))
+
+
+def is_autograd_forward(node: ast.AST, owner: ast.ClassDef | None) -> bool:
+    bases = [ast.unparse(b) for b in owner.bases] if owner is not None else []
+    return node.name in ("forward", "backward") and any(b.endswith("Function") for b in bases)
+
+
+def test_each_command_module_only_wires():
+    long = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "commands").glob("*.py")}
+    assert {name: n for name, n in long.items() if n > COMMAND_LINES} == {}
+
+
+def test_no_function_is_longer_than_a_screen_nor_takes_more_than_eight_parameters():
+    targets = configured_targets()
+    long, wide = [], []
+    for module, name, node, owner in functions():
+        first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+        if node.end_lineno - first + 1 > FUNCTION_LINES:
+            long.append(f"{module}.{name}: {node.end_lineno - first + 1} lines")
+        args = node.args
+        count = len([a for a in [*args.posonlyargs, *args.args, *args.kwonlyargs] if a.arg not in ("self", "cls")])
+        if count > PARAMETERS and f"{module}.{name}" not in targets and not is_autograd_forward(node, owner):
+            wide.append(f"{module}.{name}: {count} parameters")
+    assert long == [] and wide == [], long + wide
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (and fixtures in conftest.py), never in a test module."""
+    tests = ROOT.parent / "tests"
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in import_nodes(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")
+                      or n == "conftest"]
+    assert found == []

@@ -188,3 +188,45 @@ def test_the_readme_add_a_model_example_trains_as_teacher_and_student_and_evalua
     assert status == 0, stderr
     assert json.loads((tmp_path / "evaluated" / "evaluation.json").read_text())["accuracy"] == pytest.approx(
         metrics["test_accuracy"])
+
+
+MISFITS = [  # (overrides, what the one line names)
+    (["student=timm", "student.arch=vit_tiny_patch16_224", "student.img_size=32", "+student.options={depth:1}"],
+     "student=timm student.arch=vit_tiny_patch16_224 student.img_size=32"),
+    (["student=torchvision", "student.arch=resnet_18"], "did you mean resnet18"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", MISFITS, ids=["vit img_size", "arch"])
+def test_a_model_that_does_not_fit_the_data_is_refused_before_any_teacher_epoch(tmp_path, monkeypatch, overrides,
+                                                                                named):
+    """In one line naming the model as selected (and the data's input shape), before the teacher trains (no cache
+    entry) and with no run directory."""
+    monkeypatch.chdir(tmp_path)
+    status, stderr = run_in_process(["train", *overrides, f"cache_dir={tmp_path / 'cache'}",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert named in stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_add_a_model_example_through_the_console_script(cli, tmp_path):
+    """The README's own example, as a user runs it: trained as teacher and student, then evaluated."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n\n\ndef tiny(input_shape, num_classes, width=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(width), nn.ReLU(), nn.Linear(width, num_classes))\n")
+    for role in ("teacher", "student"):
+        (tmp_path / "myconf" / role).mkdir(parents=True)
+        (tmp_path / "myconf" / role / "tiny.yaml").write_text("_target_: mymodels.tiny\nwidth: 8\n")
+    trained = cli("train", "--config-dir", "myconf", "teacher=tiny", "student=tiny", "trainer.epochs=1",
+                  "teacher.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = cli("evaluate", "checkpoint=run/student.pt", "trust=[mymodels.tiny]", "hydra.run.dir=eval",
+                    cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["accuracy"] == pytest.approx(
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"])
+    misfit = cli("train", "student=timm", "student.arch=vit_tiny_patch16_224", "student.img_size=32",
+                 "hydra.run.dir=misfit", cwd=tmp_path)
+    assert misfit.returncode == 2 and "Traceback" not in misfit.stderr and len(misfit.stderr.strip().splitlines()) == 1

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from jacdistill_cli.config.resolvers import BASIC_SWEEPERS, job_dirname, swept_keys, varying_dirname
 from jacdistill_cli.errors import UsageError
 from jacdistill_cli.explain.figure import private_matplotlib_config
+from jacdistill_cli.records.status import DIVERGED, FINISHED, INTERRUPTED, REFUSED
 from jacdistill_cli.spec.sweep import expanded
 from jacdistill_cli.storage import write_bytes, write_text
 
@@ -34,9 +35,10 @@ TABLE_METRICS = ("test_accuracy", "val_accuracy", "agreement", "jacobian_cosine"
 ROBUST = ("robust_accuracy", "teacher_robust_accuracy")
 # The x-axis of the plot, in order of preference, when `x=auto` and the key varies across groups.
 PREFERRED_X = ("dataset.samples_per_class", "alpha")
-FINISHED, FAILED, UNFINISHED, NOT_STARTED = "finished", "failed", "did not finish", "not started"
-DIVERGED = "diverged"        # its loss became non-finite: metrics.json says at which step
-REFUSED = "refused"          # a setting was refused after its directory was claimed: metrics.json says why
+# What a run's metrics.json says (records/status.py: finished; diverged, its loss became non-finite, at which step;
+# refused, a setting refused after its directory was claimed, why; interrupted, where and how to resume), and
+# what report sees besides: a job whose log ends in an error, one without metrics.json, one never started.
+FAILED, UNFINISHED, NOT_STARTED = "failed", "did not finish", "not started"
 UNREADABLE = "unreadable"   # its .hydra files cannot be read: settings unknown
 
 
@@ -199,7 +201,7 @@ def read_run(run_dir: Path, root: Path) -> Run:
         if not isinstance(metrics, dict):
             return Run(name, overrides, None, UNFINISHED,
                        f"metrics.json holds a {type(metrics).__name__}, not an object of metrics", settings)
-        if metrics.get("status") == "interrupted":
+        if metrics.get("status") == INTERRUPTED:
             where = (f"at epoch {metrics.get('epoch')}, step {metrics.get('step')}" if metrics.get("step") is not None
                      else "before the student's first epoch")
             return Run(name, overrides, None, UNFINISHED, f"interrupted by {metrics.get('signal')} {where}; resume: "

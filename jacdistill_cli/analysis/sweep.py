@@ -18,6 +18,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from jacdistill_cli.records.status import DIVERGED
+
 
 class SweepReport(Callback):
     def __init__(self, report: bool = True) -> None:
@@ -47,7 +49,7 @@ class SweepReport(Callback):
 
             try:
                 report, text, written = write_report(self.sweep_dir)
-                diverged = sum(run.status == "diverged" for run in report.runs)
+                diverged = sum(run.status == DIVERGED for run in report.runs)
                 print(f"\n{text}\n{prefix} written: {', '.join(str(path) for path in written)}", flush=True)
             except UsageError as err:  # no run of the sweep got as far as its directory
                 print(f"{prefix} no report: {err}", file=sys.stderr, flush=True)

@@ -232,3 +232,16 @@ def test_attention_under_dropout_and_autocast_takes_the_math_kernels_composition
         mixed = double_backward.attention(q, k, v)
     assert mixed.dtype == torch.bfloat16 and "_AttentionBackward" not in graph_nodes(mixed)
     torch.testing.assert_close(mixed.float(), F.scaled_dot_product_attention(q, k, v), rtol=0.05, atol=0.05)
+
+
+def test_the_plain_way_gives_jacdistills_loss_on_the_bench_pair():
+    """proofs/plain_way.py compares jacdistill's top1 step with the objective written the plain way: both take the
+    same loss from the same weights (what its timing rests on)."""
+    from jacdistill_cli.proofs import plain_way
+
+    cfg = plain_way.bench_config("vit")
+    cfg.batch_size = 6
+    student, teacher, x, y = plain_way.build_pair(cfg, 10)
+    ours, plain = plain_way.first_losses(student, teacher, x, y, cfg)
+    assert abs(ours - plain) <= plain_way.LOSS_TOLERANCE and plain > 0
+    assert gate_of(student) is None and gate_of(teacher) is None   # the networks given stay unconverted

@@ -278,10 +278,11 @@ class Targets:
     jacobian_agreement: float = 1e-5
 
 
-# Targets of a bench pair (conf/bench_pair) that differ from the defaults above. vit: the Jacobian step's
-# second-order pass goes through softmax, LayerNorm and GELU, whose second derivatives cost more than
-# ReLU's and max pooling's (none), on the math attention kernel, against a plain KD step on the fused one.
-PAIR_TARGETS: dict[str, dict[str, Any]] = {"vit": {"gradient_methods": 3.0}}
+# Targets of a bench pair (conf/bench_pair) that differ from the defaults above. vit: the student's attention has
+# a double backward of batched matrix products over [L, S] weights (engine/double_backward.py) where a plain KD
+# step runs the fused kernel, and its softmax, LayerNorm and GELU second derivatives are elementwise passes that
+# ReLU's and max pooling's (none) are not; measured 2.3-2.4x on one busy CPU thread.
+PAIR_TARGETS: dict[str, dict[str, Any]] = {"vit": {"gradient_methods": 2.4}}
 
 
 def targets_for(pair: str | None) -> Targets:

@@ -25,7 +25,7 @@ for round in $(seq "$rounds"); do
       echo "== $pair round $round $side ($dir): $(uptime)"
       (cd "$dir" && "$py" -m jacdistill_cli bench "bench_pair=$pair" threads=1 "hydra.run.dir=$out/${pair}_${round}_${side}" \
         > "$log" 2>&1) || echo "   FAILED: see $log"
-      grep -E "^([0-9]+ classes|plain KD|top1|target|projected|noise|exact)" "$log"
+      grep -E "^([0-9]+ classes|plain KD|top1|target|projected|noise|exact|naive|targets missed|  [a-z])" "$log"
     done
   done
   echo "== plain way, B, round $round: $(uptime)"

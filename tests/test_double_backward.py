@@ -114,9 +114,8 @@ def bench_vit_pair(classes: int):
     """conf/bench_pair/vit.yaml's teacher and student, in float64."""
     pair = OmegaConf.load("conf/bench_pair/vit.yaml")
     torch.manual_seed(0)
-    settings = {side: {k: v for k, v in OmegaConf.to_container(pair[side]).items()} for side in ("teacher", "student")}
-    teacher = vit((3, 32, 32), classes, **settings["teacher"]).double().eval().requires_grad_(False)
-    student = vit((3, 32, 32), classes, **settings["student"]).double().train()
+    teacher = vit((3, 32, 32), classes, **OmegaConf.to_container(pair.teacher)).double().eval().requires_grad_(False)
+    student = vit((3, 32, 32), classes, **OmegaConf.to_container(pair.student)).double().train()
     return student, teacher
 
 

@@ -192,10 +192,11 @@ def test_strategy_func_runs_attention_on_the_math_kernel_inside_the_jacobians(ki
 
 
 def attention_ops(run) -> set[str]:
-    """The attention kernels (profiler op names) that ran during run()."""
+    """The attention kernels (profiler op names, `_Attention` for double_backward's) that ran during run()."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         run()
-    return {e.key for e in profile.key_averages() if "scaled_dot_product" in e.key or "multi_head" in e.key}
+    return {e.key for e in profile.key_averages()
+            if "scaled_dot_product" in e.key or "multi_head" in e.key or e.key == "_Attention"}
 
 
 def fused(ops: set[str]) -> bool:
@@ -226,22 +227,27 @@ def test_teacher_evaluation_and_plain_kd_use_the_fused_kernel_and_the_jacobian_s
                                                              torch.device("cpu"))))
     assert fused(eval_ops) and "aten::_scaled_dot_product_attention_math" not in eval_ops, eval_ops
     assert 0 <= metrics["accuracy"] <= 1
-    # The Jacobian step of the transformer student: its own pass runs no fused kernel (the teacher's does).
+    # The Jacobian step of the transformer student: its own pass runs double_backward's attention, no fused kernel.
     student_ops = attention_ops(lambda: step(student, cnn.eval(), 0.5))
-    assert not fused(student_ops), student_ops
+    assert not fused(student_ops) and "_Attention" in student_ops, student_ops
 
 
-def test_a_model_calling_sdpa_itself_goes_to_the_math_kernel_inside_its_gate_only():
+def test_a_model_calling_sdpa_itself_gets_a_double_backward_inside_its_gate_only():
+    """Inside the objective's forward pass double_backward's attention, in another second-order pass (a feature
+    Jacobian's) the math kernel, outside both the fused kernel."""
     model = make_jacobian_ready(Tokens("sdpa"))
     inputs, _ = batch()
-    assert "aten::_scaled_dot_product_attention_math" in attention_ops(
-        lambda: _inside(model, inputs))
+    gate = gate_of(model)
+    inside = attention_ops(lambda: _inside(model, inputs, gate.forward_pass()))
+    assert inside == {"_Attention"}, inside
+    second_order = attention_ops(lambda: _inside(model, inputs, gate.second_order_pass()))
+    assert "aten::_scaled_dot_product_attention_math" in second_order and "_Attention" not in second_order
     outside = attention_ops(lambda: model(inputs.requires_grad_()).sum().backward())
     assert fused(outside) and "aten::_scaled_dot_product_attention_math" not in outside
 
 
-def _inside(model, inputs):
-    with gate_of(model).forward_pass():
+def _inside(model, inputs, context):
+    with context:
         model(inputs)
 
 

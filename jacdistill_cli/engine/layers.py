@@ -2,8 +2,8 @@
 
 A Jacobian term differentiates an input-gradient a second time, and with BatchNorm in train mode it
 needs per-sample input-gradients from a batch-coupled forward pass. Plain layers give the right
-numbers but waste work on it; these subclasses of nn.ReLU, nn.MaxPool2d, nn.BatchNorm1d/2d/3d and
-nn.Conv2d keep their parameters, buffers and `state_dict` keys (checkpoints stay compatible) and
+numbers but waste work on it; these subclasses of nn.ReLU, nn.MaxPool2d, nn.BatchNorm1d/2d/3d,
+nn.Conv2d and nn.MultiheadAttention keep their parameters, buffers and `state_dict` keys (checkpoints stay compatible) and
 behave exactly like their parents unless the model's `JacobianGate` is open:
 
 - inside `gate.forward_pass(...)` (the objective's forward pass of a step):
@@ -12,7 +12,14 @@ behave exactly like their parents unless the model's `JacobianGate` is open:
   train-mode BatchNorm runs PyTorch's fused kernels with a backward that has two modes (below);
   eval-mode BatchNorm runs as the per-channel affine map it is (an input-gradient of one
   multiplication); a Conv2d applied to the pass's `inputs` itself computes its input-gradient only
-  where the Jacobian is taken.
+  where the Jacobian is taken (a patch embedding's, kernel = stride, by matrix products: a CPU's
+  convolution kernels take several times longer for it); attention (nn.MultiheadAttention's
+  self-attention without a mask, F.scaled_dot_product_attention called without one) runs
+  `double_backward.attention`, whose double backward is written by hand.
+- inside `gate.forward_pass(activations=False)` (the teacher's pass of a step, whose input-gradient is
+  taken once): nn.MultiheadAttention's self-attention runs its projections around the fused kernel
+  without F.multi_head_attention_forward's copies of q, k and v, and the convolution of the pass's
+  input leaf is the input convolution (a patch embedding's input-gradient by matrix products).
 - inside `gate.jacobians()` (the input-gradients of the step): BatchNorm's input-gradient is the one
   of the per-sample function that holds the batch statistics constant (still functions of the
   parameters), and the input convolution computes its input-gradient.
@@ -23,10 +30,12 @@ behave exactly like their parents unless the model's `JacobianGate` is open:
 - attention, in a second-order pass (the student's gated pass, whose input-gradient stays in the
   graph, and the forward passes of strategy=func inside `gate.jacobians()`; `gate.second_order_pass()`
   for a pass outside them, such as a feature Jacobian): the fused
-  attention kernels (flash, memory-efficient, the CPU flash kernel) have no double backward, so
+  attention kernels (flash, memory-efficient, the CPU flash kernel) have no double backward. Inside
+  the gated pass attention runs `double_backward.attention` (above); in the others
   nn.MultiheadAttention takes its own explicit path (`need_weights=True`, the weights dropped when
-  not asked for), a module with timm's `fused_attn` switch its explicit one, and any other call of
-  F.scaled_dot_product_attention made in this thread while the pass lasts goes to the math kernel
+  not asked for) and a module with timm's `fused_attn` switch its explicit one. Any call of
+  F.scaled_dot_product_attention made in this thread while a second-order pass lasts goes to
+  `double_backward.attention` (in the gated pass, without a mask) or to the math kernel
   (`MathAttention`, a TorchFunctionMode: the mode stack is per-thread, so a model running in another
   thread keeps the fused kernels). The teacher's pass, evaluation and a plain KD step never open a
   second-order pass and keep the fused kernels.
@@ -49,6 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
+
+from jacdistill_cli.engine import double_backward
 
 
 class JacobianGate:
@@ -90,7 +101,7 @@ class JacobianGate:
             return
         self.second_order = True
         try:
-            with MathAttention():
+            with MathAttention(self):
                 yield
         finally:
             self.second_order = False
@@ -162,13 +173,32 @@ def math_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
                                                             scale=scale, enable_gqa=enable_gqa)[0]
 
 
+def _unmasked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> bool:
+    """Whether a call of F.scaled_dot_product_attention is one `double_backward.attention` computes: no mask,
+    not causal, the same leading dimensions for query, key and value."""
+    return (attn_mask is None and not is_causal and not enable_gqa and query.dim() >= 3
+            and query.shape[:-2] == key.shape[:-2] == value.shape[:-2])
+
+
 class MathAttention(TorchFunctionMode):
-    """While entered: F.scaled_dot_product_attention, called in this thread, runs `math_attention`.
-    (A mode is pushed on the current thread's stack only, so other threads keep the fused kernels.)"""
+    """While entered: F.scaled_dot_product_attention, called in this thread, runs `math_attention`, or, inside
+    the objective's forward pass of `gate`'s model (`forward_pass` with activations), `double_backward.attention`
+    when the call has no mask. (A mode is pushed on the current thread's stack only, so other threads keep the
+    fused kernels.)"""
+
+    def __init__(self, gate: "JacobianGate | None" = None) -> None:
+        super().__init__()
+        self.gate = gate
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            gate = self.gate
+            if gate is not None and gate.active and gate.activations and _unmasked(*args, **kwargs):
+                bound = dict(zip(("query", "key", "value", "attn_mask", "dropout_p"), args), **kwargs)
+                return double_backward.attention(bound["query"], bound["key"], bound["value"],
+                                                 bound.get("dropout_p", 0.0), bound.get("scale"))
             return math_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -274,6 +304,7 @@ class _InputConv2d(torch.autograd.Function):
         ctx.settings = (list(stride), list(padding), list(dilation), groups)
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
         ctx.gate = gate
+        ctx.patch = patch_size(x, weight, *ctx.settings)
         if ctx.dtype is not None:
             x, weight = x.to(ctx.dtype), weight.to(ctx.dtype)
             bias = None if bias is None else bias.to(ctx.dtype)
@@ -293,11 +324,51 @@ class _InputConv2d(torch.autograd.Function):
         else:
             mask = [needs[0], needs[1], has_bias]
         dtype = ctx.dtype or x.dtype
-        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad.to(dtype), x.to(dtype), weight.to(dtype), ctx.bias_sizes, stride, padding, dilation, False, [0, 0],
-            groups, mask)
+        if ctx.patch is not None:
+            grad_x, grad_weight, grad_bias = patch_convolution_backward(grad.to(dtype), x.to(dtype), weight.to(dtype),
+                                                                        ctx.patch, mask)
+        else:
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad.to(dtype), x.to(dtype), weight.to(dtype), ctx.bias_sizes, stride, padding, dilation, False,
+                [0, 0], groups, mask)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
         return cast(grad_x, x), cast(grad_weight, weight), cast(grad_bias, weight), None, None, None, None, None
+
+
+def patch_size(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> int | None:
+    """k where the convolution cuts x [B, C, H, W] into whole, non-overlapping k x k patches (a ViT's patch
+    embedding: kernel = stride = k, no padding, no dilation, one group), else None."""
+    k = weight.shape[-1]
+    if (weight.dim() != 4 or weight.shape[-2] != k or list(stride) != [k, k] or any(padding)
+            or list(dilation) != [1, 1] or groups != 1):
+        return None
+    return k if x.dim() == 4 and x.shape[-2] % k == 0 and x.shape[-1] % k == 0 else None
+
+
+def image_patches(x: Tensor, k: int) -> Tensor:
+    """x [B, C, H, W] -> its k x k patches as rows [B * H/k * W/k, C * k * k], in the weight's (C, k, k) order."""
+    batch, channels, height, width = x.shape
+    return x.reshape(batch, channels, height // k, k, width // k, k).permute(0, 2, 4, 1, 3, 5).reshape(
+        -1, channels * k * k)
+
+
+def patch_convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, k: int,
+                               mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """convolution_backward of a patch embedding (`patch_size`) as matrix products, in differentiable operations:
+    a CPU's convolution kernels take several times longer for its input-gradient. grad [B, O, H/k, W/k] ->
+    (grad_x [B, C, H, W], grad_weight [O, C, k, k], grad_bias [O]), each None where `mask` says."""
+    batch, channels, height, width = x.shape
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])          # [B H/k W/k, O]
+    grad_x = grad_weight = grad_bias = None
+    if mask[0]:
+        patches = rows @ weight.reshape(weight.shape[0], -1)               # [B H/k W/k, C k k]
+        grad_x = patches.view(batch, height // k, width // k, channels, k, k).permute(0, 3, 1, 4, 2, 5).reshape(
+            x.shape)
+    if mask[1]:
+        grad_weight = (rows.t() @ image_patches(x, k)).view(weight.shape)
+    if mask[2]:
+        grad_bias = rows.sum(0)
+    return grad_x, grad_weight, grad_bias
 
 
 def _pair(value) -> list[int]:
@@ -391,33 +462,72 @@ class JacobianBatchNorm3d(_JacobianBatchNorm, nn.BatchNorm3d):
 class JacobianConv2d(nn.Conv2d, _Gated):
     def forward(self, x: Tensor) -> Tensor:
         gate = self.jacobian_gate
-        if gate.active and x is gate.inputs and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        # The pass's input: the student's `inputs`; in the teacher's pass (no inputs named), its input leaf.
+        taken = x is gate.inputs or (gate.inputs is None and x.is_leaf and x.requires_grad)
+        if gate.active and taken and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             return _InputConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                       self.groups, gate)
         return super().forward(x)
 
 
+def smooth_pass(gate: JacobianGate) -> bool:
+    """Inside the objective's forward pass of a model whose input-gradient is differentiated again (the student's):
+    attention runs `double_backward.attention`."""
+    return gate.active and gate.activations
+
+
 class JacobianMultiheadAttention(nn.MultiheadAttention, _Gated):
-    """nn.MultiheadAttention; in a second-order pass, `need_weights=False` (as nn.TransformerEncoderLayer
-    and torchvision's ViT call it, for the fused kernels) runs its explicit path, whose double backward exists."""
+    """nn.MultiheadAttention. Inside the objective's forward pass, self-attention with packed projections and no
+    mask, called with `need_weights=False` (as nn.TransformerEncoderLayer and torchvision's ViT call it), runs
+    between its projections `double_backward.attention` (the student's pass) or the fused kernel (the teacher's),
+    without F.multi_head_attention_forward's transposes and copies of q, k and v; in any other second-order
+    pass `need_weights=False` runs its explicit path, whose double backward exists."""
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        if self.jacobian_gate.second_order and not need_weights and not is_causal:
+        gate = self.jacobian_gate
+        plain = not need_weights and key_padding_mask is None and attn_mask is None and not is_causal
+        if plain and gate.active and self.packed_self_attention(query, key, value):
+            return self.smooth_self_attention(query), None
+        if gate.second_order and not need_weights and not is_causal:
             out, _ = super().forward(query, key, value, key_padding_mask, True, attn_mask, average_attn_weights)
             return out, None
         return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                                is_causal)
 
+    def packed_self_attention(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        return (query is key and key is value and query.dim() == 3 and not query.is_nested
+                and self._qkv_same_embed_dim and self.in_proj_weight is not None and self.bias_k is None
+                and self.bias_v is None and not self.add_zero_attn)
+
+    def smooth_self_attention(self, x: Tensor) -> Tensor:
+        """The layer's output (need_weights=False) for self-attention of x ([batch, length, embed] if batch_first,
+        else [length, batch, embed]): `double_backward.attention` in the student's pass, else the fused kernel."""
+        tokens = x if self.batch_first else x.transpose(0, 1)          # [B, L, E]
+        batch, length, width = tokens.shape
+        heads = self.num_heads
+        qkv = F.linear(tokens, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.dropout if self.training else 0.0
+        if smooth_pass(self.jacobian_gate):
+            out = double_backward.attention(q, k, v, dropout)                        # [B, H, L, E / H]
+        else:   # the teacher's pass of a step: its input-gradient is not differentiated again
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = F.linear(out.transpose(1, 2).reshape(batch, length, width), self.out_proj.weight, self.out_proj.bias)
+        return out if self.batch_first else out.transpose(0, 1)
+
 
 class _FusedAttentionSwitch(_Gated):
     """A module with timm's `fused_attn` switch (F.scaled_dot_product_attention if true, its own
-    matmul-softmax attention if false): the switch reads false in a second-order pass."""
+    matmul-softmax attention if false): the switch reads false in a second-order pass other than the
+    objective's forward pass (where `MathAttention` gives the call to `double_backward.attention`)."""
 
     @property
     def fused_attn(self) -> bool:
-        return bool(self.__dict__["_fused_attn"]) and not self.jacobian_gate.second_order
+        gate = self.jacobian_gate
+        # Inside the objective's forward pass F.scaled_dot_product_attention runs double_backward.attention.
+        return bool(self.__dict__["_fused_attn"]) and (not gate.second_order or smooth_pass(gate))
 
     @fused_attn.setter
     def fused_attn(self, value: bool) -> None:

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from objectives import objective
+from helpers import objective
 from omegaconf import OmegaConf
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jacdistill_cli.engine.methods import NoJacobian
+from jacdistill_cli.loop.teacher import freeze
 from jacdistill_cli.proofs.benchmark import objective_step, optimiser_step
-from jacdistill_cli.run.teacher import freeze
 
 LOSS_TOLERANCE = 1e-6
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args(argv)
-    from jacdistill_cli.run.runtime import keep_freed_memory
+    from jacdistill_cli.loop.device import keep_freed_memory
 
     keep_freed_memory()   # as bench runs
     torch.set_num_threads(options.threads)

@@ -49,10 +49,10 @@ def bench_table(spec: BenchSpec, classes: int, device: torch.device, say: Callab
     say(f"\nteacher {describe_architecture(spec.teacher.architecture)}: {count_parameters(teacher)} parameters, "
         f"forward {teacher_ms:.1f} ms; student {describe_architecture(spec.student.architecture)}: "
         f"{count_parameters(student)} parameters, forward {student_ms:.1f} ms")
-    candidates = benchmark.build_candidates(student, teacher, x, y, list(spec.methods), list(spec.strategies),
-                                            list(spec.naive), spec.alpha, spec.temperature, spec.seed,
-                                            lambda name: OmegaConf.create(shipped_jacobian(name)),
-                                            Precision(spec.precision, device.type))
+    case = benchmark.StepCase(teacher, x, y, spec.alpha, spec.temperature, spec.seed,
+                              Precision(spec.precision, device.type))
+    candidates = benchmark.build_candidates(student, case, list(spec.methods), list(spec.strategies), list(spec.naive),
+                                            lambda name: OmegaConf.create(shipped_jacobian(name)))
     benchmark.time_rounds(candidates, spec.warmup, spec.repeats, spec.budget_seconds, device)
     agreement = {}
     if "backward" in spec.naive and "exact" in spec.methods:

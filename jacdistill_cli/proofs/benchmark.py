@@ -136,15 +136,29 @@ def optimiser_step(student: nn.Module, loss_of: Callable[[float], Tensor],
     return step
 
 
-def objective_step(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, settings: Any,
-                   alpha: float, temperature: float, seed: int,
-                   precision: Precision | None = None) -> Callable[[], None]:
+@dataclass(frozen=True)
+class StepCase:
+    """What every timed step shares: the frozen teacher, the batch (x [batch, *input], y [batch]), the objective's
+    weights, its random stream's seed, and the precision it runs under (None: float32)."""
+
+    teacher: nn.Module
+    x: Tensor
+    y: Tensor
+    alpha: float
+    temperature: float
+    seed: int = 0
+    precision: Precision | None = None
+
+
+def objective_step(student: nn.Module, case: StepCase, settings: Any) -> Callable[[], None]:
+    """One optimiser step of KD with the Jacobian method `settings` (a `jacobian` node) on `case`'s batch."""
     from jacdistill_cli.config.registry import build
 
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    objective = distillation_objective(functools.partial(kl, temperature=temperature), alpha, 0.0,
+    generator = torch.Generator(device=case.x.device).manual_seed(case.seed)
+    objective = distillation_objective(functools.partial(kl, temperature=case.temperature), case.alpha, 0.0,
                                        build("jacobian", settings), generator=generator)
-    return optimiser_step(student, lambda scale: objective(student, teacher, x, y, scale)[1]["total"], precision)
+    return optimiser_step(student, lambda scale: objective(student, case.teacher, case.x, case.y, scale)[1]["total"],
+                          case.precision)
 
 
 def synchronize(device: torch.device) -> None:
@@ -238,26 +252,25 @@ def method_settings(name: str, load: Callable[[str], Any]) -> Any:
     return settings
 
 
-def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, methods: list[str],
-                     strategies: list[str], naive: list[str], alpha: float, temperature: float, seed: int,
-                     load: Callable[[str], Any], precision: Precision | None = None) -> list[Candidate]:
-    """Plain KD, each method and each exact strategy under `precision`; the naive references in float32,
-    as the question wrote them."""
+def build_candidates(student: nn.Module, case: StepCase, methods: list[str], strategies: list[str],
+                     naive: list[str], load: Callable[[str], Any]) -> list[Candidate]:
+    """Plain KD, each method and each exact strategy under the case's precision; the naive references in
+    float32, as the question wrote them. `load`: a method's shipped settings by name."""
     from jacdistill_cli.engine.jacobian import resolve_strategy
+
+    teacher, x = case.teacher, case.x
 
     def fresh() -> nn.Module:
         return copy.deepcopy(student)
 
     candidates = [Candidate("plain KD (jacobian=none)", "kd", objective_step(
-        fresh(), teacher, x, y, OmegaConf.create({"_target_": f"{NoJacobian.__module__}.NoJacobian", "name": "none"}),
-        alpha, temperature, seed, precision))]
+        fresh(), case, OmegaConf.create({"_target_": f"{NoJacobian.__module__}.NoJacobian", "name": "none"})))]
     for name in methods:
         if name == "exact":
             continue
         settings = method_settings(name, load)
         label = {"projected": "projected (1 projection)", "noise": "noise (1 sample)"}.get(name, name)
-        candidates.append(Candidate(label, "method", objective_step(fresh(), teacher, x, y, settings, alpha,
-                                                                    temperature, seed, precision), method=name))
+        candidates.append(Candidate(label, "method", objective_step(fresh(), case, settings), method=name))
     if "exact" in methods:
         for strategy in ["auto", *strategies]:
             settings = load("exact")
@@ -266,14 +279,14 @@ def build_candidates(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tenso
             teacher_side = resolve_strategy(strategy, teacher, x.device)
             resolved = student_side if student_side == teacher_side else f"{student_side}/{teacher_side}"
             label = f"exact (auto = {resolved})" if strategy == "auto" else f"exact ({strategy})"
-            candidates.append(Candidate(label, "exact", objective_step(fresh(), teacher, x, y, settings, alpha,
-                                                                       temperature, seed, precision),
-                                        method="exact", strategy=strategy, resolved=resolved))
+            candidates.append(Candidate(label, "exact", objective_step(fresh(), case, settings), method="exact",
+                                        strategy=strategy, resolved=resolved))
     for variant in naive:
         work = fresh()
         label = NAIVE_LABELS[variant]
         candidates.append(Candidate(label, "naive", optimiser_step(
-            work, lambda scale, work=work, variant=variant: naive_loss(work, teacher, x, alpha, temperature, variant)),
+            work, lambda scale, work=work, variant=variant: naive_loss(work, teacher, x, case.alpha, case.temperature,
+                                                                       variant)),
             strategy=variant))
     return candidates
 

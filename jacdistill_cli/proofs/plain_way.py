@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jacdistill_cli.engine.methods import NoJacobian
 from jacdistill_cli.loop.teacher import freeze
-from jacdistill_cli.proofs.benchmark import objective_step, optimiser_step
+from jacdistill_cli.proofs.benchmark import StepCase, objective_step, optimiser_step
 
 LOSS_TOLERANCE = 1e-6
 
@@ -102,14 +102,13 @@ def steps(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, cfg) -> 
     from jacdistill_cli.config.registry import shipped_node
     from jacdistill_cli.engine.layers import make_jacobian_ready
 
-    converted = make_jacobian_ready(copy.deepcopy(teacher))
+    case = StepCase(make_jacobian_ready(copy.deepcopy(teacher)), x, y, cfg.alpha, cfg.temperature, cfg.seed)
     none = OmegaConf.create({"_target_": f"{NoJacobian.__module__}.NoJacobian", "name": "none"})
     plain_student = copy.deepcopy(student)
     return {
-        "plain KD": objective_step(make_jacobian_ready(copy.deepcopy(student)), converted, x, y, none, cfg.alpha,
-                                   cfg.temperature, cfg.seed),
-        "jacdistill top1": objective_step(make_jacobian_ready(copy.deepcopy(student)), converted, x, y,
-                                          shipped_node("jacobian", "top1"), cfg.alpha, cfg.temperature, cfg.seed),
+        "plain KD": objective_step(make_jacobian_ready(copy.deepcopy(student)), case, none),
+        "jacdistill top1": objective_step(make_jacobian_ready(copy.deepcopy(student)), case,
+                                          shipped_node("jacobian", "top1")),
         "plain-way top1": optimiser_step(plain_student, lambda scale: plain_top1_loss(
             plain_student, teacher, x, cfg.alpha, cfg.temperature)),
     }

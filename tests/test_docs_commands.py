@@ -271,6 +271,7 @@ class Checker:
         self.place = place
         self.seen: dict[tuple, str | None] = {}
         self.bases: dict[tuple, Any] = {}   # each line's constant overrides composed: (preset?, params, config)
+        self.entries: dict[tuple, str | None] = {}   # each --help or completion line, run once
         self.hydra = None   # Hydra's compose API, held open between jobs (initialising it costs more than a job)
 
     def release(self) -> None:
@@ -319,10 +320,12 @@ class Checker:
         """None when every job of the line passes; else what is wrong, in one line."""
         args = parsed(filled(text, self.place))
         if args.command == "completion" or "--help" in args.flags:
-            words = shlex.split(filled(text, self.place))[1:]
-            self.release()   # the entry starts Hydra itself
-            status, stderr = through_the_entry(words)
-            return None if status == 0 else stderr.strip()
+            words = tuple(shlex.split(filled(text, self.place))[1:])
+            if words not in self.entries:
+                self.release()   # the entry starts Hydra itself
+                status, stderr = through_the_entry(list(words))
+                self.entries[words] = None if status == 0 else stderr.strip()
+            return self.entries[words]
         overrides = home_paths(args.overrides)
         if args.command == "report":
             from jacdistill_cli.commands.report import translate_argv
